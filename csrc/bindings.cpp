@@ -1,0 +1,90 @@
+// Python bindings of the native kernels. Arguments are raw addresses (Tensor.data_ptr()), sizes and
+// strides; the Python layer (flatmtl_fast/primitives/native.py) validates every tensor first.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "flatmtl/streaming.h"
+
+namespace py = pybind11;
+using flatmtl::DType;
+using flatmtl::MatrixView;
+
+namespace {
+
+MatrixView view(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int dtype) {
+  if (rows < 1 || cols < 1 || row_stride < cols || dtype < 0 || dtype > 2) {
+    throw std::invalid_argument("flatmtl_fast._C: invalid matrix description");
+  }
+  return MatrixView{reinterpret_cast<const void*>(data), rows, cols, row_stride, DType(dtype)};
+}
+
+#ifdef FLATMTL_WITH_CUDA
+void check_cuda(const std::string& error) {
+  if (!error.empty()) throw std::runtime_error("flatmtl_fast CUDA backend: " + error);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "flatmtl_fast native kernels (CPU: OpenMP + SIMD; CUDA when built with nvcc)";
+
+  m.def("cpu_isa", &flatmtl::cpu::isa, "Instruction set the CPU kernels use now.");
+  m.def("cpu_supported_isas", &flatmtl::cpu::supported_isas, "Instruction sets this CPU supports, lowest first.");
+  m.def("cpu_set_isa", &flatmtl::cpu::set_isa, py::arg("name"), "Force an instruction set (for tests).");
+
+  m.def(
+      "cpu_gram",
+      [](uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out, int num_threads) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        py::gil_scoped_release release;
+        flatmtl::cpu::gram(g, reinterpret_cast<double*>(out), num_threads);
+      },
+      py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
+      py::arg("num_threads"));
+
+  m.def(
+      "cpu_combine",
+      [](uintptr_t w, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out, int out_dtype,
+         float alpha, bool accumulate, int num_threads) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        py::gil_scoped_release release;
+        flatmtl::cpu::combine(reinterpret_cast<const float*>(w), g, reinterpret_cast<void*>(out), DType(out_dtype),
+                              alpha, accumulate, num_threads);
+      },
+      py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("num_threads"));
+
+#ifdef FLATMTL_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("cuda_device_count", []() {
+    std::string error;
+    const int count = flatmtl::cuda::device_count(&error);
+    return py::make_tuple(count, error);
+  });
+  m.def("cuda_gram_num_splits", &flatmtl::cuda::gram_num_splits, py::arg("K"), py::arg("N"), py::arg("device"));
+  m.def(
+      "cuda_gram",
+      [](uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t partials, int64_t splits,
+         uintptr_t out, bool out_is_double, int device, uintptr_t stream) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        check_cuda(flatmtl::cuda::gram(g, reinterpret_cast<float*>(partials), splits, reinterpret_cast<void*>(out),
+                                       out_is_double, device, stream));
+      },
+      py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("partials"),
+      py::arg("splits"), py::arg("out"), py::arg("out_is_double"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "cuda_combine",
+      [](uintptr_t w, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out, int out_dtype,
+         float alpha, bool accumulate, int device, uintptr_t stream) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        check_cuda(flatmtl::cuda::combine(reinterpret_cast<const float*>(w), g, reinterpret_cast<void*>(out),
+                                          DType(out_dtype), alpha, accumulate, device, stream));
+      },
+      py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("device"), py::arg("stream"));
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

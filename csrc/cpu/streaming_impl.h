@@ -1,0 +1,278 @@
+// CPU streaming kernels, written once with GCC/Clang vector extensions and compiled once per
+// instruction set (see streaming_*.cpp). Each including file defines FLATMTL_ISA (the namespace),
+// FLATMTL_VEC_BYTES (SIMD register width) and FLATMTL_TILE (rows per register tile), so no
+// inline function of one ISA can be picked by the linker for another (no illegal instruction
+// on CPUs without AVX-512).
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "flatmtl/streaming.h"
+
+#if !defined(FLATMTL_ISA) || !defined(FLATMTL_VEC_BYTES) || !defined(FLATMTL_TILE)
+#error "define FLATMTL_ISA, FLATMTL_VEC_BYTES and FLATMTL_TILE before including streaming_impl.h"
+#endif
+
+namespace flatmtl::cpu::FLATMTL_ISA {
+
+constexpr int kLanes = FLATMTL_VEC_BYTES / 4;  // float32 lanes per register
+constexpr int kTile = FLATMTL_TILE;            // rows per register tile (kTile + 1 + kTile^2 registers)
+// Each float32 lane accumulates at most this many products before the float64 flush, which
+// bounds the per-entry rounding error by about (kMaxLaneTerms + log2 kLanes) * 2^-24 * |g_i| |g_j|.
+constexpr int64_t kMaxLaneTerms = 128;
+constexpr int64_t kMaxChunk = kMaxLaneTerms * kLanes;
+constexpr int64_t kMaxSlabs = 64;                          // fixed column partition -> thread-count independent
+constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;  // per-slab K x K float64 partials
+constexpr int64_t kChunkCacheBytes = int64_t(1) << 20;     // chunk of all K rows kept in L2
+
+typedef float vf __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(FLATMTL_VEC_BYTES / 2)));
+typedef int32_t vi __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// bfloat16 is the upper half of a float32: widening is exact.
+inline vf load(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+inline float load_scalar(const float* p) { return *p; }
+
+inline float load_scalar(const uint16_t* p) {
+  uint32_t u = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// Round to nearest even; NaN stays NaN (quiet bit forced so the truncation cannot make it Inf).
+inline void store(uint16_t* p, vf v) {
+  vu u = (vu)v;
+  vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  vu nan = (u >> 16) | 0x40u;
+  vi is_nan = (v != v);
+  vu bits = is_nan ? nan : rounded;
+  vh h = __builtin_convertvector(bits, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+inline void store_scalar(float* p, float v) { *p = v; }
+
+inline void store_scalar(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = (v != v) ? uint16_t((u >> 16) | 0x40u) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Pairwise sum of the lanes (float32), returned as float64 for the cross-chunk accumulation.
+inline double lane_sum(vf v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof v);
+#pragma GCC unroll 8
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+#pragma GCC unroll 16
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// gram
+
+// Accumulates G[i0:i0+RI] . G[j0:j0+RJ]^T over columns [c0, c1) (a multiple of kLanes) into
+// out (row-major K x K, float64). DIAG: the two row blocks are the same; only ii <= jj is formed.
+template <typename T, int RI, int RJ, bool DIAG>
+void gram_tile(const T* const* rows_i, const T* const* rows_j, int64_t c0, int64_t c1, double* out, int64_t K,
+               int64_t i0, int64_t j0) {
+  vf acc[RI][RJ] = {};
+  for (int64_t c = c0; c < c1; c += kLanes) {
+    vf a[RI];
+#pragma GCC unroll 8
+    for (int ii = 0; ii < RI; ++ii) a[ii] = load(rows_i[ii] + c);
+#pragma GCC unroll 8
+    for (int jj = 0; jj < RJ; ++jj) {
+      const vf b = DIAG ? a[jj] : load(rows_j[jj] + c);
+#pragma GCC unroll 8
+      for (int ii = 0; ii < RI; ++ii) {
+        if (!DIAG || ii <= jj) acc[ii][jj] += a[ii] * b;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int ii = 0; ii < RI; ++ii) {
+#pragma GCC unroll 8
+    for (int jj = 0; jj < RJ; ++jj) {
+      if (!DIAG || ii <= jj) out[(i0 + ii) * K + j0 + jj] += lane_sum(acc[ii][jj]);
+    }
+  }
+}
+
+template <typename T>
+using TileFn = void (*)(const T* const*, const T* const*, int64_t, int64_t, double*, int64_t, int64_t, int64_t);
+
+// Tile kernels for every (rows in block i, rows in block j) up to kTile, indexed [RI-1][RJ-1];
+// the diagonal kernels (RI == RJ, same block) in a separate table.
+template <typename T, int... Idx>
+constexpr auto make_tile_table(std::integer_sequence<int, Idx...>) {
+  return std::array<TileFn<T>, sizeof...(Idx)>{&gram_tile<T, Idx / kTile + 1, Idx % kTile + 1, false>...};
+}
+template <typename T, int... Idx>
+constexpr auto make_diag_table(std::integer_sequence<int, Idx...>) {
+  return std::array<TileFn<T>, sizeof...(Idx)>{&gram_tile<T, Idx + 1, Idx + 1, true>...};
+}
+
+template <typename T>
+void gram_columns(const T* base, int64_t K, int64_t row_stride, int64_t c_begin, int64_t c_end, int64_t chunk,
+                  double* out) {
+  static constexpr auto tiles = make_tile_table<T>(std::make_integer_sequence<int, kTile * kTile>{});
+  static constexpr auto diags = make_diag_table<T>(std::make_integer_sequence<int, kTile>{});
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
+    const int64_t c1 = std::min(c0 + chunk, c_end);
+    for (int64_t i0 = 0; i0 < K; i0 += kTile) {
+      const int ri = int(std::min<int64_t>(kTile, K - i0));
+      const T* rows_i[kTile];
+      for (int ii = 0; ii < ri; ++ii) rows_i[ii] = base + (i0 + ii) * row_stride;
+      diags[ri - 1](rows_i, rows_i, c0, c1, out, K, i0, i0);
+      for (int64_t j0 = i0 + kTile; j0 < K; j0 += kTile) {
+        const int rj = int(std::min<int64_t>(kTile, K - j0));
+        const T* rows_j[kTile];
+        for (int jj = 0; jj < rj; ++jj) rows_j[jj] = base + (j0 + jj) * row_stride;
+        tiles[(ri - 1) * kTile + (rj - 1)](rows_i, rows_j, c0, c1, out, K, i0, j0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void gram_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, double* out, int num_threads) {
+  const int64_t vec_cols = N / kLanes * kLanes;
+  // Chunk: all K rows of it stay in L2 while every tile pair passes over it.
+  int64_t chunk = kLanes;
+  while (chunk * 2 <= kMaxChunk && chunk * 2 * K * int64_t(sizeof(T)) <= kChunkCacheBytes) chunk *= 2;
+  const int64_t groups = vec_cols / kLanes;
+  const int64_t by_memory = std::max<int64_t>(1, kPartialBudgetBytes / (K * K * int64_t(sizeof(double))));
+  const int64_t slabs = std::max<int64_t>(1, std::min({kMaxSlabs, (vec_cols + chunk - 1) / chunk, by_memory}));
+
+  std::vector<double> partials(size_t(slabs * K * K), 0.0);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t s = 0; s < slabs; ++s) {
+    const int64_t c_begin = groups * s / slabs * kLanes;
+    const int64_t c_end = groups * (s + 1) / slabs * kLanes;
+    gram_columns(base, K, row_stride, c_begin, c_end, chunk, partials.data() + s * K * K);
+  }
+
+  for (int64_t i = 0; i < K; ++i) {
+    for (int64_t j = i; j < K; ++j) {
+      double sum = 0.0;
+      for (int64_t s = 0; s < slabs; ++s) sum += partials[size_t(s * K * K + i * K + j)];
+      // Columns past the last full SIMD group: few, summed directly in float64.
+      for (int64_t c = vec_cols; c < N; ++c) {
+        sum += double(load_scalar(base + i * row_stride + c)) * double(load_scalar(base + j * row_stride + c));
+      }
+      out[i * K + j] = sum;
+      out[j * K + i] = sum;
+    }
+  }
+}
+
+inline void gram(const MatrixView& G, double* out, int num_threads) {
+  if (G.dtype == DType::BFloat16) {
+    gram_typed(static_cast<const uint16_t*>(G.data), G.rows, G.cols, G.row_stride, out, num_threads);
+  } else {
+    gram_typed(static_cast<const float*>(G.data), G.rows, G.cols, G.row_stride, out, num_threads);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// combine
+
+constexpr int64_t kCombineChunk = 1024;  // columns per work item: its float32 accumulator stays in L1
+constexpr int kCombineRows = 4;          // rows streamed together (few streams keep the prefetcher on)
+
+// acc[0:len) (+)= sum_{r < NR} w[r] * rows[r][c0 + ...], float32, rows in order.
+template <typename T, int NR>
+void accumulate_rows(float* acc, const float* w, const T* const* rows, int64_t c0, int64_t len, bool first) {
+  const int64_t vec_len = len / kLanes * kLanes;
+  for (int64_t c = 0; c < vec_len; c += kLanes) {
+    vf s = first ? vf{} : load(acc + c);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) s += w[r] * load(rows[r] + c0 + c);
+    store(acc + c, s);
+  }
+  for (int64_t c = vec_len; c < len; ++c) {
+    float s = first ? 0.0f : acc[c];
+    for (int r = 0; r < NR; ++r) s += w[r] * load_scalar(rows[r] + c0 + c);
+    acc[c] = s;
+  }
+}
+
+template <typename T, typename O>
+void combine_typed(const float* w, const T* base, int64_t K, int64_t N, int64_t row_stride, O* out, float alpha,
+                   bool accumulate, int num_threads) {
+  static constexpr void (*by_rows[kCombineRows])(float*, const float*, const T* const*, int64_t, int64_t, bool) = {
+      &accumulate_rows<T, 1>, &accumulate_rows<T, 2>, &accumulate_rows<T, 3>, &accumulate_rows<T, 4>};
+  const int64_t chunks = (N + kCombineChunk - 1) / kCombineChunk;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    alignas(64) float acc[kCombineChunk];
+    const int64_t c0 = ch * kCombineChunk;
+    const int64_t len = std::min(kCombineChunk, N - c0);
+    for (int64_t k0 = 0; k0 < K; k0 += kCombineRows) {
+      const int nr = int(std::min<int64_t>(kCombineRows, K - k0));
+      const T* rows[kCombineRows];
+      for (int r = 0; r < nr; ++r) rows[r] = base + (k0 + r) * row_stride;
+      by_rows[nr - 1](acc, w + k0, rows, c0, len, k0 == 0);
+    }
+    O* dst = out + c0;
+    const int64_t vec_len = len / kLanes * kLanes;
+    for (int64_t c = 0; c < vec_len; c += kLanes) {
+      vf v = alpha * load(acc + c);
+      if (accumulate) v += load(dst + c);
+      store(dst + c, v);
+    }
+    for (int64_t c = vec_len; c < len; ++c) {
+      float v = alpha * acc[c];
+      if (accumulate) v += load_scalar(dst + c);
+      store_scalar(dst + c, v);
+    }
+  }
+}
+
+template <typename T>
+void combine_to(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                int num_threads) {
+  const T* base = static_cast<const T*>(G.data);
+  if (out_dtype == DType::BFloat16) {
+    combine_typed(w, base, G.rows, G.cols, G.row_stride, static_cast<uint16_t*>(out), alpha, accumulate,
+                  num_threads);
+  } else {
+    combine_typed(w, base, G.rows, G.cols, G.row_stride, static_cast<float*>(out), alpha, accumulate, num_threads);
+  }
+}
+
+inline void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                    int num_threads) {
+  if (G.dtype == DType::BFloat16) {
+    combine_to<uint16_t>(w, G, out, out_dtype, alpha, accumulate, num_threads);
+  } else {
+    combine_to<float>(w, G, out, out_dtype, alpha, accumulate, num_threads);
+  }
+}
+
+}  // namespace flatmtl::cpu::FLATMTL_ISA

@@ -1,0 +1,12 @@
+// CPU streaming kernels for one instruction set. CMakeLists.txt compiles this file once per ISA,
+// defining FLATMTL_ISA / FLATMTL_VEC_BYTES / FLATMTL_TILE and the matching -m flags.
+#include "streaming_impl.h"
+
+namespace flatmtl::cpu::FLATMTL_ISA {
+// Out-of-line entry points for the run-time dispatch in dispatch.cpp.
+void gram_entry(const MatrixView& G, double* out, int num_threads) { gram(G, out, num_threads); }
+void combine_entry(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                   int num_threads) {
+  combine(w, G, out, out_dtype, alpha, accumulate, num_threads);
+}
+}  // namespace flatmtl::cpu::FLATMTL_ISA

@@ -1,0 +1,194 @@
+// CUDA streaming kernels (gram, combine) on raw pointers and a caller's stream. No allocation
+// here: the caller passes every buffer, so a whole step can be captured in a CUDA graph.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "flatmtl/streaming.h"
+
+namespace flatmtl::cuda {
+namespace {
+
+constexpr int kTile = 16;      // rows per Gram tile; a block of kTile x kTile threads forms one tile
+constexpr int kChunk = 64;     // columns staged in shared memory per step
+constexpr int kThreads = kTile * kTile;
+constexpr int kCombineThreads = 256;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename O>
+__device__ __forceinline__ O from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// One block: the tile pair (bi, bj), bi <= bj (blockIdx.y enumerates the upper triangle), over the
+// columns of split blockIdx.x. Chunk sums in float32, accumulated across chunks in float64.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gram_partials_kernel(const T* __restrict__ G, int64_t K, int64_t N,
+                                                                  int64_t row_stride, int64_t cols_per_split,
+                                                                  int tiles, int64_t Kp, float* __restrict__ partials) {
+  int pair = blockIdx.y;
+  int bi = 0;
+  while (pair >= tiles - bi) {
+    pair -= tiles - bi;
+    ++bi;
+  }
+  const int bj = bi + pair;
+  __shared__ float a[kTile][kChunk + 1];
+  __shared__ float b[kTile][kChunk + 1];
+  const int tx = threadIdx.x % kTile;
+  const int ty = threadIdx.x / kTile;
+  const int64_t c_begin = int64_t(blockIdx.x) * cols_per_split;
+  const int64_t c_end = min(N, c_begin + cols_per_split);
+  double total = 0.0;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
+    for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+      const int r = e / kChunk;
+      const int c = e % kChunk;
+      const int64_t col = c0 + c;
+      const int64_t ri = int64_t(bi) * kTile + r;
+      const int64_t rj = int64_t(bj) * kTile + r;
+      a[r][c] = (ri < K && col < c_end) ? to_float(G[ri * row_stride + col]) : 0.0f;
+      b[r][c] = (rj < K && col < c_end) ? to_float(G[rj * row_stride + col]) : 0.0f;
+    }
+    __syncthreads();
+    float chunk = 0.0f;
+#pragma unroll 16
+    for (int c = 0; c < kChunk; ++c) chunk = fmaf(a[ty][c], b[tx][c], chunk);
+    total += double(chunk);
+    __syncthreads();
+  }
+  partials[(int64_t(blockIdx.x) * Kp + int64_t(bi) * kTile + ty) * Kp + int64_t(bj) * kTile + tx] = float(total);
+}
+
+// out[i, j] = out[j, i] = sum over splits (fixed order, float64) of the upper-triangle partial.
+template <typename O>
+__global__ void gram_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t K, int64_t Kp,
+                                   O* __restrict__ out) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= K * K) return;
+  const int64_t i = idx / K;
+  const int64_t j = idx % K;
+  const int64_t lo = min(i, j);
+  const int64_t hi = max(i, j);
+  double sum = 0.0;
+  for (int64_t s = 0; s < splits; ++s) sum += double(partials[(s * Kp + lo) * Kp + hi]);
+  out[idx] = O(sum);
+}
+
+template <typename T, typename O>
+__global__ void combine_kernel(const float* __restrict__ w, const T* __restrict__ G, int64_t K, int64_t N,
+                               int64_t row_stride, O* __restrict__ out, float alpha, bool accumulate) {
+  extern __shared__ float weights[];
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) weights[k] = w[k];
+  __syncthreads();
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += step) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; ++k) acc = fmaf(weights[k], to_float(G[k * row_stride + n]), acc);
+    float v = alpha * acc;
+    if (accumulate) v += to_float(out[n]);
+    out[n] = from_float<O>(v);
+  }
+}
+
+int multiprocessors(int device) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 80;
+  return sms;
+}
+
+std::string last_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+template <typename T>
+void launch_gram(const MatrixView& G, float* partials, int64_t splits, int tiles, int64_t Kp, cudaStream_t stream) {
+  const int64_t cols_per_split = ((G.cols + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+  const dim3 grid(unsigned(splits), unsigned(tiles * (tiles + 1) / 2));
+  gram_partials_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(G.data), G.rows, G.cols, G.row_stride,
+                                                         cols_per_split, tiles, Kp, partials);
+}
+
+template <typename T, typename O>
+void launch_combine(const float* w, const MatrixView& G, void* out, float alpha, bool accumulate, int device,
+                    cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>((G.cols + kCombineThreads - 1) / kCombineThreads,
+                                           int64_t(multiprocessors(device)) * 8);
+  combine_kernel<T, O><<<unsigned(blocks), kCombineThreads, size_t(G.rows) * sizeof(float), stream>>>(
+      w, static_cast<const T*>(G.data), G.rows, G.cols, G.row_stride, static_cast<O*>(out), alpha, accumulate);
+}
+
+template <typename T>
+void launch_combine_to(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                       int device, cudaStream_t stream) {
+  switch (out_dtype) {
+    case DType::BFloat16: return launch_combine<T, __nv_bfloat16>(w, G, out, alpha, accumulate, device, stream);
+    case DType::Float16: return launch_combine<T, __half>(w, G, out, alpha, accumulate, device, stream);
+    default: return launch_combine<T, float>(w, G, out, alpha, accumulate, device, stream);
+  }
+}
+
+}  // namespace
+
+int device_count(std::string* error) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    if (error != nullptr) *error = cudaGetErrorString(err);
+    cudaGetLastError();  // clear the sticky error of a failed probe
+    return -1;
+  }
+  return count;
+}
+
+int64_t gram_num_splits(int64_t K, int64_t N, int device) {
+  const int64_t tiles = (K + kTile - 1) / kTile;
+  const int64_t pairs = tiles * (tiles + 1) / 2;
+  const int64_t wanted = std::max<int64_t>(1, int64_t(multiprocessors(device)) * 4 / pairs);
+  return std::max<int64_t>(1, std::min(wanted, (N + kChunk - 1) / kChunk));
+}
+
+std::string gram(const MatrixView& G, float* partials, int64_t num_splits, void* out, bool out_is_double,
+                 int device, uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int tiles = int((G.rows + kTile - 1) / kTile);
+  const int64_t Kp = int64_t(tiles) * kTile;
+  switch (G.dtype) {
+    case DType::BFloat16: launch_gram<__nv_bfloat16>(G, partials, num_splits, tiles, Kp, stream); break;
+    case DType::Float16: launch_gram<__half>(G, partials, num_splits, tiles, Kp, stream); break;
+    default: launch_gram<float>(G, partials, num_splits, tiles, Kp, stream); break;
+  }
+  const int64_t entries = G.rows * G.rows;
+  const unsigned blocks = unsigned((entries + 255) / 256);
+  if (out_is_double) {
+    gram_reduce_kernel<double><<<blocks, 256, 0, stream>>>(partials, num_splits, G.rows, Kp, static_cast<double*>(out));
+  } else {
+    gram_reduce_kernel<float><<<blocks, 256, 0, stream>>>(partials, num_splits, G.rows, Kp, static_cast<float*>(out));
+  }
+  return last_error("gram kernel launch");
+}
+
+std::string combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                    int device, uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  switch (G.dtype) {
+    case DType::BFloat16: launch_combine_to<__nv_bfloat16>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
+    case DType::Float16: launch_combine_to<__half>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
+    default: launch_combine_to<float>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
+  }
+  return last_error("combine kernel launch");
+}
+
+}  // namespace flatmtl::cuda

@@ -1,0 +1,62 @@
+// Streaming primitives over a K x N gradient matrix: raw pointers, sizes and strides only
+// (no torch headers), so the module builds without torch and under pip's build isolation.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace flatmtl {
+
+// Element types understood by the kernels (values mirror flatmtl_fast/_native.py).
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// Rows of G are contiguous; row k starts at G + k * row_stride (elements); row_stride >= N.
+struct MatrixView {
+  const void* data;
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  DType dtype;
+};
+
+namespace cpu {
+
+// Instruction set the CPU kernels run with on this machine ("avx512", "avx2" or "portable").
+std::string isa();
+// Comma-separated instruction sets this CPU supports, lowest first.
+std::string supported_isas();
+// Force an instruction set (tests run every variant); throws if the CPU lacks it.
+void set_isa(const std::string& name);
+
+// out (K x K, row-major, float64) = G G^T. Per-chunk partial sums in float32 (at most 128
+// terms per SIMD lane), cross-chunk sums in float64 over a fixed partition of the columns, so
+// the result does not depend on the thread count. Exactly symmetric.
+void gram(const MatrixView& G, double* out, int num_threads);
+
+// out[n] = alpha * sum_k w[k] G[k, n]   (+ out[n] when accumulate), float32 arithmetic.
+// out has G.cols contiguous elements of out_dtype (Float32 or BFloat16).
+void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+             int num_threads);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Number of visible CUDA devices, or a negative value with `error` set when the runtime fails.
+int device_count(std::string* error);
+
+// Per-split float32 partials of G G^T into `partials` (num_splits x Kp x Kp, Kp = tiles * 16),
+// then a fixed-order float64 reduction into out (K x K, float32 or float64 per out_is_double).
+// Returns an empty string on success, else the CUDA error.
+std::string gram(const MatrixView& G, float* partials, int64_t num_splits, void* out, bool out_is_double,
+                 int device, uintptr_t stream);
+
+// Same contract as cpu::combine (out_dtype may also be Float16); w is a device pointer.
+std::string combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
+                    int device, uintptr_t stream);
+
+// Number of column splits the gram kernel should use for this shape on this device.
+int64_t gram_num_splits(int64_t K, int64_t N, int device);
+
+}  // namespace cuda
+}  // namespace flatmtl

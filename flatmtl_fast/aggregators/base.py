@@ -1,0 +1,68 @@
+"""The aggregator API shared by the reference backend and the fused backends.
+
+An aggregator maps the per-task gradient matrix G (K × N, one row per task) to one update
+direction d (N,). Gramian aggregators additionally expose ``weights(M)``: the K weights w with
+d = wᵀG, computed from the Gram matrix M = G Gᵀ alone (plus losses and K-sized state).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any
+
+from torch import Tensor
+
+
+class Aggregator(ABC):
+    """Base class of every aggregator: ``agg(G, losses=None) -> d``.
+
+    Subclasses with state between steps (GradVac targets, Nash-MTL warm start, DB-MTL buffer,
+    random generators) list the attribute names in ``_state_attributes``; ``state_dict`` /
+    ``load_state_dict`` / ``reset`` then work without per-class code.
+    """
+
+    #: Whether ``losses`` must be given to ``__call__`` / ``weights``.
+    needs_losses: bool = False
+    #: Names of attributes that form the state between steps (tensors, numbers or None).
+    _state_attributes: tuple[str, ...] = ()
+
+    @abstractmethod
+    def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Aggregate the rows of ``G`` (K × N) into one direction of shape (N,)."""
+
+    def reset(self) -> None:
+        """Forget all state kept between steps (the next call behaves like the first)."""
+        for name in self._state_attributes:
+            setattr(self, name, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state kept between steps, as tensors/numbers (deep-copied)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attributes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
+        missing = set(self._state_attributes) - set(state)
+        unexpected = set(state) - set(self._state_attributes)
+        if missing or unexpected:
+            raise KeyError(
+                f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}, "
+                f"unexpected keys {sorted(unexpected)}"
+            )
+        for name in self._state_attributes:
+            setattr(self, name, copy.deepcopy(state[name]))
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())
+        return f"{type(self).__name__}({params})"
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+
+class GramianAggregator(Aggregator):
+    """An aggregator whose direction is d = wᵀG with w computed from M = G Gᵀ alone."""
+
+    @abstractmethod
+    def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The K weights w (d = wᵀG) from the Gram matrix ``M`` (K × K)."""

@@ -1,0 +1,65 @@
+"""Argument checks shared by every aggregator (reference and fused).
+
+Each check raises with the argument's name and what was expected, before any arithmetic.
+Value checks that would need a host synchronisation (finiteness, positivity) are only made
+where the caller asks for them, so fused paths stay free of syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_matrix(G: Tensor, name: str = "G") -> tuple[int, int]:
+    """Check that ``G`` is a floating (K, N) tensor with K ≥ 1 and N ≥ 1; return (K, N)."""
+    if not isinstance(G, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (K, N), got {type(G).__name__}")
+    if G.dim() != 2:
+        raise ValueError(f"{name} must have shape (K, N) (one row per task), got shape {tuple(G.shape)}")
+    if G.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got dtype {G.dtype}")
+    K, N = G.shape
+    if K == 0 or N == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(G.shape)}")
+    return K, N
+
+
+def check_gramian(M: Tensor, name: str = "M") -> int:
+    """Check that ``M`` is a floating square (K, K) tensor with K ≥ 1; return K."""
+    if not isinstance(M, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (K, K), got {type(M).__name__}")
+    if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
+        raise ValueError(f"{name} must be a square (K, K) Gram matrix with K ≥ 1, got shape {tuple(M.shape)}")
+    if M.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got dtype {M.dtype}")
+    return M.shape[0]
+
+
+def check_losses(losses: Tensor | None, K: int, device: torch.device, *, required: bool, owner: str) -> None:
+    """Check ``losses`` has shape (K,) on ``device`` (or is None when not ``required``)."""
+    if losses is None:
+        if required:
+            raise ValueError(f"{owner} needs the task losses: pass losses=<tensor of shape ({K},)>")
+        return
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"losses must be a torch.Tensor of shape ({K},), got {type(losses).__name__}")
+    if losses.shape != (K,):
+        raise ValueError(f"losses must have shape ({K},) (one per task, K = {K}), got shape {tuple(losses.shape)}")
+    if losses.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"losses must be a floating tensor, got dtype {losses.dtype}")
+    if losses.device != device:
+        raise ValueError(f"losses must be on {device} (the device of the gradients), got {losses.device}")
+
+
+def check_positive_finite_losses(losses: Tensor, owner: str) -> None:
+    """Raise if any loss is non-finite or ≤ 0 (for methods that take logs or divide by losses).
+
+    Synchronises with the device: only the reference backend calls it.
+    """
+    if not bool(torch.isfinite(losses).all()):
+        raise ValueError(f"{owner}: losses must be finite, got {losses.tolist()}")
+    if not bool((losses > 0).all()):
+        raise ValueError(f"{owner}: losses must be > 0 (their logarithm / reciprocal is used), got {losses.tolist()}")

@@ -1,0 +1,81 @@
+"""The compiled backends of the streaming primitives: ``cpp`` (CPU) and ``cuda``, from csrc/."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _native
+
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _unsupported_dtypes(dtypes: tuple[torch.dtype, ...], allowed: tuple[torch.dtype, ...], name: str) -> str | None:
+    bad = [d for d in dtypes if d not in allowed]
+    if bad:
+        return f"the {name} backend reads and writes {', '.join(map(str, allowed))} only, got {bad}"
+    return None
+
+
+def _mark_written(out: Tensor) -> None:
+    # The kernels write through a raw pointer: tell autograd the tensor changed.
+    torch.autograd.graph.increment_version(out)
+
+
+class CppPrimitives:
+    name = "cpp"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device}"
+        return _unsupported_dtypes(dtypes, _CPP_DTYPES, "cpp")
+
+    def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
+        K, N = G.shape
+        out64 = out if out.dtype == torch.float64 else torch.empty(K, K, dtype=torch.float64)
+        _native.module().cpu_gram(
+            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], out64.data_ptr(), torch.get_num_threads()
+        )
+        if out64 is not out:
+            out.copy_(out64)
+        _mark_written(out)
+
+    def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
+        K, N = G.shape
+        _native.module().cpu_combine(
+            w.data_ptr(), G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
+            out.data_ptr(), _native.DTYPE_CODES[out.dtype], alpha, accumulate, torch.get_num_threads(),
+        )  # fmt: skip
+        _mark_written(out)
+
+
+class CudaPrimitives:
+    name = "cuda"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device}"
+        return _unsupported_dtypes(dtypes, _CUDA_DTYPES, "cuda")
+
+    def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
+        module = _native.module()
+        K, N = G.shape
+        device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+        splits = module.cuda_gram_num_splits(K, N, device)
+        padded = -(-K // 16) * 16
+        partials = torch.empty(splits, padded, padded, dtype=torch.float32, device=G.device)
+        module.cuda_gram(
+            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], partials.data_ptr(), splits,
+            out.data_ptr(), out.dtype == torch.float64, device, torch.cuda.current_stream(G.device).cuda_stream,
+        )  # fmt: skip
+        _mark_written(out)
+
+    def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
+        K, N = G.shape
+        device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+        _native.module().cuda_combine(
+            w.data_ptr(), G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], out.data_ptr(),
+            _native.DTYPE_CODES[out.dtype], alpha, accumulate, device, torch.cuda.current_stream(G.device).cuda_stream,
+        )  # fmt: skip
+        _mark_written(out)

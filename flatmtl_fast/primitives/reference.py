@@ -1,0 +1,46 @@
+"""Reference backend of the streaming primitives: plain PyTorch in float64, column block by block.
+
+This is the oracle of the parity tests, so it favours obvious correctness: every product and sum
+in float64, one rounding to the output dtype at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import G_DTYPES
+
+# Column block: bounds the float64 copy of G to about 32 MB whatever N is.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _column_blocks(K: int, N: int) -> range:
+    return range(0, N, max(1, _BLOCK_ELEMENTS // K))
+
+
+class ReferencePrimitives:
+    name = "reference"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        bad = [d for d in dtypes if d not in (*G_DTYPES, torch.float64)]
+        return f"unsupported dtypes {bad}" if bad else None
+
+    def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
+        K, N = G.shape
+        acc = torch.zeros(K, K, dtype=torch.float64, device=G.device)
+        step = max(1, _BLOCK_ELEMENTS // K)
+        for start in _column_blocks(K, N):
+            block = G[:, start : start + step].double()
+            acc += block @ block.T
+        out.copy_((acc + acc.T) / 2)  # exactly symmetric
+
+    def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
+        K, N = G.shape
+        w64 = w.double()
+        step = max(1, _BLOCK_ELEMENTS // K)
+        for start in _column_blocks(K, N):
+            value = alpha * (w64 @ G[:, start : start + step].double())
+            if accumulate:
+                value += out[start : start + step].double()
+            out[start : start + step] = value

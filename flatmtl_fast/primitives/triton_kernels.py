@@ -1,0 +1,157 @@
+"""Triton backend of the streaming primitives (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+Kernels convert every loaded value to float32 at once: the interpreter's bfloat16 arithmetic is
+wrong otherwise, and 16-bit values are exact in float32 (and in TF32), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backends import triton_interpreting
+from .checks import G_DTYPES
+
+
+@triton.jit
+def _gram_partials_kernel(
+    G, Partials, PairI, PairJ, K, N, row_stride, cols_per_split, Kp,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (split s, tile pair p): float64 sum over split s's columns of G[bi] G[bj]^T, where
+    each BLOCK_N-column step is one float32 dot; written to Partials[s, bi-rows, bj-cols]."""
+    split = tl.program_id(0)
+    pair = tl.program_id(1)
+    bi = tl.load(PairI + pair)
+    bj = tl.load(PairJ + pair)
+    rows_i = bi * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_j = bj * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_i = rows_i.to(tl.int64)[:, None] * row_stride
+    offs_j = rows_j.to(tl.int64)[:, None] * row_stride
+    col_begin = split.to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, N)
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float64)
+    for start in range(col_begin, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        in_cols = cols[None, :] < col_end
+        a = tl.load(G + offs_i + cols[None, :], mask=(rows_i[:, None] < K) & in_cols, other=0.0).to(tl.float32)
+        if SINGLE_TILE:
+            b = a
+        else:
+            b = tl.load(G + offs_j + cols[None, :], mask=(rows_j[:, None] < K) & in_cols, other=0.0).to(tl.float32)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION).to(tl.float64)
+    out_rows = rows_i.to(tl.int64)[:, None]
+    out_cols = rows_j.to(tl.int64)[None, :]
+    tl.store(Partials + (split.to(tl.int64) * Kp + out_rows) * Kp + out_cols, acc)
+
+
+@triton.jit
+def _gram_reduce_kernel(Partials, Out, K, Kp, splits, BLOCK: tl.constexpr):
+    """Out[i, j] = Out[j, i] = sum over splits, in order, of the upper-triangle partial (float64)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < K * K
+    i = idx // K
+    j = idx % K
+    lo = tl.minimum(i, j)
+    hi = tl.maximum(i, j)
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
+    for s in range(0, splits):
+        total += tl.load(Partials + (s * Kp + lo) * Kp + hi, mask=mask, other=0.0)
+    tl.store(Out + idx, total.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    W, G, Out, K, N, row_stride, alpha,
+    ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Out[cols] (+)= alpha * sum_k W[k] G[k, cols], float32, BLOCK_K rows per step."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cols = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        in_rows = rows < K
+        w = tl.load(W + rows, mask=in_rows, other=0.0)
+        g = tl.load(
+            G + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+            mask=in_rows[:, None] & in_cols[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(w[:, None] * g, axis=0)
+    acc = acc * alpha
+    if ACCUMULATE:
+        acc += tl.load(Out + cols, mask=in_cols, other=0.0).to(tl.float32)
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=in_cols)
+
+
+def _gram_block_k(K: int) -> int:
+    # tl.dot needs ≥ 16 rows; beyond 64 the K x K output is tiled.
+    return min(64, max(16, triton.next_power_of_2(K)))
+
+
+def _gram_precision(dtype: torch.dtype, block_k: int) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # 16-bit inputs are exact in TF32: full-rate tensor cores, exact products
+    # Small tiles stay memory-bound on CUDA cores; larger ones need the tensor cores, and 3xTF32
+    # keeps float32-grade accuracy there (plain TF32 would cost ~3e-4 relative).
+    return "ieee" if block_k <= 16 else "tf32x3"
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_pairs(tiles: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    pairs = [(i, j) for i in range(tiles) for j in range(i, tiles)]
+    pair_i = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device)
+    pair_j = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
+    return pair_i, pair_j
+
+
+@functools.lru_cache(maxsize=16)
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter runs programs one after another: fewer, longer ones are faster
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class TritonPrimitives:
+    name = "triton"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            return f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
+        bad = [d for d in dtypes if d not in G_DTYPES]
+        return f"the triton backend reads and writes {G_DTYPES} only, got {bad}" if bad else None
+
+    def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
+        K, N = G.shape
+        block_k = _gram_block_k(K)
+        tiles = -(-K // block_k)
+        pair_i, pair_j = _tile_pairs(tiles, G.device)
+        block_n = 4096 if triton_interpreting() else max(32, min(512, 8192 // block_k))
+        splits = max(1, min(triton.cdiv(N, block_n), _target_programs(G.device) // len(pair_i)))
+        cols_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+        splits = triton.cdiv(N, cols_per_split)
+        padded = tiles * block_k
+        partials = torch.empty(splits, padded, padded, dtype=torch.float64, device=G.device)
+        with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
+            _gram_partials_kernel[(splits, len(pair_i))](
+                G, partials, pair_i, pair_j, K, N, row_stride, cols_per_split, padded,
+                BLOCK_K=block_k, BLOCK_N=block_n, SINGLE_TILE=tiles == 1,
+                PRECISION=_gram_precision(G.dtype, block_k),
+            )  # fmt: skip
+            block = 256
+            _gram_reduce_kernel[(triton.cdiv(K * K, block),)](partials, out, K, padded, splits, BLOCK=block)
+
+    def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
+        K, N = G.shape
+        block_n = 16384 if triton_interpreting() else 512
+        block_k = 8
+        with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
+            _combine_kernel[(triton.cdiv(N, block_n),)](
+                w, G, out, K, N, row_stride, alpha, ACCUMULATE=accumulate, BLOCK_K=block_k, BLOCK_N=block_n
+            )
