@@ -19,6 +19,17 @@ from .checks import G_DTYPES
 
 
 @triton.jit
+def _round_for_store(x, dtype: tl.constexpr):
+    """float32 -> ``dtype`` with round-to-nearest-even. For bfloat16 the rounding is done in bits:
+    Triton's interpreter truncates that conversion, and the explicit form is exact on the GPU too."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
 def _gram_partials_kernel(
     G, Partials, PairI, PairJ, K, N, row_stride, cols_per_split, Kp,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr, PRECISION: tl.constexpr,
@@ -87,7 +98,7 @@ def _combine_kernel(
     acc = acc * alpha
     if ACCUMULATE:
         acc += tl.load(Out + cols, mask=in_cols, other=0.0).to(tl.float32)
-    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=in_cols)
+    tl.store(Out + cols, _round_for_store(acc, Out.dtype.element_ty), mask=in_cols)
 
 
 def _gram_block_k(K: int) -> int:

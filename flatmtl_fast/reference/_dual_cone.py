@@ -1,0 +1,58 @@
+"""The dual-cone projection QP shared by UPGrad and DualProj, solved exactly with quadprog.
+
+Projecting x = Gᵀu onto the dual cone {y : G y ≥ 0} of the rows of G gives y = Gᵀv with
+v = argmin_{v ≥ u} vᵀMv, M = G Gᵀ (Proposition 1 of Quinton & Rey, "Jacobian Descent for Multi-Objective
+Optimization", arXiv 2406.16232). Conventions follow ``torchjd._linalg.QuadprogProjector`` (torchjd 0.18):
+
+- M is first normalised by its trace (the squared Frobenius norm of G), so the QP is scale-free;
+- ``reg_eps`` · I is added to the normalised M (torchjd's default 1e-4) so that quadprog sees a positive
+  definite matrix even for rank-deficient G. This perturbs the projection: by O(reg_eps) relative for a
+  well-conditioned M, by up to O(√reg_eps) (a few percent at 1e-4) when M is singular (K > rank G); the
+  KKT conditions still guarantee G y ≥ −reg_eps · tr(M) · v componentwise;
+- if tr(M) ≤ ``norm_eps`` the normalised M is taken as 0, so v = max(u, 0) (= u for u ≥ 0). torchjd tests
+  tr(M) < norm_eps with default 1e-4; the methods here default to norm_eps = 0 (see UPGrad's docstring).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor
+
+
+def check_projection_parameters(pref_vector: Tensor | None, norm_eps: float, reg_eps: float, owner: str) -> None:
+    """Reject bad constructor arguments (quadprog needs a positive definite matrix, hence reg_eps > 0)."""
+    if pref_vector is not None and (not isinstance(pref_vector, Tensor) or pref_vector.dim() != 1):
+        raise ValueError(f"{owner}: pref_vector must be a 1-D tensor (one entry per task) or None")
+    if not norm_eps >= 0.0:
+        raise ValueError(f"{owner}: norm_eps must be ≥ 0, got {norm_eps}")
+    if not reg_eps > 0.0:
+        raise ValueError(f"{owner}: reg_eps must be > 0 (quadprog needs a positive definite matrix), got {reg_eps}")
+
+
+def preference_vector(pref_vector: Tensor | None, K: int, owner: str) -> Tensor:
+    """The preference vector p (float64, CPU): the given one, checked against K, or 𝟏/K."""
+    if pref_vector is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    if pref_vector.shape != (K,):
+        raise ValueError(f"{owner}: pref_vector must have shape ({K},) (one per task), got {tuple(pref_vector.shape)}")
+    return pref_vector.detach().to(device="cpu", dtype=torch.float64)
+
+
+def project_weights(M: Tensor, U: Tensor, *, norm_eps: float, reg_eps: float) -> Tensor:
+    """For each row u of ``U`` (B × K), v = argmin_{v ≥ u} vᵀ M̃ v with M̃ the normalised, regularised ``M``.
+
+    Returns the B × K float64 tensor of the v's, on ``M``'s device.
+    """
+    M = M.to(torch.float64)
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("the Gram matrix must be finite (the gradients contain NaN or Inf, or overflow)")
+    trace = float(M.diagonal().sum())
+    M_normalised = M / trace if trace > norm_eps else torch.zeros_like(M)
+    K = M.shape[0]
+    # quadprog.solve_qp(P, q, C, b) minimises ½ vᵀPv − qᵀv subject to Cᵀv ≥ b.
+    P = (M_normalised + reg_eps * torch.eye(K, dtype=torch.float64, device=M.device)).cpu().numpy()
+    q, C = np.zeros(K), np.eye(K)
+    V = [quadprog.solve_qp(P, q, C, u)[0] for u in U.to(torch.float64).cpu().numpy()]
+    return torch.as_tensor(np.stack(V), dtype=torch.float64, device=M.device)

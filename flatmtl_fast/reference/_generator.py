@@ -1,0 +1,42 @@
+"""The optional ``torch.Generator`` of the randomised methods (PCGrad, GradVac, GradDrop, RLW).
+
+Every draw is made on the generator's device, or on the input's device when no generator is given
+(then torch's default generator of that device is used), so a fused implementation fed a generator
+in the same state reproduces the draw exactly.
+
+The generator's state is part of the aggregator's state (``_state_attributes`` lists the property
+``_generator_state``), so ``state_dict`` / ``load_state_dict`` continue the random stream identically
+and ``reset`` rewinds it to its state at construction. Without a generator there is nothing to save:
+torch's global generators are the user's to seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class GeneratorMixin:
+    """Holds ``self.generator`` and exposes its state as the state attribute ``_generator_state``."""
+
+    def _init_generator(self, generator: torch.Generator | None) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+        self._initial_generator_state = None if generator is None else generator.get_state()
+
+    def _draw_device(self, like: Tensor) -> torch.device:
+        """Where to draw: the generator's device, or ``like``'s device (its default generator)."""
+        return like.device if self.generator is None else self.generator.device
+
+    @property
+    def _generator_state(self) -> Tensor | None:
+        return None if self.generator is None else self.generator.get_state()
+
+    @_generator_state.setter
+    def _generator_state(self, state: Tensor | None) -> None:
+        # None comes from reset(): rewind to the state at construction.
+        if self.generator is not None:
+            self.generator.set_state(self._initial_generator_state if state is None else state)
+        elif state is not None:
+            raise ValueError("cannot load a generator state into an aggregator built without a generator")

@@ -1,0 +1,119 @@
+"""FairGrad: α-fair resource allocation among the tasks.
+
+Source: Ban & Ji, "Fair Resource Allocation in Multi-Task Learning" (ICML 2024, arXiv 2402.15638), official
+code GitHub ``OptMN-Lab/fairgrad`` (``methods/weight_methods.py``: ``FairGrad``), adapted by torchjd's ``FairGrad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..aggregators.base import GramianAggregator
+from ..aggregators.checks import check_gramian, check_losses, check_matrix
+
+#: Converged when max_i |w_i^{1/α} (Mw)_i − 1| is below this (scale-free form of Mw = w^{-1/α}).
+FAIR_TOL = 1e-10
+MAX_NEWTON_ITER = 100
+
+
+def _utility(w: Tensor, alpha: float) -> Tensor:
+    """Σ_i u(w_i) with u'(w) = w^{-1/α}: the α-fair utility whose optimality condition is Mw = w^{-1/α}."""
+    if alpha == 1.0:
+        return w.log().sum()
+    power = 1.0 - 1.0 / alpha
+    return (w**power).sum() / power
+
+
+def fair_weights(M: Tensor, alpha: float) -> Tensor | None:
+    """The w > 0 with M w = w^{-1/α} for a float64 PSD M with a positive diagonal, or None if none is found.
+
+    It minimises the strictly convex f(w) = ½ wᵀMw − Σ u(w_i) (u concave for every α > 0): Newton's method
+    with a backtracking (Armijo) line search that keeps w > 0, which converges globally when the minimiser
+    exists. Solved on M/‖M‖_F; if M = s M̃ and M̃ w̃ = w̃^{-1/α} then w = s^{-α/(α+1)} w̃ (exact rescaling).
+    No solution exists when a nonnegative combination of the gradients vanishes (e.g. opposite rows).
+    """
+    K = M.shape[0]
+    scale = float(torch.linalg.matrix_norm(M))
+    M = M / scale
+
+    def objective(w: Tensor) -> float:
+        return float(0.5 * w @ M @ w - _utility(w, alpha))
+
+    # Starts: the official 𝟏/K and the exact solution for diagonal M, each moved to its best multiple
+    # t w along its ray (t^{1+1/α} = Σ w_i^{1−1/α} / wᵀMw); keep the one with the lower f.
+    candidates = []
+    for w in (torch.full((K,), 1.0 / K, dtype=M.dtype), M.diagonal() ** (-alpha / (alpha + 1))):
+        quadratic = float(w @ M @ w)
+        if quadratic > 0:
+            w = w * (float((w ** (1 - 1 / alpha)).sum()) / quadratic) ** (alpha / (alpha + 1))
+        candidates.append(w)
+    w = min(candidates, key=objective)
+    for _ in range(MAX_NEWTON_ITER + 1):
+        Mw = M @ w
+        if float((w ** (1 / alpha) * Mw - 1.0).abs().max()) <= FAIR_TOL:
+            return w * scale ** (-alpha / (alpha + 1))
+        gradient = Mw - w ** (-1 / alpha)
+        try:
+            step = -torch.linalg.solve(M + torch.diag(w ** (-1 / alpha - 1) / alpha), gradient)
+        except torch.linalg.LinAlgError:  # w has run off to infinity along a null direction of M
+            return None
+        # Backtracking: stay in w > 0, and ask for Armijo's decrease only while the Newton decrement²
+        # (−slope) is not tiny (near the root f's change is below its rounding; full steps converge there).
+        t, f0, slope = 1.0, objective(w), float(gradient @ step)
+        while t > 1e-12:
+            trial = w + t * step
+            if bool((trial > 0).all()) and (-slope <= 1e-10 or objective(trial) <= f0 + 1e-4 * t * slope):
+                break
+            t /= 2
+        w = w + t * step
+        if not bool(torch.isfinite(w).all()):
+            return None
+    return None
+
+
+class FairGrad(GramianAggregator):
+    """d = Σ w_i g_i with w > 0 solving M w = w^{-1/α} (g_i·d = w_i^{-1/α}); α = 1 is Nash-MTL's condition,
+    α → ∞ tends to max–min fairness. Default α = 1.0 (the official code's default).
+
+    Output scale: the raw solution, as the official code backpropagates Σ w_i L_i with w from M itself
+    (no normalisation, no clip): ‖d‖² = Σ w_i^{1−1/α}, so d scales as ‖g‖^{(1−α)/(1+α)} (unit-free for α = 1,
+    where ‖d‖ = √K). K = 1: d = ‖g₁‖^{-2α/(α+1)} g₁ (for α = 1, g₁/‖g₁‖).
+
+    Deviations: Newton's method in float64 to max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10 (see :func:`fair_weights`)
+    instead of SciPy ``least_squares`` from 𝟏/K (whose default tolerances and scale dependence leave it far
+    from the root at small/large gradient scales). α must be > 0 (the official code divides by α). Rows
+    with g_i = 0 leave the solve with weight 0 (their weight does not change d; the official solver pushes
+    it towards +∞). When no positive solution exists, the official starting point w = 𝟏/K is returned.
+    """
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {"alpha": self.alpha}
+
+    def _weights(self, M: Tensor) -> Tensor:
+        K = M.shape[0]
+        active = M.diagonal() > 0
+        w = torch.zeros(K, dtype=torch.float64, device=M.device)
+        if bool(active.any()):
+            solution = fair_weights(M[active][:, active], self.alpha)
+            if solution is None:
+                return torch.full((K,), 1.0 / K, dtype=torch.float64, device=M.device)
+            w[active] = solution
+        return w
+
+    def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
+        K, _ = check_matrix(G)
+        check_losses(losses, K, G.device, required=False, owner="FairGrad")
+        G64 = G.double()
+        return (self._weights(G64 @ G64.T) @ G64).to(G.dtype)
+
+    def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Float64 w."""
+        K = check_gramian(M)
+        check_losses(losses, K, M.device, required=False, owner="FairGrad")
+        return self._weights(M.double())

@@ -1,0 +1,128 @@
+"""Nash-MTL: the Nash bargaining solution among the task gradients.
+
+Source: Navon et al., "Multi-Task Learning as a Bargaining Game" (ICML 2022), official code GitHub
+``AvivNavon/nash-mtl`` (``methods/weight_methods.py``: ``NashMTL``), adapted by torchjd's ``NashMTL``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..aggregators.base import GramianAggregator
+from ..aggregators.checks import check_gramian, check_losses, check_matrix
+
+#: Converged when max_i |α_i (Mα)_i − 1| is below this (the official test is ‖Mα − 1/α‖ < 1e-3).
+NASH_TOL = 1e-10
+
+
+def nash_weights(M: Tensor, start: Tensor, max_iter: int) -> Tensor | None:
+    """The α > 0 with M α = 1/α (elementwise) for a float64 PSD M with a positive diagonal, or None.
+
+    Mα = 1/α is the optimality condition of the strictly convex, self-concordant
+    f(α) = ½ αᵀMα − Σ log α_i, minimised by damped Newton (Nesterov's step 1/(1 + λ) while the Newton
+    decrement λ > 1/4, full steps after): every step stays in α > 0 and the method converges globally and
+    then quadratically. Solved on M/‖M‖_F (α scales as ‖M‖_F^{-1/2}) for conditioning.
+    None when there is no solution within ``max_iter`` steps: when some nonnegative combination of the
+    gradients vanishes (e.g. opposite rows) f is unbounded below and α_i(Mα)_i ≥ 1 is infeasible.
+    """
+    K = M.shape[0]
+    scale = float(torch.linalg.matrix_norm(M))
+    M = M / scale
+    # Two starts, each rescaled along its ray to the best multiple (t² αᵀMα = K): the warm start and
+    # the exact solution for diagonal M (exact for K = 2); keep the one with the lower f.
+    candidates = [start * scale**0.5, M.diagonal().rsqrt()]
+    candidates = [a * (K / float(a @ M @ a)) ** 0.5 if float(a @ M @ a) > 0 else a for a in candidates]
+    alpha = min(candidates, key=lambda a: float(0.5 * a @ M @ a - a.log().sum()))
+    for _ in range(max_iter + 1):
+        Ma = M @ alpha
+        residual = float((alpha * Ma - 1.0).abs().max())
+        if residual <= NASH_TOL:
+            return alpha / scale**0.5
+        gradient = Ma - 1.0 / alpha
+        try:
+            step = -torch.linalg.solve(M + torch.diag(alpha**-2), gradient)
+        except torch.linalg.LinAlgError:  # α has run off to infinity along a null direction of M
+            return None
+        decrement = max(float(-(gradient @ step)), 0.0) ** 0.5
+        alpha = alpha + (step / (1.0 + decrement) if decrement > 0.25 else step)
+        if not bool(torch.isfinite(alpha).all()):
+            return None
+    return None
+
+
+class NashMTL(GramianAggregator):
+    """d = Σ α_i g_i with α > 0 solving M α = 1/α (each task's directional derivative g_i·d = 1/α_i),
+    then ‖d‖ clipped to ``max_norm`` (‖d‖² = αᵀMα, no extra pass); ``max_norm = 0`` disables the clip.
+
+    Output scale: the official code normalises M by its Frobenius norm f for ECOS but puts f back in its
+    constraint α_i f (M/f α)_i ≥ 1, so its fixed point is the raw Mα = 1/α, whence ‖d‖ = √K before the clip:
+    with the default ``max_norm=1`` the result has norm 1 (K = 1: d = g₁/‖g₁‖). We return that fixed point.
+    State (``_state_attributes``): the previous α (warm start; ``None`` → 𝟏 as officially) and the step count.
+    ``update_weights_every = n`` solves on steps 0, n, 2n, ... and reuses the previous α in between.
+    ``weights()`` advances the same state as ``__call__``.
+
+    Deviations: the solver is damped Newton in float64 to max_i|α_i(Mα)_i − 1| ≤ 1e-10 (see
+    :func:`nash_weights`) instead of up to 20 convex–concave rounds of cvxpy/ECOS stopped at
+    ‖Mα − 1/α‖ < 1e-3; ``optim_niter`` caps Newton steps, hence a larger default (100; typical use takes
+    < 15). Rows with g_i = 0 (no bargaining power: g_i·d = 0 ≠ 1/α_i) leave the solve and keep their
+    previous α_i. When no solution exists (the official ECOS call fails and keeps the previous α) we also
+    keep the previous α. The clip is exact (torch's ``clip_grad_norm_`` divides by ‖d‖ + 1e-6).
+    """
+
+    _state_attributes = ("_alpha", "_step")
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 100) -> None:
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be ≥ 0 (0 disables the clip), got {max_norm}")
+        if update_weights_every < 1:
+            raise ValueError(f"update_weights_every must be ≥ 1, got {update_weights_every}")
+        if optim_niter < 1:
+            raise ValueError(f"optim_niter must be ≥ 1, got {optim_niter}")
+        self.max_norm = float(max_norm)
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
+        self._alpha: Tensor | None = None
+        self._step: int | None = None
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {
+            "max_norm": self.max_norm,
+            "update_weights_every": self.update_weights_every,
+            "optim_niter": self.optim_niter,
+        }
+
+    def _next_alpha(self, M: Tensor) -> Tensor:
+        """α for the float64 Gram M (before the clip), advancing the state."""
+        K = M.shape[0]
+        previous = torch.ones(K, dtype=torch.float64, device=M.device) if self._alpha is None else self._alpha
+        if previous.shape != (K,):
+            raise ValueError(f"NashMTL was used with {previous.shape[0]} tasks, now {K}: call reset() first")
+        step = self._step or 0
+        alpha = previous.clone()
+        active = M.diagonal() > 0
+        if step % self.update_weights_every == 0 and bool(active.any()):
+            sub = nash_weights(M[active][:, active], previous[active], self.optim_niter)
+            if sub is not None:
+                alpha[active] = sub
+        self._alpha, self._step = alpha, step + 1
+        return alpha
+
+    def _clip_factor(self, squared_norm: float) -> float:
+        norm = max(squared_norm, 0.0) ** 0.5
+        return self.max_norm / norm if 0 < self.max_norm < norm else 1.0
+
+    def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
+        K, _ = check_matrix(G)
+        check_losses(losses, K, G.device, required=False, owner="NashMTL")
+        G64 = G.double()
+        d = self._next_alpha(G64 @ G64.T) @ G64
+        return (d * self._clip_factor(float(d @ d))).to(G.dtype)
+
+    def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Float64 α, clip included (advances the state like a call)."""
+        K = check_gramian(M)
+        check_losses(losses, K, M.device, required=False, owner="NashMTL")
+        M64 = M.double()
+        alpha = self._next_alpha(M64)
+        return alpha * self._clip_factor(float(alpha @ M64 @ alpha))

@@ -1,0 +1,150 @@
+"""Reference UPGrad: hand-checked values, torchjd's properties, agreement with torchjd 0.18."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from flatmtl_fast.reference import UPGrad
+
+_gen = torch.Generator().manual_seed(0)
+# Random matrices of prescribed rank r: a (K × r) times an (r × N) Gaussian factor.
+RANKED = [
+    torch.randn(K, r, generator=_gen, dtype=torch.float64) @ torch.randn(r, N, generator=_gen, dtype=torch.float64)
+    for K, N, r in [(4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9), (5, 3, 3)]
+]
+_g = torch.randn(1, 6, generator=_gen, dtype=torch.float64)
+SPECIAL = [
+    torch.zeros(4, 3, dtype=torch.float64),
+    torch.cat([_g, _g, 2 * _g]),  # duplicated and collinear rows
+    torch.cat([_g, -_g, torch.randn(1, 6, generator=_gen, dtype=torch.float64)]),  # opposite rows
+]
+SCALES = [0.0, 1e-10, 1.0, 1e3, 1e5, 1e10, 1e15]
+MATRICES = RANKED + SPECIAL
+SCALED = [scale * G for scale in SCALES for G in MATRICES]
+
+
+def _assert_non_conflicting(agg: UPGrad, G: Tensor) -> None:
+    """G d ≥ −tol, tol from the ridge: the KKT conditions give M w ≥ −reg_eps · tr(M) · w."""
+    w = agg.weights(G @ G.T)
+    trace = float(torch.trace(G @ G.T))
+    tolerance = agg.reg_eps * trace * w.abs() + 1e-9 * trace * float(w.abs().sum())
+    assert bool((G @ agg(G) >= -tolerance).all())
+
+
+def test_golden_value() -> None:
+    # algorithms.md §3 (torchjd's value, computed with its ridge reg_eps = 1e-4).
+    J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    torch.testing.assert_close(UPGrad()(J), torch.tensor([0.2929, 1.9004, 1.9004]), atol=1e-4, rtol=0)
+
+
+def test_hand_computed_projection_without_ridge() -> None:
+    # g1·g2 = −22, ‖g1‖² = 18, ‖g2‖² = 38: each row conflicts with the other only, so its projection
+    # onto the dual cone removes the conflicting component: π(g1) = g1 + 22/38 g2, π(g2) = g2 + 22/18 g1.
+    g1, g2 = torch.tensor([-4.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([6.0, 1.0, 1.0], dtype=torch.float64)
+    expected = ((g1 + 22 / 38 * g2) + (g2 + 22 / 18 * g1)) / 2
+    torch.testing.assert_close(UPGrad(reg_eps=1e-12)(torch.stack([g1, g2])), expected, atol=1e-9, rtol=0)
+
+
+def test_non_conflicting_rows_give_the_mean() -> None:
+    G = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(UPGrad(reg_eps=1e-12)(G), G.mean(dim=0), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("G", SCALED)
+def test_structure_and_non_conflicting(G: Tensor) -> None:
+    agg = UPGrad()
+    d = agg(G)
+    assert d.shape == (G.shape[1],) and bool(torch.isfinite(d).all())
+    _assert_non_conflicting(agg, G)
+
+
+@pytest.mark.parametrize("G", MATRICES)
+def test_permutation_invariant(G: Tensor) -> None:
+    agg = UPGrad()
+    d = agg(G)
+    for seed in range(3):
+        perm = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(agg(G[perm]), d, atol=1e-8 * float(d.norm()) + 1e-12, rtol=1e-7)
+
+
+@pytest.mark.parametrize("reg_eps", [1e-4, 1e-10])
+@pytest.mark.parametrize("G", RANKED + SPECIAL[1:])
+def test_linear_under_scaling(G: Tensor, reg_eps: float) -> None:
+    # A(diag(a c1 + b c2) G) = a A(diag(c1) G) + b A(diag(c2) G) holds for the exact projection. The ridge
+    # is relative to tr(M), which the row scaling changes, and perturbs the projection by up to
+    # O(√reg_eps) relative when M is singular (K > rank): hence the tolerance 10 √reg_eps ‖G‖
+    # (torchjd's own test uses atol = 1e-2 on matrices of norm ~1 with reg_eps = 1e-4).
+    agg, gen = UPGrad(reg_eps=reg_eps), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        c1, c2 = torch.rand(2, G.shape[0], generator=gen, dtype=torch.float64)
+        a, b = torch.rand(2, generator=gen, dtype=torch.float64)
+        expected = a * agg(torch.diag(c1) @ G) + b * agg(torch.diag(c2) @ G)
+        actual = agg(torch.diag(a * c1 + b * c2) @ G)
+        torch.testing.assert_close(actual, expected, atol=10 * reg_eps**0.5 * float(G.norm()), rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e-3, 1e5, 1e15])
+def test_positively_homogeneous(scale: float) -> None:
+    # Scale-free because M is normalised by its trace (torchjd's norm_eps = 1e-4 would switch to the mean).
+    G = RANKED[4]
+    d = UPGrad()(G)
+    torch.testing.assert_close(UPGrad()(scale * G) / scale, d, atol=1e-9 * float(d.norm()), rtol=1e-7)
+
+
+@pytest.mark.parametrize("G", MATRICES)
+def test_weights_agree_with_call(G: Tensor) -> None:
+    agg = UPGrad()
+    torch.testing.assert_close(agg.weights(G @ G.T) @ G, agg(G), atol=1e-10 * float(G.norm() ** 2) + 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_agrees_with_torchjd(seed: int) -> None:
+    torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    expected = torchjd_aggregation.UPGrad()(G)
+    for agg in (UPGrad(), UPGrad(norm_eps=1e-4)):  # tr(M) > 1e-4 here: both conventions coincide
+        d = agg(G)
+        assert float(torch.nn.functional.cosine_similarity(d, expected, dim=0)) >= 0.999
+        torch.testing.assert_close(d.norm(), expected.norm(), rtol=1e-6, atol=0)
+
+
+def test_torchjd_small_scale_convention() -> None:
+    # With norm_eps = 1e-4 (torchjd's), a G with ‖G‖²_F < 1e-4 is treated as zero: d = the mean of rows.
+    G = 1e-3 * torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(UPGrad(norm_eps=1e-4)(G), G.mean(dim=0))
+    assert float((G @ UPGrad()(G)).min()) >= 0  # the default keeps projecting
+
+
+def test_pref_vector_and_float32() -> None:
+    G = RANKED[3].to(torch.float32)
+    d = UPGrad(pref_vector=torch.full((9,), 2.0))(G)
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, 2 * 9 * UPGrad()(G), rtol=1e-5, atol=1e-5)  # p = 2·𝟏 is 18× p = 𝟏/9
+
+
+def test_single_task_returns_the_gradient() -> None:
+    g = torch.tensor([[3.0, -1.0, 2.0]])
+    torch.testing.assert_close(UPGrad()(g), g[0])
+    torch.testing.assert_close(UPGrad().weights(g @ g.T), torch.tensor([1.0]))
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"shape \(K, N\)"):
+        UPGrad()(torch.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        UPGrad()(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="square"):
+        UPGrad().weights(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        UPGrad()(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"pref_vector must have shape \(2,\)"):
+        UPGrad(pref_vector=torch.ones(3))(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="1-D"):
+        UPGrad(pref_vector=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="reg_eps must be > 0"):
+        UPGrad(reg_eps=0.0)
+    with pytest.raises(ValueError, match=r"losses must have shape \(2,\)"):
+        UPGrad()(torch.ones(2, 3), losses=torch.ones(3))
