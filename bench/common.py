@@ -1,0 +1,154 @@
+"""Timing, bandwidth ceilings and result files shared by the benchmark suites."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """A name that keeps results from different machines apart (file name safe)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = platform.processor() or "cpu"
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+            model = re.search(r"model name\s*:\s*(.+)", text).group(1)
+        except (OSError, AttributeError):
+            pass
+        name = f"{model} {torch.get_num_threads()}t"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Inputs are rotated among copies totalling at least this much, so repeated calls read memory,
+# not a cache that still holds the previous call's data (L3 of the CI machine: 300 MB; H100 L2: 50 MB).
+ROTATION_BYTES = 1 << 30
+
+
+def rotation(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of ``tensors`` to cycle through (the originals first), ``ROTATION_BYTES`` in all."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    copies = max(1, -(-ROTATION_BYTES // max(nbytes, 1)))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
+
+
+def median_time(
+    fn: Callable[..., object],
+    device: torch.device,
+    inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    *,
+    warmup: int = 2,
+    repeat: int = 7,
+) -> float:
+    """Median time of ``fn(*inputs[i])`` in seconds over ``repeat`` calls, cycling through ``inputs``
+    (device work included: events on CUDA, synchronised host clock on the CPU)."""
+    inputs = inputs or [()]
+    calls = iter(range(1 << 62))
+
+    def call() -> None:
+        fn(*inputs[next(calls) % len(inputs)])
+
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    """The machine's measured memory ceilings (bytes per second)."""
+
+    copy_bandwidth: float  # device-to-device copy, bytes read + written
+    read_bandwidth: float  # a plain vectorised sum over a large buffer
+
+    @classmethod
+    def measure(cls, device: torch.device, nbytes: int) -> Ceilings:
+        n = nbytes // 4
+        src = torch.rand(n, device=device)
+        dst = torch.empty_like(src)
+        copy = median_time(lambda: dst.copy_(src), device)
+        read = median_time(lambda: src.sum(), device)
+        return cls(copy_bandwidth=2 * nbytes / copy, read_bandwidth=nbytes / read)
+
+
+@dataclass
+class Row:
+    """One measured case: what moved, how long it took, how close to the ceilings."""
+
+    suite: str
+    op: str
+    impl: str
+    K: int
+    N: int
+    dtype: str
+    seconds: float
+    bytes: int
+    extra: dict = field(default_factory=dict)
+
+    def finish(self, ceilings: Ceilings) -> Row:
+        self.extra["GB/s"] = self.bytes / self.seconds / 1e9
+        self.extra["copy_fraction"] = self.bytes / self.seconds / ceilings.copy_bandwidth
+        self.extra["read_floor_ms"] = self.bytes / ceilings.read_bandwidth * 1e3
+        return self
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'op':<9}{'impl':<17}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
+        f"{'vs torch':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        e = r.extra
+        speedup = f"{e['speedup_vs_torch']:.1f}x" if "speedup_vs_torch" in e else ""
+        print(
+            f"{r.op:<9}{r.impl:<17}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
+            f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}"
+        )
+
+
+def write_results(suite: str, device: torch.device, ceilings: Ceilings, rows: list[Row], config: dict) -> Path:
+    """Merge this suite's rows into bench/results/<device>.json (other suites' entries are kept)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{device_name(device)}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["device"] = device_name(device)
+    data["torch"] = torch.__version__
+    data[suite] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": config,
+        "ceilings_GBps": {"copy": ceilings.copy_bandwidth / 1e9, "read": ceilings.read_bandwidth / 1e9},
+        "rows": [asdict(r) for r in rows],
+    }
+    path.write_text(json.dumps(data, indent=1))
+    return path
