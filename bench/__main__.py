@@ -1,4 +1,8 @@
-"""``python -m bench``: run the benchmark suites on the default device and write bench/results/<device>.json."""
+"""``python -m bench``: run benchmark suites on the default device and merge them into bench/results/<device>.json.
+
+Suites: ``primitives`` (gram and combine vs torch; the default) and ``aggregators`` (every method's
+full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import argparse
 
 import torch
 
-from . import primitives
-from .common import print_table, write_results
+from . import aggregators, primitives
+from .common import Ceilings, Row, print_table, write_results
+
+METHODS = list(aggregators.TORCHJD_PEERS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes only (N = 1e6), fewer repeats")
     parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 10, 40])
@@ -19,6 +26,7 @@ def main() -> None:
     parser.add_argument(
         "--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
     )
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="aggregators suite only")
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
 
@@ -30,18 +38,37 @@ def main() -> None:
     else:
         Ns = [10**6, 10**7] + ([10**8] if device.type == "cuda" else [])
     repeat = 3 if args.quick else args.repeat
-    dtypes = [getattr(torch, d) for d in args.dtype]
-
-    ceilings = primitives.ceilings(device)
+    ceilings = Ceilings.measure(device, nbytes=(1 << 30) if device.type == "cuda" else (400 << 20))
     print(
         f"device {device} ({torch.get_num_threads()} CPU threads): copy {ceilings.copy_bandwidth / 1e9:.1f} GB/s, "
         f"read {ceilings.read_bandwidth / 1e9:.1f} GB/s"
     )
-    rows = [r.finish(ceilings) for r in primitives.run(device, args.K, Ns, dtypes, repeat)]
-    print_table(rows)
-    config = {"K": args.K, "N": Ns, "dtypes": args.dtype, "repeat": repeat, "threads": torch.get_num_threads()}
-    path = write_results(primitives.SUITE, device, ceilings, rows, config)
-    print(f"\nwrote {path}")
+    config = {"K": args.K, "N": Ns, "repeat": repeat, "threads": torch.get_num_threads()}
+
+    if "primitives" in args.suite:
+        dtypes = [getattr(torch, d) for d in args.dtype]
+        rows = [r.finish(ceilings) for r in primitives.run(device, args.K, Ns, dtypes, repeat)]
+        print_table(rows)
+        print(f"\nwrote {write_results(primitives.SUITE, device, ceilings, rows, {**config, 'dtypes': args.dtype})}")
+
+    if "aggregators" in args.suite:
+        rows: list[Row] = []
+        for name in args.methods:
+            for N in Ns:
+                for K in args.K:
+                    rows += [r.finish(ceilings) for r in aggregators.measure_method(name, device, K, N, repeat)]
+            if device.type == "cpu":
+                K_mem, N_mem = (10 if 10 in args.K else args.K[-1]), max(Ns)
+                for impl in ("flatmtl", "reference", "torchjd"):
+                    if impl == "torchjd" and aggregators.TORCHJD_PEERS[name] is None:
+                        continue
+                    extra = aggregators.peak_extra_memory(name, impl, K_mem, N_mem)
+                    for r in rows:
+                        if r.op == f"{name}:step" and r.impl == impl and (r.K, r.N) == (K_mem, N_mem):
+                            r.extra["peak_extra_MB"] = extra / 1e6
+        print_table(rows)
+        path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -123,17 +123,20 @@ class Row:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'op':<9}{'impl':<17}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
-        f"{'vs torch':>9}"
+        f"{'op':<18}{'impl':<12}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
+        f"{'speedup':>9}{'extra MB':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         e = r.extra
-        speedup = f"{e['speedup_vs_torch']:.1f}x" if "speedup_vs_torch" in e else ""
+        # speedup: ours over torch's (primitives), or ours over this peer's (aggregators)
+        ratio = e.get("speedup_vs_torch", e.get("flatmtl_speedup"))
+        speedup = f"{ratio:.1f}x" if ratio is not None else ""
+        memory = f"{e['peak_extra_MB']:.0f}" if "peak_extra_MB" in e else ""
         print(
-            f"{r.op:<9}{r.impl:<17}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
-            f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}"
+            f"{r.op:<18}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
+            f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}{memory:>10}"
         )
 
 

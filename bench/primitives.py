@@ -11,7 +11,7 @@ import torch
 
 import flatmtl_fast
 
-from .common import Ceilings, Row, median_time, rotation
+from .common import Row, median_time, rotation
 
 SUITE = "primitives"
 
@@ -54,7 +54,3 @@ def measure_case(device: torch.device, K: int, N: int, dtype: torch.dtype, repea
 
 def run(device: torch.device, Ks: list[int], Ns: list[int], dtypes: list[torch.dtype], repeat: int) -> list[Row]:
     return [row for N in Ns for K in Ks for dtype in dtypes for row in measure_case(device, K, N, dtype, repeat)]
-
-
-def ceilings(device: torch.device) -> Ceilings:
-    return Ceilings.measure(device, nbytes=(1 << 30) if device.type == "cuda" else (400 << 20))
