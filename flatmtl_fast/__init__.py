@@ -1,20 +1,30 @@
 """flatmtl_fast: fast gradient-based multi-task optimisation over flat gradient buffers.
 
-Public API so far: the streaming primitives :func:`gram` and :func:`combine`, backend selection
-(:func:`backends`, :func:`use_backend`), and the reference aggregators in :mod:`flatmtl_fast.reference`.
+Public API: the aggregators (``flatmtl_fast.UPGrad`` …, fused; their literal references in
+:mod:`flatmtl_fast.reference`), the drop-in :func:`backward` over :class:`FlatParameters`, the
+streaming primitives :func:`gram` and :func:`combine`, and backend selection (:func:`backends`,
+:func:`use_backend`).
 """
 
+from . import reference
 from .backends import BackendFallbackWarning, backends, current_backend, use_backend
+from .flat import FlatParameters, TaskGradients
 from .primitives import MAX_K, combine, gram
+from .training import backward, release_buffers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "reference",
     "MAX_K",
     "BackendFallbackWarning",
+    "FlatParameters",
+    "TaskGradients",
     "backends",
+    "backward",
     "combine",
     "current_backend",
     "gram",
+    "release_buffers",
     "use_backend",
 ]

@@ -1,0 +1,79 @@
+"""The K × N per-task gradient buffer, filled by K backward passes through one forward graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .parameters import FlatParameters
+
+
+class TaskGradients:
+    """Captures g_i = ∂L_i/∂θ_shared for K losses into the rows of a reusable (K, N) buffer.
+
+    When the buffer has the parameters' dtype, each parameter's ``.grad`` is bound to its slice of
+    row i before task i's backward pass, so autograd accumulates straight into the buffer (no copy).
+    A buffer of another dtype (e.g. bfloat16 storage for float32 parameters, to halve memory and
+    traffic) receives each row through one float32 scratch row and one cast.
+
+    Extra inputs (task-specific parameters) take part in every backward pass and so receive their
+    ordinary gradient Σ_i ∂L_i/∂θ in ``.grad``.
+    """
+
+    def __init__(self, shared: FlatParameters, num_tasks: int, dtype: torch.dtype | None = None) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"TaskGradients: num_tasks must be ≥ 1, got {num_tasks}")
+        dtype = shared.dtype if dtype is None else dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"TaskGradients: dtype must be a floating dtype, got {dtype}")
+        self.shared = shared
+        self.buffer = torch.empty(num_tasks, shared.numel, dtype=dtype, device=shared.device)
+        self._scratch = None if dtype == shared.dtype else torch.empty_like(shared.data)
+        self._reached = [False] * len(shared.params)
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._make_hook(index)) for index, p in enumerate(shared.params)
+        ]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.buffer.shape[0]
+
+    def _make_hook(self, index: int):
+        def hook(_: Tensor) -> None:
+            self._reached[index] = True
+
+        return hook
+
+    def capture(
+        self, losses: Sequence[Tensor], extra_inputs: Sequence[Tensor] = (), retain_graph: bool = False
+    ) -> Tensor:
+        """Run one backward pass per loss; return the (K, N) buffer with row i = ∂L_i/∂θ_shared.
+
+        The graph is kept until the last pass (and after it when ``retain_graph``). Raises if a
+        loss reaches none of the shared parameters (its row would silently be zero).
+        """
+        if len(losses) != self.num_tasks:
+            raise ValueError(
+                f"expected {self.num_tasks} losses (the number of tasks this buffer was made for), got {len(losses)}"
+            )
+        inputs = [*self.shared.params, *extra_inputs]
+        for i, loss in enumerate(losses):
+            target = self.buffer[i] if self._scratch is None else self._scratch
+            target.zero_()
+            self.shared.bind_grad(target)
+            self._reached = [False] * len(self.shared.params)
+            last = i == len(losses) - 1
+            torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph or not last)
+            if not any(self._reached):
+                raise ValueError(f"loss {i} does not depend on the shared parameters (its gradient there is zero)")
+            if self._scratch is not None:
+                self.buffer[i].copy_(self._scratch)
+        return self.buffer
+
+    def close(self) -> None:
+        """Remove the hooks this object registered on the shared parameters."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

@@ -1,0 +1,188 @@
+"""``flatmtl_fast.backward``: the drop-in replacement for ``sum(losses).backward()``."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..aggregators.base import Aggregator, GramianAggregator
+from ..flat import FlatParameters, TaskGradients
+from ..primitives import combine, gram
+
+NonFinitePolicy = Literal["raise", "skip", "propagate"]
+
+# One reusable K × N buffer per shared block, so steps allocate nothing O(N) (no page-fault storms).
+_buffers: weakref.WeakKeyDictionary[FlatParameters, TaskGradients] = weakref.WeakKeyDictionary()
+
+
+def release_buffers(shared: FlatParameters) -> None:
+    """Free the per-task gradient buffer kept for ``shared`` (e.g. before changing the number of tasks)."""
+    captured = _buffers.pop(shared, None)
+    if captured is not None:
+        captured.close()
+
+
+def _task_gradients(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> TaskGradients:
+    captured = _buffers.get(shared)
+    wanted = shared.dtype if dtype is None else dtype
+    if captured is not None and captured.num_tasks != K:
+        raise ValueError(
+            f"backward: the number of losses changed from {captured.num_tasks} to {K} between steps; "
+            "stateful aggregators would mix tasks. Call flatmtl_fast.release_buffers(shared) and reset() "
+            "the aggregator if this is intended"
+        )
+    if captured is None or captured.buffer.dtype != wanted or captured.buffer.device != shared.device:
+        release_buffers(shared)
+        captured = _buffers[shared] = TaskGradients(shared, K, dtype)
+    return captured
+
+
+def _check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device) -> list[Tensor]:
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(
+                f"backward: losses must be a sequence of scalars or a 1-D tensor, got shape {tuple(losses.shape)}"
+            )
+        losses = list(losses.unbind())
+    losses = list(losses)
+    if not losses:
+        raise ValueError("backward: no losses given")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"backward: loss {i} must be a scalar tensor, got {shape}")
+        if not loss.requires_grad:
+            raise ValueError(f"backward: loss {i} does not require grad (it does not depend on any parameter)")
+        if loss.device != device:
+            raise ValueError(f"backward: loss {i} is on {loss.device} but the shared parameters are on {device}")
+    return losses
+
+
+def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    """The scaler's current scale as a device tensor (no host sync), or None when not scaling."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler._get_scale_async()  # the device tensor behind get_scale(), which would sync
+
+
+def backward(
+    losses: Sequence[Tensor] | Tensor,
+    shared: FlatParameters,
+    aggregator: Aggregator,
+    *,
+    task_params: Iterable[Tensor] | None = None,
+    grad_dtype: torch.dtype | None = None,
+    representation: Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    nonfinite: NonFinitePolicy | None = None,
+) -> Tensor | None:
+    """Compute the K task gradients, aggregate them, and write the result into the shared ``.grad``.
+
+    Then call your own ``optimizer.step()`` (or ``scaler.step(optimizer)``).
+
+    Args:
+        losses: K scalar losses from one forward pass (or a (K,) tensor of them).
+        shared: the shared parameters, flattened with :class:`~flatmtl_fast.FlatParameters`.
+        aggregator: any aggregator of this library (fused or ``flatmtl_fast.reference``).
+        task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ.
+        grad_dtype: storage of the K × N task-gradient buffer (default: the parameters' dtype;
+            ``torch.bfloat16`` halves its memory and traffic).
+        representation: the shared features z (MGDA-UB): the weights are computed from the task
+            gradients with respect to z instead of the parameters, then one backward pass of
+            Σ w_i L_i fills the shared ``.grad``. Gramian aggregators only.
+        scaler: a ``torch.amp.GradScaler`` whose ``scale()`` produced the losses: the weights are
+            computed from the unscaled Gram (M / s²), the written gradient stays scaled so that
+            ``scaler.unscale_`` / ``scaler.step`` treat it like any other gradient.
+        nonfinite: what a NaN/Inf in a loss or task gradient does. ``"raise"`` (default without a
+            scaler): ``FloatingPointError`` before any ``.grad`` is written (one host sync).
+            ``"skip"``: one host sync; the shared and task ``.grad`` are set to None so the
+            optimizer skips every parameter (its state is untouched) and None is returned.
+            ``"propagate"`` (default with a scaler): no sync; the non-finite values reach ``.grad``
+            and the scaler's inf check skips the step.
+
+    Returns:
+        The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None.
+    """
+    if not isinstance(shared, FlatParameters):
+        raise TypeError(f"backward: shared must be a FlatParameters, got {type(shared).__name__}")
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(f"backward: aggregator must be a flatmtl_fast aggregator, got {type(aggregator).__name__}")
+    if nonfinite is None:
+        nonfinite = "propagate" if _grad_scale(scaler) is not None else "raise"
+    if nonfinite not in ("raise", "skip", "propagate"):
+        raise ValueError(f"backward: nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
+    shared.refresh()
+    losses = _check_losses(losses, shared.device)
+    task_params = list(task_params or ())
+    scale = _grad_scale(scaler)
+    loss_values = torch.stack([loss.detach().reshape(()).double() for loss in losses])
+    if scale is not None:
+        loss_values = loss_values / scale.double()
+
+    if representation is not None:
+        return _representation_backward(
+            losses, shared, aggregator, task_params, representation, loss_values, scale, nonfinite
+        )
+
+    G = _task_gradients(shared, len(losses), grad_dtype).capture(losses, extra_inputs=task_params)
+    if isinstance(aggregator, GramianAggregator):
+        M = gram(G, dtype=torch.float64)
+        if not _finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
+            return None
+        w = aggregator.weights(M if scale is None else M / scale.double() ** 2, loss_values)
+        combine(w, G, out=shared.bind_grad())
+        return w
+    if not _finite_or_skip(nonfinite, torch.linalg.vector_norm(G.float(), dim=1), loss_values, shared, task_params):
+        return None
+    shared.bind_grad().copy_(aggregator(G, loss_values))
+    return None
+
+
+def _finite_or_skip(
+    policy: NonFinitePolicy, row_values: Tensor, loss_values: Tensor, shared: FlatParameters, task_params: list[Tensor]
+) -> bool:
+    """Apply the non-finite policy; False means the step was skipped (grads set to None)."""
+    if policy == "propagate":
+        return True
+    finite = torch.isfinite(row_values).all() & torch.isfinite(loss_values).all()
+    if bool(finite):
+        return True
+    for p in [*shared.params, *task_params]:
+        p.grad = None  # the optimizer skips parameters without a gradient: its state stays as it was
+    if policy == "raise":
+        bad = sorted(set((~torch.isfinite(row_values)).nonzero().flatten().tolist()) | set(
+            (~torch.isfinite(loss_values)).nonzero().flatten().tolist()))  # fmt: skip
+        raise FloatingPointError(f"backward: tasks {bad} have a non-finite loss or gradient; no .grad was written")
+    return False
+
+
+def _representation_backward(
+    losses: list[Tensor],
+    shared: FlatParameters,
+    aggregator: Aggregator,
+    task_params: list[Tensor],
+    z: Tensor,
+    loss_values: Tensor,
+    scale: Tensor | None,
+    nonfinite: NonFinitePolicy,
+) -> Tensor | None:
+    if not isinstance(aggregator, GramianAggregator):
+        raise ValueError("backward(representation=...): needs a Gramian aggregator (its direction is Σ w_i g_i)")
+    if not isinstance(z, Tensor) or not z.requires_grad:
+        raise ValueError("backward: representation must be the shared features tensor (requiring grad)")
+    Z = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
+    M = Z.double() @ Z.double().T
+    if not _finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
+        return None
+    w = aggregator.weights(M if scale is None else M / scale.double() ** 2, loss_values)
+    flat_grad = shared.bind_grad()
+    flat_grad.zero_()
+    weighted = sum(w_i.to(loss.dtype) * loss for w_i, loss in zip(w, losses, strict=True))
+    torch.autograd.backward(weighted, inputs=shared.params, retain_graph=bool(task_params))
+    if task_params:
+        torch.autograd.backward(sum(losses), inputs=task_params)
+    return w

@@ -1,0 +1,192 @@
+"""flatmtl_fast.backward against plain per-task torch.autograd.grad + the reference aggregator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flatmtl_fast
+from flatmtl_fast import reference
+
+METHODS = [
+    "Mean", "Sum", "MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "FairGrad",
+    "UPGrad", "DualProj", "GradVac", "GradDrop", "RLW", "DBMTL", "IMGrad",
+]  # fmt: skip
+RANDOM = {"PCGrad", "GradVac", "GradDrop", "RLW"}
+
+
+def _make(name: str, namespace=reference, seed: int = 0):
+    cls = getattr(namespace, name)
+    return cls(generator=torch.Generator().manual_seed(seed)) if name in RANDOM else cls()
+
+
+class Net(nn.Module):
+    """A shared MLP trunk with K linear heads."""
+
+    def __init__(self, K: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [((head(z).squeeze(1) - y[:, i]) ** 2).mean() + 0.1 for i, head in enumerate(self.heads)]
+
+
+def _batch(seed: int = 1, K: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 6, generator=gen), torch.randn(32, K, generator=gen)
+
+
+def _expected(net: Net, agg, x, y):
+    """Per-task gradients by plain autograd.grad, aggregated by ``agg``; heads: Σ_i ∂L_i/∂θ."""
+    shared = list(net.trunk.parameters())
+    heads = list(net.heads.parameters())
+    losses = net.losses(x, y)
+    G = torch.stack(
+        [torch.cat([g.flatten() for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
+    )
+    head_grads = torch.autograd.grad(sum(losses), heads)
+    loss_values = torch.stack([l.detach() for l in losses]).double()
+    return agg(G, loss_values), head_grads
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_backward_equals_autograd_plus_reference(name):
+    net = Net()
+    x, y = _batch()
+    expected_d, expected_heads = _expected(net, _make(name), x, y)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    losses = net.losses(x, y)
+    w = flatmtl_fast.backward(losses, shared, _make(name), task_params=net.heads.parameters())
+    got = torch.cat([p.grad.flatten() for p in net.trunk.parameters()])
+    tol = 1e-5 * expected_d.norm() + 1e-7
+    assert (got - expected_d).norm() <= tol, f"{name}: {(got - expected_d).norm():.3g} > {tol:.3g}"
+    assert torch.equal(got, shared.grad)  # the .grad tensors are views of the flat buffer
+    for p, g in zip(net.heads.parameters(), expected_heads, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-6, atol=1e-7)
+    if isinstance(_make(name), flatmtl_fast.aggregators.GramianAggregator):
+        assert w is not None and w.shape == (3,)
+
+
+def test_bfloat16_task_gradient_storage():
+    net = Net()
+    x, y = _batch()
+    expected_d, _ = _expected(net, reference.UPGrad(), x, y)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    flatmtl_fast.backward(net.losses(x, y), shared, reference.UPGrad(), grad_dtype=torch.bfloat16)
+    # each g_i is rounded to bf16 (relative 2^-8 per entry); UPGrad is Lipschitz in G near this input
+    assert (shared.grad - expected_d).norm() <= 2e-2 * expected_d.norm()
+
+
+def test_representation_mode_weights_come_from_feature_gradients():
+    net = Net()
+    x, y = _batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    z = net.trunk(x)
+    losses = [((head(z).squeeze(1) - y[:, i]) ** 2).mean() for i, head in enumerate(net.heads)]
+    Z = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in losses]).double()
+    expected_w = reference.MGDA().weights(Z @ Z.T)
+    w = flatmtl_fast.backward(losses, shared, reference.MGDA(), representation=z, task_params=net.heads.parameters())
+    assert torch.allclose(w, expected_w)
+    z2 = net.trunk(x)
+    weighted = sum(
+        float(wi) * ((h(z2).squeeze(1) - y[:, i]) ** 2).mean()
+        for i, (wi, h) in enumerate(zip(w, net.heads, strict=True))
+    )
+    expected = torch.autograd.grad(weighted, list(net.trunk.parameters()))
+    assert torch.allclose(shared.grad, torch.cat([g.flatten() for g in expected]), rtol=1e-5, atol=1e-7)
+
+
+def test_grad_scaler_weights_see_unscaled_gradients():
+    net = Net()
+    x, y = _batch()
+    expected_d, _ = _expected(net, reference.NashMTL(), x, y)  # not scale-invariant: norm clip
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    losses = [scaler.scale(l) for l in net.losses(x, y)]
+    flatmtl_fast.backward(losses, shared, reference.NashMTL(), scaler=scaler)
+    assert torch.allclose(shared.grad / 1024.0, expected_d, rtol=1e-5, atol=1e-8)
+    scaler.unscale_(optimizer)
+    assert torch.allclose(shared.grad, expected_d, rtol=1e-5, atol=1e-8)
+
+
+def test_nan_loss_raises_and_leaves_optimizer_untouched():
+    net = Net()
+    x, y = _batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    flatmtl_fast.backward(net.losses(x, y), shared, reference.UPGrad(), task_params=net.heads.parameters())
+    optimizer.step()
+    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in optimizer.state.items()}
+    params_before = [p.detach().clone() for p in net.parameters()]
+    optimizer.zero_grad()
+    losses = net.losses(x, y)
+    losses[1] = losses[1] * float("nan")
+    with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+        flatmtl_fast.backward(losses, shared, reference.UPGrad(), task_params=net.heads.parameters())
+    assert all(p.grad is None for p in net.parameters())
+    optimizer.step()  # every parameter is skipped
+    for p, before in zip(net.parameters(), params_before, strict=True):
+        assert torch.equal(p.detach(), before)
+    for k, v in optimizer.state.items():
+        for n, t in v.items():
+            assert torch.equal(t, state_before[k][n])
+
+
+def test_nan_skip_policy_returns_none_without_raising():
+    net = Net()
+    x, y = _batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    losses = net.losses(x, y)
+    losses[0] = losses[0] * float("inf")
+    assert flatmtl_fast.backward(losses, shared, reference.Mean(), nonfinite="skip") is None
+    assert all(p.grad is None for p in net.trunk.parameters())
+
+
+def test_bad_inputs():
+    net = Net()
+    x, y = _batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    losses = net.losses(x, y)
+    with pytest.raises(ValueError, match="loss 0 must be a scalar"):
+        flatmtl_fast.backward([net.trunk(x).sum(1), *losses[1:]], shared, reference.Mean())
+    with pytest.raises(ValueError, match="loss 2 does not depend on the shared parameters"):
+        flatmtl_fast.backward(
+            [*net.losses(x, y)[:2], net.heads[0].weight.sum()],
+            shared,
+            reference.Mean(),
+            task_params=net.heads.parameters(),
+        )
+    flatmtl_fast.release_buffers(shared)
+    flatmtl_fast.backward(net.losses(x, y), shared, reference.Mean())
+    with pytest.raises(ValueError, match="number of losses changed from 3 to 2"):
+        flatmtl_fast.backward(net.losses(x, y)[:2], shared, reference.Mean())
+    with pytest.raises(TypeError, match="shared must be a FlatParameters"):
+        flatmtl_fast.backward(net.losses(x, y), list(net.trunk.parameters()), reference.Mean())
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        flatmtl_fast.backward(net.losses(x, y), shared, reference.Mean(), nonfinite="ignore")
+    with pytest.raises(ValueError, match="parameters are on several devices"):
+        flatmtl_fast.FlatParameters([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, device="meta"))])
+
+
+def test_flat_parameters_survive_state_dict_and_optimizer():
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    x, y = _batch()
+    flatmtl_fast.backward(net.losses(x, y), shared, reference.UPGrad(), task_params=net.heads.parameters())
+    optimizer.step()
+    assert shared.is_flat()
+    assert not torch.equal(net.state_dict()["trunk.0.weight"], state["trunk.0.weight"])
+    net.load_state_dict(state)
+    assert shared.is_flat() and torch.equal(net.state_dict()["trunk.0.weight"], state["trunk.0.weight"])
+    net.double()  # gives the parameters new storage: refresh re-flattens, keeping the values
+    assert not shared.is_flat()
+    shared.refresh()
+    assert shared.is_flat() and shared.dtype == torch.float64
+    assert torch.equal(net.trunk[0].weight.detach(), state["trunk.0.weight"].double())
