@@ -15,7 +15,6 @@ from .training import backward, release_buffers
 __version__ = "0.1.0"
 
 __all__ = [
-    "reference",
     "MAX_K",
     "BackendFallbackWarning",
     "FlatParameters",
@@ -25,6 +24,7 @@ __all__ = [
     "combine",
     "current_backend",
     "gram",
+    "reference",
     "release_buffers",
     "use_backend",
 ]
