@@ -6,7 +6,24 @@ streaming primitives :func:`gram` and :func:`combine`, and backend selection (:f
 :func:`use_backend`).
 """
 
-from . import reference
+from .aggregators import (
+    DBMTL,
+    IMTLG,
+    MGDA,
+    RLW,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    FairGrad,
+    GradDrop,
+    GradVac,
+    IMGrad,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Sum,
+    UPGrad,
+)
 from .backends import BackendFallbackWarning, backends, current_backend, use_backend
 from .flat import FlatParameters, TaskGradients
 from .primitives import MAX_K, combine, gram
@@ -15,16 +32,31 @@ from .training import backward, release_buffers
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTL",
+    "IMTLG",
     "MAX_K",
+    "MGDA",
+    "RLW",
+    "AlignedMTL",
     "BackendFallbackWarning",
+    "CAGrad",
+    "DualProj",
+    "FairGrad",
     "FlatParameters",
+    "GradDrop",
+    "GradVac",
+    "IMGrad",
+    "Mean",
+    "NashMTL",
+    "PCGrad",
+    "Sum",
     "TaskGradients",
+    "UPGrad",
     "backends",
     "backward",
     "combine",
     "current_backend",
     "gram",
-    "reference",
     "release_buffers",
     "use_backend",
 ]

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from ..backends import resolve
 from . import checks
-from .native import CppPrimitives, CudaPrimitives
-from .reference import ReferencePrimitives
+from .ops import combine_op, gram_op, implementations
 
 __all__ = ["MAX_K", "combine", "gram"]
 
 MAX_K = checks.MAX_K
 
 
-@functools.cache
-def _implementations() -> dict[str, object]:
-    impls: dict[str, object] = {
-        "reference": ReferencePrimitives(),
-        "cpp": CppPrimitives(),
-        "cuda": CudaPrimitives(),
-    }
-    try:  # Triton is optional; the backend registry reports it as unavailable when missing
-        from .triton_kernels import TritonPrimitives
-    except ImportError:
-        return impls
-    impls["triton"] = TritonPrimitives()
-    return impls
+@torch.compiler.assume_constant_result
+def _backend_for(op: str, device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+    # Evaluated eagerly while torch.compile traces: the backend in force then is baked into the graph.
+    return resolve(op, implementations(), device, dtype, *(() if op == "gram" else (out_dtype,))).name
 
 
 def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = False) -> Tensor:
@@ -44,11 +32,9 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     NaN/Inf in row i of G makes M[i, i] non-finite. ``check_finite=True`` raises
     ``FloatingPointError`` naming those rows instead (one host synchronisation).
     """
-    K, _, row_stride = checks.check_G(G, "gram")
+    checks.check_G(G, "gram")
     dtype = checks.check_gram_dtype(dtype)
-    impl = resolve("gram", _implementations(), G.device, G.dtype)
-    out = torch.empty(K, K, dtype=dtype, device=G.device)
-    impl.gram(G, row_stride, out)
+    out = gram_op(G, dtype, _backend_for("gram", G.device, G.dtype, dtype))
     if check_finite:
         bad = (~torch.isfinite(out.diagonal())).nonzero().flatten().tolist()
         if bad:
@@ -65,7 +51,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     in float32 with one rounding to that dtype. NaN/Inf in w or G propagate into the affected
     entries, as in ``w @ G``.
     """
-    _, N, row_stride = checks.check_G(G, "combine")
+    _, N, _ = checks.check_G(G, "combine")
     w32 = checks.check_weights(w, G)
     alpha = checks.check_alpha(alpha)
     if out is None:
@@ -74,6 +60,5 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
         out = torch.empty(N, dtype=G.dtype, device=G.device)
     else:
         out = checks.check_out(out, G, w)
-    impl = resolve("combine", _implementations(), G.device, G.dtype, out.dtype)
-    impl.combine(w32, G, row_stride, out, accumulate, alpha)
+    combine_op(w32, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
     return out

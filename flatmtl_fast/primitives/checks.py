@@ -79,7 +79,12 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
 
 
 def overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of ``a`` and ``b`` intersect (conservative for strided views)."""
+    """Whether the memory spans of ``a`` and ``b`` intersect (conservative for strided views).
+
+    Not checkable while torch.compile traces (fake tensors have no addresses): assumed disjoint.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     a0, a1 = _byte_range(a)

@@ -53,16 +53,19 @@ def _expected(net: Net, agg, x, y):
     return agg(G, loss_values), head_grads
 
 
+@pytest.mark.parametrize("namespace", [reference, flatmtl_fast], ids=["reference", "fused"])
 @pytest.mark.parametrize("name", METHODS)
-def test_backward_equals_autograd_plus_reference(name):
+def test_backward_equals_autograd_plus_reference(name, namespace):
     net = Net()
     x, y = _batch()
     expected_d, expected_heads = _expected(net, _make(name), x, y)
     shared = flatmtl_fast.FlatParameters(net.trunk)
     losses = net.losses(x, y)
-    w = flatmtl_fast.backward(losses, shared, _make(name), task_params=net.heads.parameters())
+    w = flatmtl_fast.backward(losses, shared, _make(name, namespace), task_params=net.heads.parameters())
     got = torch.cat([p.grad.flatten() for p in net.trunk.parameters()])
-    tol = 1e-5 * expected_d.norm() + 1e-7
+    # float32 gradients, float32-accumulated Gram, solvers to ~1e-9 (CAGrad/IMGrad: the reference's conic
+    # solver is only ~1e-5 accurate in w, see tests/fused) -> 1e-4 of the direction's norm
+    tol = 1e-4 * expected_d.norm() + 1e-7
     assert (got - expected_d).norm() <= tol, f"{name}: {(got - expected_d).norm():.3g} > {tol:.3g}"
     assert torch.equal(got, shared.grad)  # the .grad tensors are views of the flat buffer
     for p, g in zip(net.heads.parameters(), expected_heads, strict=True):

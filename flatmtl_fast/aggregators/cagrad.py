@@ -1,0 +1,76 @@
+"""Fused CAGrad and IMGrad: the simplex problem qᵀw + β‖g_w‖ on the device, then w folded into weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..solvers.simplex import argmin_linear_plus_norm, conflict_averse_weights, min_norm_weights
+from ._fused import FusedGramian
+
+
+class CAGrad(FusedGramian):
+    """CAGrad (Liu et al., NeurIPS 2021): w* = argmin_{w∈Δ} wᵀM𝟏/K + c‖g₀‖√(wᵀMw), d = (g₀ + λ g_w) · s / r.
+
+    Constructor (``c=0.4``, ``rescale=1``, ``sum_scale=False``), scale and the treatment of a vanishing g_w are
+    those of :class:`flatmtl_fast.reference.CAGrad` (see there). The solver is the on-device interior-point
+    method with an exact active-set polish instead of the reference's CLARABEL (~1e-8): its objective value
+    is never above the reference's, its weights agree to the reference's own accuracy.
+    (Not a subclass of the reference class: its module imports cvxpy, which the fused path must not need.)
+    """
+
+    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, sum_scale: bool = False) -> None:
+        if not c >= 0:
+            raise ValueError(f"c must be ≥ 0, got {c}")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"rescale must be 0, 1 or 2 (official option), got {rescale!r}")
+        self.c = float(c)
+        self.rescale = rescale
+        self.sum_scale = sum_scale
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {"c": self.c, "rescale": self.rescale, "sum_scale": self.sum_scale}
+
+    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        K = M.shape[0]
+        b = M.sum(dim=1) / K  # (M𝟏/K)_i = g_i · g₀
+        radius = self.c * (b.sum() / K).clamp_min(0.0).sqrt()  # c‖g₀‖
+        w = argmin_linear_plus_norm(b, M, radius, squared=False)
+        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        factor = (K if self.sum_scale else 1.0) / divisor
+        return conflict_averse_weights(M, w, b, radius, radius, factor, squared=False)
+
+
+class IMGrad(FusedGramian):
+    """IMGrad (Zhou et al., IJCAI 2025), both variants of :class:`flatmtl_fast.reference.IMGrad` (same
+    constructor: ``alpha=0.8``, ``variant="official"``; same scales). g_m is the reference MGDA's Frank–Wolfe
+    point (same iteration, on the device); the CAGrad-like problem is solved as in :class:`CAGrad`.
+    """
+
+    def __init__(self, alpha: float = 0.8, variant: Literal["official", "paper"] = "official") -> None:
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be ≥ 0, got {alpha}")
+        if variant not in ("official", "paper"):
+            raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
+        self.alpha = float(alpha)
+        self.variant = variant
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {"alpha": self.alpha, "variant": self.variant}
+
+    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        K = M.shape[0]
+        wm = min_norm_weights(M)
+        # g₀·g_m = 𝟏ᵀM w_m / K, ‖g₀‖² = 𝟏ᵀM𝟏/K², ‖g_m‖² = w_mᵀM w_m; cos θ ∈ [0, 1] (0 when either is 0).
+        norms = (M.sum().clamp_min(0.0) / K**2 * (wm @ M @ wm).clamp_min(0.0)).sqrt()
+        cos = torch.where(norms > 0, (M.sum(dim=0) @ wm) / K / torch.where(norms > 0, norms, 1.0), 0.0)
+        cos = cos.clamp(0.0, 1.0)
+        b = M.sum(dim=1) / K
+        radius = self.alpha * (b.sum() / K).clamp_min(0.0).sqrt()  # c = √φ = α‖g₀‖
+        squared = self.variant == "paper"
+        q, beta = ((1.0 - cos) if squared else (1.5 - cos)) * b, cos * radius
+        w = argmin_linear_plus_norm(q, M, beta, squared=squared)
+        factor = 1.0 if squared else K / (1.0 + self.alpha**2)
+        return conflict_averse_weights(M, w, q, beta, radius, factor, squared=squared)

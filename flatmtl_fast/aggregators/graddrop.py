@@ -1,0 +1,43 @@
+"""Fused GradDrop: one elementwise pass over G."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from ..primitives import checks as primitive_checks
+from ..reference import graddrop as reference
+from .checks import check_losses, check_matrix
+from .graddrop_kernels import implementations
+
+
+@functools.cache
+def _implementations() -> dict[str, object]:
+    return implementations()
+
+
+class GradDrop(reference.GradDrop):
+    """GradDrop (Chen et al., NeurIPS 2020) as :class:`flatmtl_fast.reference.GradDrop` (sum scale, ``leak``,
+    same generator contract: one 62-bit seed per call, U_n = ``tl.rand(seed, n)``), in one pass over G
+    writing d into ``out`` (or a new tensor of G's dtype): equal generator states keep the same entries.
+
+    Not Gramian. The seed is drawn on the generator's device and stays there (the Triton kernel loads it);
+    the CPU path reads it from host memory. P_n is computed in float64 in both, as in the reference.
+    """
+
+    def __call__(self, G: Tensor, losses: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+        K, N = check_matrix(G)
+        check_losses(losses, K, G.device, required=False, owner="GradDrop")
+        primitive_checks.check_G(G, "GradDrop")  # dtype, layout and K limit of the kernels
+        leak = self._leak_column(K, G.device).reshape(K).contiguous()
+        seed = torch.randint(0, 2**62, (1,), generator=self.generator, device=self._draw_device(G)).to(G.device)
+        if out is None:
+            out = torch.empty(N, dtype=G.dtype, device=G.device)
+        else:
+            out = primitive_checks.check_out(out, G, leak)
+        impl = resolve("graddrop", _implementations(), G.device, G.dtype, out.dtype)
+        impl.run(G, leak.unsqueeze(1) if impl.name == "blocks" else leak, seed, out)
+        return out

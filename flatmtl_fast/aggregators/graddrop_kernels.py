@@ -1,0 +1,117 @@
+"""GradDrop's single elementwise pass over G: a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)
+and a CPU path over column blocks. Both draw U_n = ``tl.rand(seed, n)`` (Philox-4x32-10, int64 offsets
+n) and decide in float64, exactly as :class:`flatmtl_fast.reference.GradDrop`."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ..backends import triton_interpreting
+from ..primitives.checks import G_DTYPES
+from ..reference._philox import philox_uniform
+
+#: Columns per block of the CPU path: bounds its float64 temporaries to O(K · block).
+CPU_BLOCK_COLUMNS = 1 << 14
+
+
+def _graddrop_block(G: Tensor, leak: Tensor, U: Tensor) -> Tensor:
+    """The reference's rule on a column block, float64 (K × B block, (K, 1) leak, (B,) uniforms)."""
+    G64 = G.to(torch.float64)
+    total, abs_total = G64.sum(dim=0), G64.abs().sum(dim=0)
+    P = 0.5 * (1.0 + total / torch.where(abs_total > 0, abs_total, 1.0))
+    keep = ((P > U) & (G64 > 0)) | ((P < U) & (G64 < 0))
+    return ((leak + (1.0 - leak) * keep) * G64).sum(dim=0)
+
+
+class BlockGradDrop:
+    """CPU: column blocks with the torch Philox port. Reads the seed from host memory (``numpy()``, a view
+    on a CPU tensor: no device exists to synchronise with). Extra memory O(K · CPU_BLOCK_COLUMNS)."""
+
+    name = "blocks"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        return None if device.type == "cpu" else f"the CPU GradDrop path runs on CPU tensors, got {device}"
+
+    def run(self, G: Tensor, leak: Tensor, seed: Tensor, out: Tensor) -> None:
+        N = G.shape[1]
+        seed_value = int(seed.numpy()[0])
+        for start in range(0, N, CPU_BLOCK_COLUMNS):
+            stop = min(start + CPU_BLOCK_COLUMNS, N)
+            U = philox_uniform(seed_value, stop - start, G.device, start=start).to(torch.float64)
+            out[start:stop] = _graddrop_block(G[:, start:stop], leak, U).to(out.dtype)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ..primitives.triton_kernels import _round_for_store
+except ImportError:  # Triton is optional: the backend registry then reports it unavailable
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _graddrop_kernel(
+        G, Leak, Seed, Out, K, N, row_stride,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Out[cols] = Σ_k (leak_k + (1 − leak_k) keep_kn) g_kn; the sign purity P in float64, U = tl.rand."""
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_cols = cols < N
+        total = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        abs_total = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            rows = k0 + tl.arange(0, BLOCK_K)
+            mask = (rows < K)[:, None] & in_cols[None, :]
+            g = tl.load(G + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+            g = g.to(tl.float32).to(tl.float64)
+            total += tl.sum(g, axis=0)
+            abs_total += tl.sum(tl.abs(g), axis=0)
+        P = 0.5 * (1.0 + total / tl.where(abs_total > 0, abs_total, 1.0))
+        U = tl.rand(tl.load(Seed), cols).to(tl.float64)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            rows = k0 + tl.arange(0, BLOCK_K)
+            in_rows = rows < K
+            mask = in_rows[:, None] & in_cols[None, :]
+            g = tl.load(G + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+            g = g.to(tl.float32).to(tl.float64)
+            leak = tl.load(Leak + rows, mask=in_rows, other=0.0)[:, None]
+            keep = ((P[None, :] > U[None, :]) & (g > 0)) | ((P[None, :] < U[None, :]) & (g < 0))
+            acc += tl.sum((leak + (1.0 - leak) * keep.to(tl.float64)) * g, axis=0)
+        tl.store(Out + cols, _round_for_store(acc.to(tl.float32), Out.dtype.element_ty), mask=in_cols)
+
+    class TritonGradDrop:
+        """The Triton kernel; the seed stays a device tensor, loaded inside the kernel (no host sync)."""
+
+        name = "triton"
+
+        def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+            if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+                return (
+                    f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
+                )
+            bad = [d for d in dtypes if d not in G_DTYPES]
+            return f"the triton backend reads and writes {G_DTYPES} only, got {bad}" if bad else None
+
+        def run(self, G: Tensor, leak: Tensor, seed: Tensor, out: Tensor) -> None:
+            K, N = G.shape
+            row_stride = G.stride(0) if K > 1 else N
+            block_n = 4096 if triton_interpreting() else 512
+            with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
+                _graddrop_kernel[(triton.cdiv(N, block_n),)](
+                    G, leak.contiguous(), seed, out, K, N, row_stride, BLOCK_K=8, BLOCK_N=block_n
+                )
+
+
+def implementations() -> dict[str, object]:
+    """GradDrop's implementations by backend name. The column-block path serves ``reference`` and, until a
+    C++ kernel replaces it, ``cpp``."""
+    impls: dict[str, object] = {"reference": BlockGradDrop(), "cpp": BlockGradDrop()}
+    if triton is not None:
+        impls["triton"] = TritonGradDrop()
+    return impls

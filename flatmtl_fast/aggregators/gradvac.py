@@ -1,0 +1,31 @@
+"""Fused GradVac."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import gradvac as reference
+from ..solvers import corrected_weights, draw_keys, gradvac_correction, visiting_orders
+from ._fused import FusedGramian
+
+
+class GradVac(FusedGramian, reference.GradVac):
+    """GradVac (Wang et al., ICLR 2021), whole-model form, as :class:`flatmtl_fast.reference.GradVac`: same
+    constructor, generator contract and state (targets ``phi_hat``, K × K float64, and the generator)."""
+
+    _weights_in_input_dtype = True
+
+    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        K = M.shape[0]
+        if self.phi_hat is None:
+            self.phi_hat = torch.zeros(K, K, dtype=torch.float64, device=M.device)
+        elif self.phi_hat.shape != (K, K):
+            raise ValueError(
+                f"GradVac: the targets are for K = {self.phi_hat.shape[0]} tasks, got K = {K}; call reset() first"
+            )
+        keys = draw_keys(K, self.generator, self._draw_device(M)).to(M.device)
+        correction, targets = gradvac_correction(self.phi_hat.to(M.device), self.beta, self.eps)
+        w = corrected_weights(M, visiting_orders(keys), correction)
+        self.phi_hat = targets()
+        return w

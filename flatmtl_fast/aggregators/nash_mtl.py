@@ -1,0 +1,29 @@
+"""Fused Nash-MTL."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import nash_mtl as reference
+from ..solvers import nash_weights
+from ._fused import FusedGramian
+
+
+class NashMTL(FusedGramian, reference.NashMTL):
+    """Nash-MTL (Navon et al., ICML 2022) as :class:`flatmtl_fast.reference.NashMTL`: α > 0 with Mα = 1/α
+    (damped Newton, warm-started from the previous α, ``optim_niter`` steps — always all of them here, frozen
+    once converged), then ‖d‖ clipped to ``max_norm`` inside the weights (‖d‖² = αᵀMα). Same constructor,
+    state (``_alpha``, ``_step``) and semantics for zero rows and unsolvable steps (keep the previous α)."""
+
+    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        K = M.shape[0]
+        previous = torch.ones(K, dtype=torch.float64, device=M.device) if self._alpha is None else self._alpha
+        if previous.shape != (K,):
+            raise ValueError(f"NashMTL was used with {previous.shape[0]} tasks, now {K}: call reset() first")
+        step = self._step or 0
+        alpha = nash_weights(M, previous, self.optim_niter) if step % self.update_weights_every == 0 else previous
+        self._alpha, self._step = alpha, step + 1
+        norm = (alpha @ M @ alpha).clamp_min(0.0).sqrt()
+        clip = (self.max_norm > 0) & (norm > self.max_norm)
+        return alpha * torch.where(clip, self.max_norm / torch.where(clip, norm, 1.0), 1.0)

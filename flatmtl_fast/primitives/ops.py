@@ -1,0 +1,57 @@
+"""The primitives as ``torch.library`` custom ops, so they run under ``torch.compile`` (as opaque
+nodes, no graph break) and in CUDA graphs. The backend is chosen before the op is called (it is a
+plain string argument), so tracing never depends on Python state inside the op."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .native import CppPrimitives, CudaPrimitives
+from .reference import ReferencePrimitives
+
+
+@functools.cache
+def implementations() -> dict[str, object]:
+    """Backend name -> implementation of the primitives (Triton only when it imports)."""
+    impls: dict[str, object] = {
+        "reference": ReferencePrimitives(),
+        "cpp": CppPrimitives(),
+        "cuda": CudaPrimitives(),
+    }
+    try:  # Triton is optional; the backend registry reports it as unavailable when missing
+        from .triton_kernels import TritonPrimitives
+    except ImportError:
+        return impls
+    impls["triton"] = TritonPrimitives()
+    return impls
+
+
+def row_stride(G: Tensor) -> int:
+    return G.stride(0) if G.shape[0] > 1 else G.shape[1]
+
+
+@torch.library.custom_op("flatmtl::gram", mutates_args=())
+def gram_op(G: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """M = G Gᵀ with backend ``backend`` (arguments already validated by flatmtl_fast.gram)."""
+    out = torch.empty(G.shape[0], G.shape[0], dtype=out_dtype, device=G.device)
+    implementations()[backend].gram(G, row_stride(G), out)
+    return out
+
+
+@gram_op.register_fake
+def _gram_fake(G: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
+    return G.new_empty((G.shape[0], G.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("flatmtl::combine_", mutates_args=("out",))
+def combine_op(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
+    """out (+)= alpha · wᵀG with backend ``backend`` (w float32; validated by flatmtl_fast.combine)."""
+    implementations()[backend].combine(w, G, row_stride(G), out, accumulate, alpha)
+
+
+@combine_op.register_fake
+def _combine_fake(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
+    return None
