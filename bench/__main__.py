@@ -65,7 +65,7 @@ def main() -> None:
                     extra = aggregators.peak_extra_memory(name, impl, K_mem, N_mem)
                     for r in rows:
                         if r.op == f"{name}:step" and r.impl == impl and (r.K, r.N) == (K_mem, N_mem):
-                            r.extra["peak_extra_MB"] = extra / 1e6
+                            r.extra["peak_extra_MB"] = extra / 1e6 if extra >= 0 else -1.0
         print_table(rows)
         path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
         print(f"\nwrote {path}")

@@ -86,9 +86,13 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
 
 
 def peak_extra_memory(name: str, impl: str, K: int, N: int) -> int:
-    """Bytes of memory the aggregation adds above its inputs, measured in a fresh CPU process (ru_maxrss)."""
+    """Bytes of memory the aggregation adds above its inputs, measured in a fresh CPU process.
+
+    Uses VmHWM of /proc/self/status, reset through /proc/self/clear_refs right before the call
+    (ru_maxrss would not do: a child inherits its parent's high-water mark at fork). Linux only.
+    """
     code = f"""
-import resource, torch, flatmtl_fast, flatmtl_fast.reference
+import re, torch, flatmtl_fast, flatmtl_fast.reference
 from bench.aggregators import TORCHJD_PEERS, NEEDS_LOSSES, _ours
 
 def run(K, N):
@@ -101,11 +105,15 @@ def run(K, N):
         return G, lambda: agg(G, losses)
     return G, lambda: agg(G, losses, out=out)
 
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
 run({K}, 4096)[1]()  # lazy imports and caches on a small problem, so they do not count
 G, call = run({K}, {N})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # inputs allocated and touched
+base = status("VmRSS")  # inputs allocated and touched
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
 call()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print(status("VmHWM") - base)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
     if result.returncode != 0:

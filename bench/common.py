@@ -133,7 +133,7 @@ def print_table(rows: list[Row]) -> None:
         # speedup: ours over torch's (primitives), or ours over this peer's (aggregators)
         ratio = e.get("speedup_vs_torch", e.get("flatmtl_speedup"))
         speedup = f"{ratio:.1f}x" if ratio is not None else ""
-        memory = f"{e['peak_extra_MB']:.0f}" if "peak_extra_MB" in e else ""
+        memory = "" if "peak_extra_MB" not in e else "n/a" if e["peak_extra_MB"] < 0 else f"{e['peak_extra_MB']:.1f}"
         print(
             f"{r.op:<18}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
             f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}{memory:>10}"
