@@ -27,12 +27,13 @@ from .aggregators import (
 from .backends import BackendFallbackWarning, backends, current_backend, use_backend
 from .flat import FlatParameters, TaskGradients
 from .primitives import MAX_K, combine, gram
-from .training import backward, release_buffers
+from .training import FAMO, backward, release_buffers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DBMTL",
+    "FAMO",
     "IMTLG",
     "MAX_K",
     "MGDA",
