@@ -1,7 +1,8 @@
 """``python -m bench``: run benchmark suites on the default device and merge them into bench/results/<device>.json.
 
-Suites: ``primitives`` (gram and combine vs torch; the default) and ``aggregators`` (every method's
-full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU).
+Suites: ``primitives`` (gram and combine vs torch; the default), ``aggregators`` (every method's
+full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU) and
+``training`` (a whole step of a 4.7 M-parameter MLP with K heads vs torchjd's mtl_backward).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 
 import torch
 
-from . import aggregators, primitives
+from . import aggregators, primitives, training
 from .common import Ceilings, Row, print_table, write_results
 
 METHODS = list(aggregators.TORCHJD_PEERS)
@@ -18,7 +19,7 @@ METHODS = list(aggregators.TORCHJD_PEERS)
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators"])
+    parser.add_argument("--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators", "training"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes only (N = 1e6), fewer repeats")
     parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 10, 40])
@@ -28,6 +29,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="aggregators suite only")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--train-method", default="UPGrad", help="training suite: the aggregator")
+    parser.add_argument("--train-K", type=int, nargs="+", default=[3], help="training suite: numbers of tasks")
+    parser.add_argument("--batch", type=int, default=64, help="training suite: batch size")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -68,6 +72,12 @@ def main() -> None:
                             r.extra["peak_extra_MB"] = extra / 1e6 if extra >= 0 else -1.0
         print_table(rows)
         path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
+        print(f"\nwrote {path}")
+
+    if "training" in args.suite:
+        rows = [r.finish(ceilings) for r in training.run(device, args.train_method, args.train_K, args.batch, repeat)]
+        print_table(rows)
+        path = write_results(training.SUITE, device, ceilings, rows, {**config, "batch": args.batch})
         print(f"\nwrote {path}")
 
 
