@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 
+#include "flatmtl/solvers_bindings.h"
 #include "flatmtl/streaming.h"
 
 namespace py = pybind11;
@@ -56,6 +57,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
       py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("num_threads"));
 
+  m.def(
+      "cpu_graddrop",
+      [](uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t leak, uint64_t seed,
+         uintptr_t out, int out_dtype, int num_threads) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        py::gil_scoped_release release;
+        flatmtl::cpu::graddrop(g, reinterpret_cast<const double*>(leak), seed, reinterpret_cast<void*>(out),
+                               DType(out_dtype), num_threads);
+      },
+      py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("leak"),
+      py::arg("seed"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"));
+
 #ifdef FLATMTL_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_device_count", []() {
@@ -87,4 +100,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  flatmtl::bind_solvers(m);
 }

@@ -11,6 +11,8 @@
   void gram_entry(const MatrixView& G, double* out, int num_threads);                                        \
   void combine_entry(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool acc, \
                      int num_threads);                                                                       \
+  void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype,     \
+                      int num_threads);                                                                      \
   }
 FLATMTL_DECLARE_ISA(portable)
 #ifndef FLATMTL_PORTABLE_ONLY
@@ -91,6 +93,16 @@ void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, fl
     case Isa::Avx2: return avx2::combine_entry(w, G, out, out_dtype, alpha, accumulate, num_threads);
 #endif
     default: return portable::combine_entry(w, G, out, out_dtype, alpha, accumulate, num_threads);
+  }
+}
+
+void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype, int num_threads) {
+  switch (Isa(current().load())) {
+#ifndef FLATMTL_PORTABLE_ONLY
+    case Isa::Avx512: return avx512::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
+    case Isa::Avx2: return avx2::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
+#endif
+    default: return portable::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
   }
 }
 

@@ -275,4 +275,128 @@ inline void combine(const float* w, const MatrixView& G, void* out, DType out_dt
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// graddrop
+
+typedef uint64_t vq __attribute__((vector_size(FLATMTL_VEC_BYTES)));  // kLanes / 2 lanes
+typedef double vd __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+typedef int64_t vl __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+constexpr int kWide = kLanes / 2;                // float64 / uint64 lanes per register
+constexpr int64_t kDropChunk = 512;              // columns whose K rows stay in L1 across the two passes
+
+// Triton's tl.rand(seed, offset) for kWide consecutive int64 offsets (Philox-4x32-10, first output word,
+// then int32 bitcast, ~x where negative, float32(x) * 4.6566127342e-10f): see reference/_philox.py.
+// 32-bit words live in 64-bit lanes so one multiply gives both halves of the 32 x 32 -> 64 product.
+inline void philox_uniform(uint64_t seed, int64_t first, float* u) {
+  constexpr uint64_t kMask = 0xFFFFFFFFu;
+  vq offsets;
+  for (int l = 0; l < kWide; ++l) offsets[l] = uint64_t(first + l);
+  vq c0 = offsets & kMask, c1 = offsets >> 32, c2 = vq{}, c3 = vq{};
+  uint64_t k0 = seed & kMask, k1 = seed >> 32;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const vq pb = c2 * uint64_t(0xCD9E8D57u);
+    const vq pa = c0 * uint64_t(0xD2511F53u);
+    c0 = (pb >> 32) ^ c1 ^ k0;
+    c2 = (pa >> 32) ^ c3 ^ k1;
+    c1 = pb & kMask;
+    c3 = pa & kMask;
+    k0 = (k0 + 0x9E3779B9u) & kMask;
+    k1 = (k1 + 0xBB67AE85u) & kMask;
+  }
+  for (int l = 0; l < kWide; ++l) {
+    const uint32_t x = uint32_t(c0[l]);
+    const int32_t positive = x >= 0x80000000u ? int32_t(~x) : int32_t(x);
+    u[l] = float(positive) * 4.6566127342e-10f;
+  }
+}
+
+inline vd widen(const float* p) {
+  vd v;
+  for (int l = 0; l < kWide; ++l) v[l] = double(p[l]);
+  return v;
+}
+inline vd widen(const uint16_t* p) {
+  vd v;
+  for (int l = 0; l < kWide; ++l) v[l] = double(load_scalar(p + l));
+  return v;
+}
+
+// d[c] = sum_k (leak_k + (1 - leak_k) keep_k[c]) g_k[c] for the kWide columns starting at rows[k] + at,
+// whose global column index (the Philox offset) is `column`; decided and summed in float64 in the
+// reference's order (reference/graddrop.py), so the result matches it bit for bit.
+template <typename T>
+inline void graddrop_group(const T* const* rows, int64_t at, const double* leak, int64_t K, int64_t column,
+                           uint64_t seed, double* d) {
+  vd total{}, magnitude{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vd g = widen(rows[k] + at);
+    total += g;
+    magnitude += (g < 0) ? -g : g;
+  }
+  float u32[kWide];
+  philox_uniform(seed, column, u32);
+  vd u;
+  for (int l = 0; l < kWide; ++l) u[l] = double(u32[l]);
+  const vd p = 0.5 * (1.0 + total / ((magnitude > 0) ? magnitude : vd{} + 1.0));
+  const vl above = p > u, below = p < u;
+  vd sum{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vd g = widen(rows[k] + at);
+    const vl keep = (above & (g > 0)) | (below & (g < 0));
+    const vd kept = keep ? vd{} + 1.0 : vd{};
+    sum += (leak[k] + (1.0 - leak[k]) * kept) * g;
+  }
+  std::memcpy(d, &sum, sizeof sum);
+}
+
+template <typename T, typename O>
+void graddrop_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, const double* leak, uint64_t seed,
+                    O* out, int num_threads) {
+  const int64_t chunks = (N + kDropChunk - 1) / kDropChunk;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<const T*> rows(static_cast<size_t>(K)), padded_rows(static_cast<size_t>(K));
+    std::vector<T> padded(size_t(K * kWide));  // the last partial group, zero-filled to a full vector
+    for (int64_t k = 0; k < K; ++k) {
+      rows[size_t(k)] = base + k * row_stride;
+      padded_rows[size_t(k)] = padded.data() + k * kWide;
+    }
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t c_end = std::min(N, (ch + 1) * kDropChunk);
+      for (int64_t c0 = ch * kDropChunk; c0 < c_end; c0 += kWide) {
+        double d[kWide];
+        const int64_t valid = std::min<int64_t>(kWide, c_end - c0);
+        if (valid == kWide) {
+          graddrop_group(rows.data(), c0, leak, K, c0, seed, d);
+        } else {
+          std::fill(padded.begin(), padded.end(), T(0));
+          for (int64_t k = 0; k < K; ++k) {
+            std::copy(rows[size_t(k)] + c0, rows[size_t(k)] + c0 + valid, padded.begin() + k * kWide);
+          }
+          graddrop_group(padded_rows.data(), 0, leak, K, c0, seed, d);
+        }
+        for (int64_t l = 0; l < valid; ++l) store_scalar(out + c0 + l, float(d[l]));
+      }
+    }
+  }
+}
+
+inline void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype,
+                     int num_threads) {
+  auto run = [&](auto* typed_base) {
+    if (out_dtype == DType::BFloat16) {
+      graddrop_typed(typed_base, G.rows, G.cols, G.row_stride, leak, seed, static_cast<uint16_t*>(out), num_threads);
+    } else {
+      graddrop_typed(typed_base, G.rows, G.cols, G.row_stride, leak, seed, static_cast<float*>(out), num_threads);
+    }
+  };
+  if (G.dtype == DType::BFloat16) {
+    run(static_cast<const uint16_t*>(G.data));
+  } else {
+    run(static_cast<const float*>(G.data));
+  }
+}
+
 }  // namespace flatmtl::cpu::FLATMTL_ISA

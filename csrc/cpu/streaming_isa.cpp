@@ -9,4 +9,8 @@ void combine_entry(const float* w, const MatrixView& G, void* out, DType out_dty
                    int num_threads) {
   combine(w, G, out, out_dtype, alpha, accumulate, num_threads);
 }
+void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype,
+                    int num_threads) {
+  graddrop(G, leak, seed, out, out_dtype, num_threads);
+}
 }  // namespace flatmtl::cpu::FLATMTL_ISA

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import combine, gram
+from ..solvers.native import solve_natively
 from .base import GramianAggregator
 from .checks import check_gramian, check_losses, check_matrix
 
@@ -51,8 +52,14 @@ class FusedGramian(GramianAggregator):
 
     def _guarded_weights(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         finite = torch.isfinite(M).all()
-        w = self._solve(torch.where(finite, M, 0.0), losses, input_dtype)
+        safe = torch.where(finite, M, 0.0)
+        w = solve_natively(self, safe, losses, input_dtype)
+        if w is None:
+            w = self._solve(safe, losses, input_dtype)
         return torch.where(finite, w, torch.nan)
+
+    #: Methods with a compiled solver (csrc/include/flatmtl/solvers) define
+    #: ``_native_solver(M, losses, input_dtype) -> (solver name, parameters) | None``; see solvers/native.py.
 
     @abstractmethod
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:

@@ -9,6 +9,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from .. import _native
 from ..backends import triton_interpreting
 from ..primitives.checks import G_DTYPES
 from ..reference._philox import philox_uniform
@@ -42,6 +43,28 @@ class BlockGradDrop:
             stop = min(start + CPU_BLOCK_COLUMNS, N)
             U = philox_uniform(seed_value, stop - start, G.device, start=start).to(torch.float64)
             out[start:stop] = _graddrop_block(G[:, start:stop], leak, U).to(out.dtype)
+
+
+class CppGradDrop:
+    """CPU: the compiled kernel (csrc/cpu/streaming_impl.h, SIMD Philox); O(1) extra memory. The seed is
+    read from host memory (a CPU tensor: no device to synchronise with)."""
+
+    name = "cpp"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device}"
+        bad = [d for d in dtypes if d not in (torch.float32, torch.bfloat16)]
+        return f"the cpp backend reads and writes float32 and bfloat16 only, got {bad}" if bad else None
+
+    def run(self, G: Tensor, leak: Tensor, seed: Tensor, out: Tensor) -> None:
+        K, N = G.shape
+        leak64 = leak.to(torch.float64).contiguous()  # kept alive across the call: the kernel reads its address
+        _native.module().cpu_graddrop(
+            G.data_ptr(), K, N, G.stride(0) if K > 1 else N, _native.DTYPE_CODES[G.dtype], leak64.data_ptr(),
+            int(seed.numpy()[0]), out.data_ptr(), _native.DTYPE_CODES[out.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        torch.autograd.graph.increment_version(out)
 
 
 try:
@@ -109,9 +132,8 @@ if triton is not None:
 
 
 def implementations() -> dict[str, object]:
-    """GradDrop's implementations by backend name. The column-block path serves ``reference`` and, until a
-    C++ kernel replaces it, ``cpp``."""
-    impls: dict[str, object] = {"reference": BlockGradDrop(), "cpp": BlockGradDrop()}
+    """GradDrop's implementations by backend name (the torch column-block path serves ``reference``)."""
+    impls: dict[str, object] = {"reference": BlockGradDrop(), "cpp": CppGradDrop()}
     if triton is not None:
         impls["triton"] = TritonGradDrop()
     return impls

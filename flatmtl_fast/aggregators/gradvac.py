@@ -29,3 +29,15 @@ class GradVac(FusedGramian, reference.GradVac):
         w = corrected_weights(M, visiting_orders(keys), correction)
         self.phi_hat = targets()
         return w
+
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        K = M.shape[0]
+        if self.phi_hat is None:
+            self.phi_hat = torch.zeros(K, K, dtype=torch.float64, device=M.device)
+        elif self.phi_hat.shape != (K, K):
+            raise ValueError(
+                f"GradVac: the targets are for K = {self.phi_hat.shape[0]} tasks, got K = {K}; call reset() first"
+            )
+        self.phi_hat = self.phi_hat.to(device=M.device, dtype=torch.float64).contiguous()  # updated in place
+        keys = draw_keys(K, self.generator, self._draw_device(M)).to(M.device).contiguous()
+        return "gradvac", [keys, self.phi_hat, float(self.beta), float(self.eps)]

@@ -16,3 +16,6 @@ class IMTLG(FusedGramian, reference.IMTLG):
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         return imtlg_weights(M, input_dtype)
+
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        return "imtlg", [torch.finfo(input_dtype).eps]

@@ -27,3 +27,14 @@ class NashMTL(FusedGramian, reference.NashMTL):
         norm = (alpha @ M @ alpha).clamp_min(0.0).sqrt()
         clip = (self.max_norm > 0) & (norm > self.max_norm)
         return alpha * torch.where(clip, self.max_norm / torch.where(clip, norm, 1.0), 1.0)
+
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        K = M.shape[0]
+        if self._alpha is None:
+            self._alpha = torch.ones(K, dtype=torch.float64, device=M.device)
+        if self._alpha.shape != (K,):
+            raise ValueError(f"NashMTL was used with {self._alpha.shape[0]} tasks, now {K}: call reset() first")
+        self._alpha = self._alpha.to(device=M.device, dtype=torch.float64).contiguous()  # updated in place
+        step = self._step or 0
+        self._step = step + 1
+        return "nash_mtl", [self._alpha, self.optim_niter, float(self.max_norm), step % self.update_weights_every == 0]

@@ -19,3 +19,7 @@ class PCGrad(FusedGramian, reference.PCGrad):
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device)
         return corrected_weights(M, visiting_orders(keys), pcgrad_correction)
+
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device).contiguous()
+        return "pcgrad", [keys]

@@ -38,6 +38,12 @@ void gram(const MatrixView& G, double* out, int num_threads);
 void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
              int num_threads);
 
+// GradDrop (Chen et al. 2020) in one pass over G: per column, P = (1 + sum g / sum |g|) / 2 and
+// U = tl.rand(seed, column) (Philox-4x32-10, as Triton); keep g_k where (P > U, g_k > 0) or
+// (P < U, g_k < 0); out = sum_k (leak_k + (1 - leak_k) keep_k) g_k, decided and summed in float64.
+// leak has K float64 entries; out has G.cols elements of out_dtype (Float32 or BFloat16).
+void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {

@@ -1,0 +1,59 @@
+// The K x K solvers as single-block kernels: the same header code the CPU module runs, executed by
+// thread 0 after the block stages M in shared memory (K ≤ kMaxStagedK: 64 x 64 doubles = 32 KB).
+// No allocation and no host synchronisation: the caller passes every buffer and the stream.
+#include <cuda_runtime.h>
+
+#include "flatmtl/solvers/solvers.h"
+
+namespace flatmtl::solvers::cuda {
+namespace {
+
+constexpr int kMaxStagedK = 64;
+constexpr int kThreads = 128;
+
+template <class Problem>
+__global__ void __launch_bounds__(kThreads)
+    solve_kernel(Problem problem, const double* __restrict__ M, int K, double* w, double* work, int* status) {
+  extern __shared__ double staged[];
+  const bool stage = K <= kMaxStagedK;
+  if (stage) {
+    for (int e = threadIdx.x; e < K * K; e += blockDim.x) staged[e] = M[e];
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  const Status s = problem(stage ? staged : M, K, w, work);
+  if (status != nullptr) {
+    status[0] = s.iterations;
+    status[1] = s.converged;
+  }
+}
+
+}  // namespace
+
+template <class Problem>
+std::string launch(const Problem& problem, const double* M, int K, double* w, double* work, int* status, int device,
+                   uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return std::string("cudaSetDevice: ") + cudaGetErrorString(cudaGetLastError());
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const size_t shared = K <= kMaxStagedK ? size_t(K) * K * sizeof(double) : 0;
+  solve_kernel<Problem><<<1, kThreads, shared, stream>>>(problem, M, K, w, work, status);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string("solver kernel launch: ") + cudaGetErrorString(err);
+}
+
+#define FLATMTL_INSTANTIATE(P) \
+  template std::string launch<P>(const P&, const double*, int, double*, double*, int*, int, uintptr_t);
+FLATMTL_INSTANTIATE(Mean)
+FLATMTL_INSTANTIATE(Sum)
+FLATMTL_INSTANTIATE(Mgda)
+FLATMTL_INSTANTIATE(PCGrad)
+FLATMTL_INSTANTIATE(GradVac)
+FLATMTL_INSTANTIATE(Imtlg)
+FLATMTL_INSTANTIATE(UPGrad)
+FLATMTL_INSTANTIATE(DualProj)
+FLATMTL_INSTANTIATE(NashMtl)
+FLATMTL_INSTANTIATE(CAGrad)
+FLATMTL_INSTANTIATE(IMGrad)
+#undef FLATMTL_INSTANTIATE
+
+}  // namespace flatmtl::solvers::cuda

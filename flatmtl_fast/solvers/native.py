@@ -1,0 +1,88 @@
+"""The compiled K × K solvers (header-only C++ in csrc/include/flatmtl/solvers): the very same code runs
+on the CPU (``cpp`` backend) and as single-block CUDA kernels (``cuda`` backend).
+
+Each aggregator that has a native solver describes the call with ``_native_solver`` (the solver's name
+and its parameters); :func:`solve_natively` picks the backend and runs it, or returns None so the
+aggregator falls back to its on-device torch solver (the ``reference`` implementation of the solve).
+
+The CUDA kernels are compiled and bound but have not yet been validated on a GPU, so ``auto`` does not
+pick them: they run only under an explicit ``use_backend("cuda")``; ``auto`` on CUDA tensors uses the
+torch solvers (no host sync either way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from ..backends import current_backend, resolve
+
+Parameter = Tensor | float | int | bool | None
+
+
+class _NativeSolvers:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        module = _native.module()
+        if module is None or not hasattr(module, "solve_mgda"):
+            return "the native module has no solvers"
+        wanted = "cpu" if self.name == "cpp" else "cuda"
+        if device.type != wanted:
+            return f"the {self.name} solvers run on {wanted} tensors, got {device}"
+        return None
+
+    def solve(self, solver: str, M: Tensor, parameters: Sequence[Parameter]) -> Tensor:
+        module = _native.module()
+        K = M.shape[0]
+        M = M.contiguous()
+        w = torch.empty(K, dtype=torch.float64, device=M.device)
+        work = torch.empty(
+            max(1, getattr(module, f"solve_{solver}_work_size")(K)), dtype=torch.float64, device=M.device
+        )
+        # Tensors become addresses; the list keeps them alive for the call. None is a null pointer.
+        args = [0 if p is None else p.data_ptr() if isinstance(p, Tensor) else p for p in parameters]
+        if self.name == "cpp":
+            getattr(module, f"solve_{solver}")(M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr())
+        else:
+            device = M.device.index if M.device.index is not None else torch.cuda.current_device()
+            stream = torch.cuda.current_stream(M.device).cuda_stream
+            getattr(module, f"cuda_solve_{solver}")(
+                M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), 0, device, stream
+            )
+        return w
+
+
+class _TorchSolvers:
+    """Marker for the on-device torch solvers (each aggregator's own ``_solve``)."""
+
+    name = "reference"
+
+    def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+        return None
+
+
+_CPU, _CUDA, _TORCH = _NativeSolvers("cpp"), _NativeSolvers("cuda"), _TorchSolvers()
+
+
+def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor | None:
+    """The aggregator's weights from its native solver, or None when the torch solver should run."""
+    describe = getattr(aggregator, "_native_solver", None)
+    if describe is None:
+        return None
+    # Triton covers the streaming passes only: its solves are the on-device torch ones.
+    impls = {"cpp": _CPU, "reference": _TORCH, "triton": _TORCH}
+    if current_backend() == "cuda":
+        impls["cuda"] = _CUDA
+    impl = resolve("solve", impls, M.device, M.dtype)
+    if impl is _TORCH:
+        return None
+    call = describe(M, losses, input_dtype)
+    if call is None:
+        return None
+    solver, parameters = call
+    return impl.solve(solver, M, parameters)

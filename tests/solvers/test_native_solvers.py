@@ -1,0 +1,404 @@
+"""The native K × K solvers (csrc/include/flatmtl/solvers/, bound as ``_C.solve_<name>``) against the
+reference classes' ``weights(M)`` on fresh random Gramians: K = 1, 2, 3, 7, 40, 64; full-rank,
+rank-deficient, duplicated-row and zero G; scales 1e-10, 1, 1e10.
+
+Tolerances (the arithmetic behind each is in the comment where it is used) are stated relative to the
+natural size of the quantity compared, mostly the rounding scale of the direction d = wᵀG:
+``scale(w) = Σ_i |w_i| ‖g_i‖`` (a combination cannot be known better than eps · that).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from flatmtl_fast import _native
+from flatmtl_fast import reference as R
+from flatmtl_fast.reference._simplex import FW_MAX_ITER, FW_STOP_CRIT
+
+C = _native.module()
+pytestmark = pytest.mark.skipif(C is None, reason=f"native module missing: {_native.load_error()}")
+
+KS = (1, 2, 3, 7, 40, 64)
+KINDS = ("full", "rank_deficient", "duplicated", "zero")
+SCALES = (1e-10, 1.0, 1e10)
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def make_G(K: int, kind: str, scale: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    N = 2 * K + 3
+    if kind == "zero":
+        return torch.zeros(K, N, dtype=torch.float64)
+    if kind == "rank_deficient":
+        r = max(1, K // 2)
+        A = torch.randn(K, r, generator=gen, dtype=torch.float64)
+        G = A @ torch.randn(r, N, generator=gen, dtype=torch.float64)
+    else:
+        distinct = max(1, 2 * K // 3) if kind == "duplicated" else K
+        G = torch.randn(distinct, N, generator=gen, dtype=torch.float64)[torch.arange(K) % distinct]
+    return G * scale
+
+
+def seed_of(*key) -> int:
+    """A seed per test case that does not depend on PYTHONHASHSEED."""
+    return zlib.crc32(repr(key).encode())
+
+
+def cases(kinds=KINDS, ks=KS, scales=SCALES):
+    out = []
+    for K in ks:
+        for kind in kinds:
+            for scale in (1.0,) if kind == "zero" else scales:
+                out.append(pytest.param(K, kind, scale, id=f"K{K}-{kind}-{scale:g}"))
+    return out
+
+
+def solve(name: str, M: torch.Tensor, *params) -> tuple[torch.Tensor, int, bool]:
+    """Native weights, iterations, converged (float64 CPU tensors; raw addresses as the bindings take)."""
+    K = M.shape[0]
+    M = M.contiguous()
+    w = torch.full((K,), float("nan"), dtype=torch.float64)
+    work = torch.full((max(1, getattr(C, f"solve_{name}_work_size")(K)),), float("nan"), dtype=torch.float64)
+    iterations, converged = getattr(C, f"solve_{name}")(M.data_ptr(), K, *params, w.data_ptr(), work.data_ptr())
+    return w, iterations, converged
+
+
+def direction_scale(w: torch.Tensor, G: torch.Tensor) -> float:
+    return float((w.abs() * G.norm(dim=1)).sum())
+
+
+def assert_same_direction(w: torch.Tensor, w_ref: torch.Tensor, G: torch.Tensor, rtol: float) -> None:
+    """‖(w − w_ref)ᵀG‖ ≤ rtol · Σ|w_ref,i|‖g_i‖ (+ the smallest normal, for G = 0)."""
+    assert torch.isfinite(w).all(), w
+    error = float(((w - w_ref) @ G).norm())
+    assert error <= rtol * direction_scale(w_ref, G) + 1e-300, (error, direction_scale(w_ref, G), w, w_ref)
+
+
+# ---------------------------------------------------------------------------------------------- Mean / Sum
+
+
+@pytest.mark.parametrize("K", KS)
+def test_mean_sum(K):
+    M = torch.eye(K, dtype=torch.float64)
+    assert torch.equal(solve("mean", M)[0], R.Mean().weights(M))
+    assert torch.equal(solve("sum", M)[0], R.Sum().weights(M))
+
+
+# ---------------------------------------------------------------------------------------------------- MGDA
+
+NORMALIZE_CODES = {"none": 0, "l2": 1, "loss": 2, "loss+": 3}
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize("normalize", list(NORMALIZE_CODES))
+def test_mgda(K, kind, scale, normalize):
+    seed = seed_of(K, kind, scale, normalize)
+    G = make_G(K, kind, scale, seed)
+    M = G @ G.T
+    losses = torch.rand(K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+    w_ref = R.MGDA(normalize=normalize).weights(M, losses if normalize.startswith("loss") else None)
+    w, iterations, converged = solve(
+        "mgda", M, NORMALIZE_CODES[normalize], losses.data_ptr(), FW_MAX_ITER, FW_STOP_CRIT
+    )
+    # Same Frank–Wolfe steps in the same order; only the summation order inside M w and wᵀMw differs
+    # (≈ K eps relative per step), and each step is a convex combination, so the iterates stay within
+    # a few hundred eps of the reference's after 250 steps: 1e-10 leaves room for K = 64.
+    assert_same_direction(w, w_ref, G, 1e-10)
+    assert 0 <= iterations <= FW_MAX_ITER
+    assert converged == (K == 1 or iterations < FW_MAX_ITER)
+
+
+def test_mgda_budget_and_stop_rule():
+    G = make_G(7, "full", 1.0, 3)
+    M = G @ G.T
+    losses = torch.ones(7, dtype=torch.float64)
+    w, iterations, converged = solve("mgda", M, 0, losses.data_ptr(), 0, FW_STOP_CRIT)
+    assert (iterations, converged) == (0, False)  # the best-pair start alone
+    assert torch.allclose(w, R.MGDA(max_iter=0).weights(M), rtol=0, atol=1e-15)
+    w, iterations, converged = solve("mgda", M, 0, losses.data_ptr(), 5, 1e9)
+    assert (iterations, converged) == (0, True)  # every step is below a huge stop_crit
+    w, iterations, converged = solve("mgda", M, 0, losses.data_ptr(), 10_000, 1e-12)
+    assert converged and 0 < iterations < 10_000
+    assert_same_direction(w, R.MGDA(max_iter=10_000, stop_crit=1e-12).weights(M), G, 1e-10)
+    # Golden value of algorithms.md §3: J = [[-4, 1, 1], [6, 1, 1]] → weights [0.6, 0.4].
+    J = torch.tensor([[-4.0, 1, 1], [6.0, 1, 1]], dtype=torch.float64)
+    assert torch.allclose(solve("mgda", J @ J.T, 0, 0, 250, 1e-5)[0], torch.tensor([0.6, 0.4], dtype=torch.float64))
+
+
+# -------------------------------------------------------------------------------------------- PCGrad / GradVac
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+def test_pcgrad(K, kind, scale):
+    seed = seed_of(K, kind, scale)
+    G = make_G(K, kind, scale, seed)
+    M = G @ G.T
+    gen = torch.Generator().manual_seed(seed)
+    reference = R.PCGrad(generator=torch.Generator().manual_seed(seed))
+    for _ in range(2):  # the draws of consecutive calls
+        keys = torch.rand((K, K), generator=gen, dtype=torch.float64)  # the reference's one draw per call
+        w, iterations, converged = solve("pcgrad", M, keys.data_ptr())
+        # Same projections in the same order; every inner product is a K-term sum read from M (here
+        # updated incrementally, there recomputed), so each coefficient agrees to ~K eps of the terms
+        # it cancels. Collinear / duplicated rows cancel g_i' down to rounding noise in both, which
+        # is why the bound is relative to Σ|w_i|‖g_i‖ rather than to ‖d‖.
+        assert_same_direction(w, reference.weights(M), G, 1e-11)
+        assert (iterations, converged) == (0, True)
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+def test_gradvac(K, kind, scale):
+    seed = seed_of(K, kind, scale, "gv")
+    G = make_G(K, kind, scale, seed)
+    M = G @ G.T
+    gen = torch.Generator().manual_seed(seed)
+    reference = R.GradVac(beta=0.5, generator=torch.Generator().manual_seed(seed))
+    phi_hat = torch.zeros(K, K, dtype=torch.float64)
+    for call in range(3):  # the targets start at 0 and then drive the corrections
+        keys = torch.rand((K, K), generator=gen, dtype=torch.float64)
+        w, _, _ = solve("gradvac", M, keys.data_ptr(), phi_hat.data_ptr(), 0.5, 1e-8)
+        w_ref = reference.weights(M)
+        assert torch.isfinite(w).all()
+        # Same arithmetic as PCGrad plus ‖g_i'‖ (a K-term dot) and a few square roots: each cosine agrees
+        # to ~K eps. For collinear or duplicated rows the cosine of a cancelled g_i' is rounding noise
+        # divided by ‖g_i'‖‖g_j‖ + eps in both implementations (the reference even reaches φ̂ ≈ 1e13
+        # there), so such targets, and the later calls they drive, are compared on full-rank G only.
+        if kind == "full" or call == 0:
+            assert_same_direction(w, w_ref, G, 1e-10)
+        if kind == "full":
+            assert torch.allclose(phi_hat, reference.phi_hat, rtol=0, atol=1e-9)
+
+
+def test_pcgrad_order_ties_go_to_lower_index():
+    # g_1 conflicts with g_0 and g_2 differently depending on the order; equal keys → ascending j.
+    G = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    M = G @ G.T
+    keys = torch.zeros(3, 3, dtype=torch.float64)
+    w, _, _ = solve("pcgrad", M, keys.data_ptr())
+    # Row-by-row by hand with orders [1, 2], [0, 2], [0, 1] (what a stable argsort of equal keys gives).
+    expected = torch.zeros(3, dtype=torch.float64)
+    for i, order in enumerate(([1, 2], [0, 2], [0, 1])):
+        g = G[i].clone()
+        c = torch.zeros(3, dtype=torch.float64)
+        c[i] = 1
+        for j in order:
+            dot = float(g @ G[j])
+            if dot < 0:
+                g -= dot / float(G[j] @ G[j]) * G[j]
+                c[j] -= dot / float(G[j] @ G[j])
+        expected += c
+    assert torch.allclose(w, expected, rtol=0, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------------- IMTL-G
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+def test_imtlg(K, kind, scale):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, "imtl"))
+    M = G @ G.T
+    w_ref = R.IMTLG().weights(M)
+    w, _, converged = solve("imtlg", M, EPS64)
+    # The closed form is (g_1 Uᵀ)(D Uᵀ)⁺ with the same cut-off; torch's pinv (LAPACK SVD) and the
+    # one-sided Jacobi SVD here each have backward error ~ n eps ‖D Uᵀ‖, so α agrees to about
+    # n eps cond(D Uᵀ) (measured ≤ 2e-10 relative at K = 64). Singular values that are pure rounding
+    # (duplicated / collinear rows) lie orders of magnitude below the cut-off 4 K eps max‖g_i‖ in both.
+    assert converged
+    assert torch.isfinite(w).all()
+    assert float((w - w_ref).abs().max()) <= 1e-8 * max(1.0, float(w_ref.abs().max())), (w, w_ref)
+
+
+# --------------------------------------------------------------------------------------- UPGrad / DualProj
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize("method", ["upgrad", "dualproj"])
+def test_dual_cone(K, kind, scale, method):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, method))
+    M = G @ G.T
+    cls = {"upgrad": R.UPGrad, "dualproj": R.DualProj}[method]
+    # Both solve the same strictly convex QP exactly (active sets, to rounding); the normalised P has
+    # eigenvalues in [1e-4, 1 + 1e-4], so the solutions agree to ~cond(P) K eps ≈ 1e-10 relative.
+    w, iterations, converged = solve(method, M, 0, 0.0, 1e-4)
+    w_ref = cls().weights(M)
+    assert converged and iterations >= 0
+    assert float((w - w_ref).abs().max()) <= 1e-9 * float(w_ref.abs().max()), (w, w_ref)
+    # A preference vector and torchjd's norm_eps: same contract.
+    pref = torch.rand(K, generator=torch.Generator().manual_seed(K), dtype=torch.float64) + 0.5
+    w, _, converged = solve(method, M, pref.data_ptr(), 1e-4, 1e-4)
+    w_ref = cls(pref, norm_eps=1e-4).weights(M)
+    assert converged
+    assert float((w - w_ref).abs().max()) <= 1e-9 * float(w_ref.abs().max()), (w, w_ref)
+
+
+def test_upgrad_golden_value():
+    J = torch.tensor([[-4.0, 1, 1], [6.0, 1, 1]], dtype=torch.float64)
+    w, _, _ = solve("upgrad", J @ J.T, 0, 0.0, 1e-4)
+    assert torch.allclose(w @ J, torch.tensor([0.2929, 1.9004, 1.9004], dtype=torch.float64), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- Nash-MTL
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+def test_nash_mtl(K, kind, scale):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, "nash"))
+    M = G @ G.T
+    reference = R.NashMTL(update_weights_every=2)
+    alpha = torch.ones(K, dtype=torch.float64)
+    for step in range(3):  # solve, reuse (update_weights_every = 2), solve again from the warm start
+        w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 1.0, step % 2 == 0)
+        w_ref = reference.weights(M)
+        # Newton to max_i|α_i(Mα)_i − 1| ≤ 1e-10 in both; from there one more (quadratic) step would
+        # move α by less than that, so α agrees to ~1e-10 relative up to the conditioning of M + diag(α⁻²).
+        assert torch.allclose(w, w_ref, rtol=1e-8, atol=0), (w, w_ref)
+        assert torch.allclose(alpha, reference._alpha, rtol=1e-8, atol=0)
+        if kind == "full":  # M nonsingular: a solution exists and Newton finds it
+            assert converged
+
+
+def test_nash_mtl_no_solution_keeps_alpha():
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # opposite rows: Mα = 1/α is infeasible
+    alpha = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    w, iterations, converged = solve("nash_mtl", G @ G.T, alpha.data_ptr(), 100, 0.0, True)
+    assert not converged and iterations >= 1
+    assert torch.equal(alpha, torch.tensor([0.3, 0.7], dtype=torch.float64)) and torch.equal(w, alpha)
+
+
+# ------------------------------------------------------------------------------------------ CAGrad / IMGrad
+
+
+def _objective(w, q, M, beta, squared):
+    quad = max(float(w @ M @ w), 0.0)
+    return float(q @ w) + beta * (quad if squared else math.sqrt(quad))
+
+
+def _check_conflict_averse(w, w_ref, G, M, factor, q, beta, squared):
+    """w = factor (1/K + λ w*): w* must be at least as good as the reference's (CLARABEL, ~1e-8), and the
+    directions close. An objective error ε of the reference moves its w* by O(√ε) along the flat
+    directions of the problem, hence the loose direction bound (measured ≤ 1e-4)."""
+    K = M.shape[0]
+    assert_same_direction(w, w_ref, G, 1e-3)
+    lam, lam_ref = float((w / factor - 1 / K).sum()), float((w_ref / factor - 1 / K).sum())
+    if lam > 0 and lam_ref > 0:
+        star, star_ref = (w / factor - 1 / K) / lam, (w_ref / factor - 1 / K) / lam_ref
+        size = float(q.abs().max()) + beta * (float(M.trace()) if squared else math.sqrt(float(M.trace())))
+        assert _objective(star, q, M, beta, squared) <= _objective(star_ref, q, M, beta, squared) + 1e-9 * size
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize(("c", "rescale", "sum_scale"), [(0.4, 1, False), (2.0, 2, True)])
+def test_cagrad(K, kind, scale, c, rescale, sum_scale):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, c))
+    M = G @ G.T
+    reference = R.CAGrad(c=c, rescale=rescale, sum_scale=sum_scale)
+    w, _, converged = solve("cagrad", M, c, rescale, sum_scale)
+    assert converged
+    b = M.sum(dim=1) / K
+    radius = c * max(float(b.sum()) / K, 0.0) ** 0.5
+    _check_conflict_averse(w, reference.weights(M), G, M, reference._output_factor(K), b, radius, False)
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_imgrad(K, kind, scale, variant):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, variant))
+    M = G @ G.T
+    w, _, converged = solve("imgrad", M, 0.8, variant == "paper")
+    assert converged
+    w_ref = R.IMGrad(alpha=0.8, variant=variant).weights(M)
+    assert_same_direction(w, w_ref, G, 1e-3)  # the argument of _check_conflict_averse
+
+
+# ------------------------------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments():
+    M = torch.eye(3, dtype=torch.float64)
+    w = torch.zeros(3, dtype=torch.float64)
+    work = torch.zeros(C.solve_upgrad_work_size(3), dtype=torch.float64)
+    p, q, r = M.data_ptr(), w.data_ptr(), work.data_ptr()
+    keys = torch.zeros(3, 3, dtype=torch.float64).data_ptr()
+    for K in (0, -1, 10**6):
+        with pytest.raises(ValueError, match="K must be in"):
+            C.solve_mean(p, K, q, r)
+    with pytest.raises(ValueError, match="M is a null pointer"):
+        C.solve_upgrad(0, 3, 0, 0.0, 1e-4, q, r)
+    with pytest.raises(ValueError, match="w is a null pointer"):
+        C.solve_upgrad(p, 3, 0, 0.0, 1e-4, 0, r)
+    with pytest.raises(ValueError, match="work is a null pointer"):
+        C.solve_upgrad(p, 3, 0, 0.0, 1e-4, q, 0)
+    C.solve_mean(p, 3, q, 0)  # needs no scratch
+    with pytest.raises(ValueError, match="reg_eps"):
+        C.solve_dualproj(p, 3, 0, 0.0, 0.0, q, r)
+    with pytest.raises(ValueError, match="normalize"):
+        C.solve_mgda(p, 3, 4, 0, 250, 1e-5, q, r)
+    with pytest.raises(ValueError, match="losses is a null pointer"):
+        C.solve_mgda(p, 3, 2, 0, 250, 1e-5, q, r)
+    with pytest.raises(ValueError, match="stop_crit"):
+        C.solve_mgda(p, 3, 0, 0, 250, 0.0, q, r)
+    with pytest.raises(ValueError, match="keys is a null pointer"):
+        C.solve_pcgrad(p, 3, 0, q, r)
+    with pytest.raises(ValueError, match="phi_hat is a null pointer"):
+        C.solve_gradvac(p, 3, keys, 0, 0.5, 1e-8, q, r)
+    with pytest.raises(ValueError, match="beta"):
+        C.solve_gradvac(p, 3, keys, keys, 1.5, 1e-8, q, r)
+    with pytest.raises(ValueError, match="alpha is a null pointer"):
+        C.solve_nash_mtl(p, 3, 0, 100, 1.0, True, q, r)
+    with pytest.raises(ValueError, match="rescale"):
+        C.solve_cagrad(p, 3, 0.4, 3, False, q, r)
+    with pytest.raises(ValueError, match="dtype_eps"):
+        C.solve_imtlg(p, 3, 0.0, q, r)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [1, 3, 40, 64, 100])
+def test_cuda_matches_cpu(K):
+    """The kernels run the same header code: equal to the CPU solve up to FMA contraction."""
+    G = make_G(K, "full", 1.0, K)
+    M = G @ G.T
+    keys = torch.rand(K, K, generator=torch.Generator().manual_seed(K), dtype=torch.float64)
+    ones = torch.ones(K, dtype=torch.float64)
+    problems = {
+        "mgda": (1, ones, 250, 1e-5),
+        "pcgrad": (keys,),
+        "gradvac": (keys, torch.zeros(K, K, dtype=torch.float64), 0.5, 1e-8),
+        "imtlg": (EPS64,),
+        "upgrad": (0, 0.0, 1e-4),
+        "dualproj": (0, 0.0, 1e-4),
+        "nash_mtl": (ones, 100, 1.0, True),
+        "cagrad": (0.4, 1, False),
+        "imgrad": (0.8, False),
+    }
+    stream = torch.cuda.current_stream()
+    for name, params in problems.items():
+        # State inputs are updated in place: each side gets its own copy (kept alive while in use).
+        cpu_copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
+        gpu_copies = [p.cuda() if isinstance(p, torch.Tensor) else p for p in params]
+        cpu_params = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in cpu_copies]
+        gpu_params = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in gpu_copies]
+        w_cpu, _, _ = solve(name, M, *cpu_params)
+        Md = M.cuda()
+        w = torch.empty(K, dtype=torch.float64, device="cuda")
+        work = torch.empty(max(1, getattr(C, f"solve_{name}_work_size")(K)), dtype=torch.float64, device="cuda")
+        status = torch.zeros(2, dtype=torch.int32, device="cuda")
+        getattr(C, f"cuda_solve_{name}")(
+            Md.data_ptr(),
+            K,
+            *gpu_params,
+            w.data_ptr(),
+            work.data_ptr(),
+            status.data_ptr(),
+            Md.device.index,
+            stream.cuda_stream,
+        )
+        torch.cuda.synchronize()
+        assert torch.allclose(w.cpu(), w_cpu, rtol=1e-6, atol=1e-9 * float(w_cpu.abs().max())), name
+        assert int(status[1]) in (0, 1)
