@@ -14,7 +14,8 @@ FLATMTL_NATIVE=1 FLATMTL_CUDA=1 FLATMTL_CUDA_ARCHS="${FLATMTL_CUDA_ARCHS:-90}" \
 python3 -c "import flatmtl_fast; print(flatmtl_fast.backends())" | tee -a "$OUT/gpu.txt"
 
 # GPU tests (directories whose modules import only what the GPU image has).
-python3 -m pytest tests/primitives tests/test_package.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+python3 -m pytest tests/primitives tests/fused/test_gpu.py tests/test_package.py -m gpu -q -p no:cacheprovider -rs 2>&1 \
+  | tee "$OUT/gpu_tests.log" | tail -25
 
-python3 -m bench "$@" 2>&1 | tee "$OUT/bench.log" | tail -80
+python3 -m bench --suite primitives aggregators training --train-K 3 10 "$@" 2>&1 | tee "$OUT/bench.log" | tail -80
 cp bench/results/*.json "$OUT/" 2>/dev/null || true
