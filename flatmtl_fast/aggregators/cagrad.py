@@ -2,63 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
+from ..reference import cagrad as reference_cagrad
+from ..reference import imgrad as reference_imgrad
 from ..solvers.simplex import argmin_linear_plus_norm, conflict_averse_weights, min_norm_weights
 from ._fused import FusedGramian
 
 
-class CAGrad(FusedGramian):
+class CAGrad(FusedGramian, reference_cagrad.CAGrad):
     """CAGrad (Liu et al., NeurIPS 2021): w* = argmin_{w∈Δ} wᵀM𝟏/K + c‖g₀‖√(wᵀMw), d = (g₀ + λ g_w) · s / r.
 
     Constructor (``c=0.4``, ``rescale=1``, ``sum_scale=False``), scale and the treatment of a vanishing g_w are
     those of :class:`flatmtl_fast.reference.CAGrad` (see there). The solver is the on-device interior-point
     method with an exact active-set polish instead of the reference's CLARABEL (~1e-8): its objective value
     is never above the reference's, its weights agree to the reference's own accuracy.
-    (Not a subclass of the reference class: its module imports cvxpy, which the fused path must not need.)
     """
 
-    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, sum_scale: bool = False) -> None:
-        if not c >= 0:
-            raise ValueError(f"c must be ≥ 0, got {c}")
-        if rescale not in (0, 1, 2):
-            raise ValueError(f"rescale must be 0, 1 or 2 (official option), got {rescale!r}")
-        self.c = float(c)
-        self.rescale = rescale
-        self.sum_scale = sum_scale
-
-    def _hyperparameters(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale, "sum_scale": self.sum_scale}
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        return "cagrad", [float(self.c), int(self.rescale), bool(self.sum_scale)]
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         K = M.shape[0]
         b = M.sum(dim=1) / K  # (M𝟏/K)_i = g_i · g₀
         radius = self.c * (b.sum() / K).clamp_min(0.0).sqrt()  # c‖g₀‖
         w = argmin_linear_plus_norm(b, M, radius, squared=False)
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        factor = (K if self.sum_scale else 1.0) / divisor
-        return conflict_averse_weights(M, w, b, radius, radius, factor, squared=False)
+        return conflict_averse_weights(M, w, b, radius, radius, self._output_factor(K), squared=False)
 
 
-class IMGrad(FusedGramian):
+class IMGrad(FusedGramian, reference_imgrad.IMGrad):
     """IMGrad (Zhou et al., IJCAI 2025), both variants of :class:`flatmtl_fast.reference.IMGrad` (same
     constructor: ``alpha=0.8``, ``variant="official"``; same scales). g_m is the reference MGDA's Frank–Wolfe
     point (same iteration, on the device); the CAGrad-like problem is solved as in :class:`CAGrad`.
     """
 
-    def __init__(self, alpha: float = 0.8, variant: Literal["official", "paper"] = "official") -> None:
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be ≥ 0, got {alpha}")
-        if variant not in ("official", "paper"):
-            raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
-        self.alpha = float(alpha)
-        self.variant = variant
-
-    def _hyperparameters(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "variant": self.variant}
+    def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        return "imgrad", [float(self.alpha), self.variant == "paper"]
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         K = M.shape[0]

@@ -16,9 +16,10 @@ Optimization", arXiv 2406.16232). Conventions follow ``torchjd._linalg.QuadprogP
 from __future__ import annotations
 
 import numpy as np
-import quadprog
 import torch
 from torch import Tensor
+
+from ..aggregators.base import GramianAggregator
 
 
 def check_projection_parameters(pref_vector: Tensor | None, norm_eps: float, reg_eps: float, owner: str) -> None:
@@ -29,6 +30,19 @@ def check_projection_parameters(pref_vector: Tensor | None, norm_eps: float, reg
         raise ValueError(f"{owner}: norm_eps must be ≥ 0, got {norm_eps}")
     if not reg_eps > 0.0:
         raise ValueError(f"{owner}: reg_eps must be > 0 (quadprog needs a positive definite matrix), got {reg_eps}")
+
+
+class DualConeAggregator(GramianAggregator):
+    """The constructor and hyperparameters of UPGrad and DualProj (see :class:`~flatmtl_fast.reference.UPGrad`)."""
+
+    def __init__(self, pref_vector: Tensor | None = None, *, norm_eps: float = 0.0, reg_eps: float = 1e-4) -> None:
+        check_projection_parameters(pref_vector, norm_eps, reg_eps, type(self).__name__)
+        self.pref_vector = pref_vector
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+
+    def _hyperparameters(self) -> dict[str, object]:
+        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
 
 
 def preference_vector(pref_vector: Tensor | None, K: int, owner: str) -> Tensor:
@@ -45,6 +59,10 @@ def project_weights(M: Tensor, U: Tensor, *, norm_eps: float, reg_eps: float) ->
 
     Returns the B × K float64 tensor of the v's, on ``M``'s device.
     """
+    # Imported here, not at module level: the fused classes subclass the reference ones, and
+    # ``import flatmtl_fast`` must not load quadprog.
+    import quadprog
+
     M = M.to(torch.float64)
     if not bool(torch.isfinite(M).all()):
         raise ValueError("the Gram matrix must be finite (the gradients contain NaN or Inf, or overflow)")

@@ -5,7 +5,6 @@ Everything here works on K × K float64 tensors (K = number of tasks); speed is 
 
 from __future__ import annotations
 
-import cvxpy as cp
 import numpy as np
 import torch
 from torch import Tensor
@@ -89,6 +88,10 @@ def argmin_linear_plus_norm(q: Tensor, M: Tensor, beta: float, *, squared: bool)
         # Linear objective: a vertex; uniform over ties keeps the result permutation-invariant.
         ties = (q == q.min()).to(torch.float64)
         return ties / ties.sum()
+    # Imported here, not at module level: the fused classes subclass the reference ones, and
+    # ``import flatmtl_fast`` must not load cvxpy (or its solvers).
+    import cvxpy as cp
+
     eigenvalues, V = torch.linalg.eigh(M.double().cpu() / trace)
     R = (V * eigenvalues.clamp(min=0).sqrt()).numpy()  # clamp: round-off may leave tiny negative λ
     w = cp.Variable(K)

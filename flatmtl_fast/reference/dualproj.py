@@ -7,12 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregators.base import GramianAggregator
 from ..aggregators.checks import check_gramian, check_losses, check_matrix
-from ._dual_cone import check_projection_parameters, preference_vector, project_weights
+from ._dual_cone import DualConeAggregator, preference_vector, project_weights
 
 
-class DualProj(GramianAggregator):
+class DualProj(DualConeAggregator):
     """DualProj: d = π(g_p), the projection of g_p = Σ_i p_i g_i onto the dual cone {y : G y ≥ 0}.
 
     π(g_p) = Gᵀw with w = argmin_{v ≥ p} vᵀMv, solved exactly with quadprog; p = 𝟏/K by default, so
@@ -26,12 +25,6 @@ class DualProj(GramianAggregator):
     ``__call__`` forms M from the explicit rows and returns the projected vector Gᵀw (float64; result cast
     to G's dtype); :meth:`weights` returns w from M.
     """
-
-    def __init__(self, pref_vector: Tensor | None = None, *, norm_eps: float = 0.0, reg_eps: float = 1e-4) -> None:
-        check_projection_parameters(pref_vector, norm_eps, reg_eps, "DualProj")
-        self.pref_vector = pref_vector
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, _ = check_matrix(G)
@@ -47,6 +40,3 @@ class DualProj(GramianAggregator):
     def _weights(self, M: Tensor) -> Tensor:
         p = preference_vector(self.pref_vector, M.shape[0], "DualProj")
         return project_weights(M, p.unsqueeze(0), norm_eps=self.norm_eps, reg_eps=self.reg_eps)[0]
-
-    def _hyperparameters(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

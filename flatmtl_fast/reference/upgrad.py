@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregators.base import GramianAggregator
 from ..aggregators.checks import check_gramian, check_losses, check_matrix
-from ._dual_cone import check_projection_parameters, preference_vector, project_weights
+from ._dual_cone import DualConeAggregator, preference_vector, project_weights
 
 
-class UPGrad(GramianAggregator):
+class UPGrad(DualConeAggregator):
     """UPGrad: project every g_i onto the dual cone {y : G y ≥ 0} and combine the projections.
 
     π(g_i) = Gᵀ w^(i) with w^(i) = argmin_{v ≥ e_i} vᵀMv, solved exactly with quadprog;
@@ -34,12 +33,6 @@ class UPGrad(GramianAggregator):
     vectors π(g_i) (float64; result cast to G's dtype); :meth:`weights` returns w = Σ_i p_i w^(i) from M.
     """
 
-    def __init__(self, pref_vector: Tensor | None = None, *, norm_eps: float = 0.0, reg_eps: float = 1e-4) -> None:
-        check_projection_parameters(pref_vector, norm_eps, reg_eps, "UPGrad")
-        self.pref_vector = pref_vector
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="UPGrad")
@@ -56,6 +49,3 @@ class UPGrad(GramianAggregator):
         """K × K matrix whose row i is argmin_{v ≥ p_i e_i} vᵀMv (the weights of p_i π(g_i))."""
         p = preference_vector(self.pref_vector, M.shape[0], "UPGrad")
         return project_weights(M, torch.diag(p), norm_eps=self.norm_eps, reg_eps=self.reg_eps)
-
-    def _hyperparameters(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

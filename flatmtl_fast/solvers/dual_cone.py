@@ -11,20 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Re-exported: the constructor check is the reference's own (its module imports quadprog only when solving).
+from ..reference._dual_cone import check_projection_parameters as check_projection_parameters
 from ._interior import minimize
-
-
-def check_projection_parameters(pref_vector: Tensor | None, norm_eps: float, reg_eps: float, owner: str) -> None:
-    """Reject bad constructor arguments, as the reference does (reg_eps > 0 keeps the QP strictly convex).
-
-    Kept here rather than imported from the reference's ``_dual_cone``, which imports quadprog at load time.
-    """
-    if pref_vector is not None and (not isinstance(pref_vector, Tensor) or pref_vector.dim() != 1):
-        raise ValueError(f"{owner}: pref_vector must be a 1-D tensor (one entry per task) or None")
-    if not norm_eps >= 0.0:
-        raise ValueError(f"{owner}: norm_eps must be ≥ 0, got {norm_eps}")
-    if not reg_eps > 0.0:
-        raise ValueError(f"{owner}: reg_eps must be > 0 (the QP must be strictly convex), got {reg_eps}")
 
 
 def preference_vector(pref_vector: Tensor | None, K: int, device: torch.device, owner: str) -> Tensor:

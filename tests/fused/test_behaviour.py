@@ -1,6 +1,10 @@
-"""Fused aggregators: no host sync, out=, state round trips, properties, NaN, bad inputs, solver edges."""
+"""Fused aggregators: no host sync, out=, state round trips, properties, NaN, bad inputs, solver edges,
+no heavy solver imports."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +200,20 @@ def test_solver_edge_cases_are_finite(case: str) -> None:
         results = _all_solvers(M)
         assert float(results["min_norm"][0]) == 1.0 and float(results["imtlg"][0]) == 1.0
         torch.testing.assert_close(results["nash"], torch.tensor([0.5], dtype=torch.float64))
+
+
+# Import cost -------------------------------------------------------------------------------------------
+
+#: The reference solvers' packages: the fused classes subclass the reference ones, whose modules import
+#: these only inside the functions that solve.
+HEAVY_PACKAGES = ("cvxpy", "quadprog", "scipy", "clarabel")
+
+
+def test_import_does_not_load_the_reference_solvers() -> None:
+    code = (
+        "import sys, flatmtl_fast; "
+        f"print(sorted({{name.partition('.')[0] for name in sys.modules}} & set({HEAVY_PACKAGES!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"import flatmtl_fast loaded {result.stdout.strip()}"

@@ -3,17 +3,9 @@
 import pytest
 import torch
 import torchjd.aggregation as tjd
+from support.matrices import SCALES, assert_finite_and_homogeneous, assert_same_direction, random_matrix
 
 from flatmtl_fast.reference import AlignedMTL
-
-SCALES = [0.0, 1e-10, 1e3, 1e5, 1e10, 1e15]
-
-
-def random_matrix(K: int, N: int, rank: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(K, rank, dtype=torch.float64, generator=gen) @ torch.randn(
-        rank, N, dtype=torch.float64, generator=gen
-    )
 
 
 def test_hand_checked() -> None:
@@ -39,7 +31,7 @@ def test_properties_and_torchjd(K: int, rank: int) -> None:
     torch.testing.assert_close(AlignedMTL().weights(G @ G.T) @ G, d)
     torch.testing.assert_close(AlignedMTL()(G[torch.randperm(K)]), d)
     theirs = tjd.AlignedMTL()(G)
-    assert torch.cosine_similarity(d, theirs, dim=0) >= 0.999
+    assert_same_direction(d, theirs)
     torch.testing.assert_close(d / K, theirs)
 
 
@@ -51,11 +43,7 @@ def test_k1() -> None:
 @pytest.mark.parametrize("scale", SCALES)
 def test_scales_and_degenerate(scale: float) -> None:
     G = random_matrix(4, 6, 4, seed=2)
-    inputs = [G, G[:1].repeat(3, 1), torch.cat([G[:1], 3.0 * G[:1], G[1:2]]), torch.zeros(3, 6, dtype=torch.float64)]
-    for X in inputs:
-        d = AlignedMTL()(scale * X)
-        assert torch.isfinite(d).all()
-        torch.testing.assert_close(d, scale * AlignedMTL()(X), rtol=1e-7, atol=1e-300)
+    assert_finite_and_homogeneous(AlignedMTL, G, scale, rtol=1e-7)
     # Duplicated rows: M = ‖g‖² 𝟏𝟏ᵀ has the one kept eigenpair (3‖g‖², 𝟏/√3), so B = 𝟏𝟏ᵀ/3, w = 𝟏, d = 3g.
     g = G[0]
     torch.testing.assert_close(AlignedMTL()(g.repeat(3, 1)), 3 * g)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support.matrices import POSITIVE_SCALES, generator
 
 from flatmtl_fast.reference import DBMTL
 
@@ -38,7 +39,7 @@ def test_single_task_is_the_buffered_log_gradient() -> None:
 
 
 def test_state_dict_round_trip_and_reset() -> None:
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     steps = [(torch.randn(3, 5, generator=gen), torch.rand(3, generator=gen) + 0.1) for _ in range(4)]
     agg = DBMTL()
     first = agg(*steps[0])
@@ -58,9 +59,9 @@ def test_degenerate_inputs_and_scales() -> None:
     assert torch.equal(DBMTL()(torch.zeros(3, 3, dtype=torch.float64), losses), torch.zeros(3, dtype=torch.float64))
     zero_row = DBMTL()(torch.stack([g, torch.zeros(3, dtype=torch.float64), -g]), losses)
     torch.testing.assert_close(zero_row, torch.zeros(3, dtype=torch.float64), atol=1e-15, rtol=0)  # ±g cancel
-    G = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    G = torch.randn(3, 6, generator=generator(1), dtype=torch.float64)
     d = DBMTL()(G, losses)
-    for scale in [1e-10, 1e3, 1e5, 1e10, 1e15]:  # positively homogeneous in G
+    for scale in POSITIVE_SCALES:  # positively homogeneous in G
         torch.testing.assert_close(DBMTL()(scale * G, losses), scale * d)
 
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.matrices import SCALES, assert_default_generator_is_torchs_global_one, generator
 
 from flatmtl_fast.reference import GradDrop
 from flatmtl_fast.reference._philox import philox_uniform
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _uniforms(generator_seed: int, N: int) -> torch.Tensor:
     """The documented contract: one 62-bit seed drawn from the generator, then tl.rand(seed, n)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=_generator(generator_seed)))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator(generator_seed)))
     return philox_uniform(seed, N).double()
 
 
@@ -36,36 +33,33 @@ def test_sign_rule_by_hand(generator_seed: int) -> None:
         ],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(GradDrop(generator=_generator(generator_seed))(G), expected, rtol=0, atol=0)
+    torch.testing.assert_close(GradDrop(generator=generator(generator_seed))(G), expected, rtol=0, atol=0)
 
 
 def test_agrees_with_the_formula_on_random_input() -> None:
-    G = torch.randn(4, 1000, generator=_generator(0), dtype=torch.float64)
+    G = torch.randn(4, 1000, generator=generator(0), dtype=torch.float64)
     U = _uniforms(9, 1000)
     P = 0.5 * (1 + G.sum(0) / G.abs().sum(0))
     keep = ((P > U) & (G > 0)) | ((P < U) & (G < 0))
-    torch.testing.assert_close(GradDrop(generator=_generator(9))(G), (keep * G).sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(GradDrop(generator=generator(9))(G), (keep * G).sum(0), rtol=0, atol=0)
     # A per-task leak lets that fraction of each gradient through regardless of the mask.
     leak = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
     expected = ((leak[:, None] + (1 - leak[:, None]) * keep) * G).sum(0)
-    torch.testing.assert_close(GradDrop(leak=leak, generator=_generator(9))(G), expected)
+    torch.testing.assert_close(GradDrop(leak=leak, generator=generator(9))(G), expected)
 
 
 def test_full_leak_is_the_sum() -> None:
-    G = torch.randn(3, 20, generator=_generator(1))
+    G = torch.randn(3, 20, generator=generator(1))
     torch.testing.assert_close(GradDrop(leak=1.0)(G), G.sum(0))
 
 
 def test_default_generator_is_torchs_global_one() -> None:
-    G = torch.randn(5, 64, generator=_generator(3))
-    torch.manual_seed(11)
-    d = GradDrop()(G)
-    assert torch.equal(d, GradDrop(generator=_generator(11))(G))
+    assert_default_generator_is_torchs_global_one(GradDrop, torch.randn(5, 64, generator=generator(3)), seed=11)
 
 
 def test_generator_reproducible_state_round_trip_and_reset() -> None:
-    G = torch.randn(5, 256, generator=_generator(2))
-    a, b = GradDrop(generator=_generator(5)), GradDrop(generator=_generator(5))
+    G = torch.randn(5, 256, generator=generator(2))
+    a, b = GradDrop(generator=generator(5)), GradDrop(generator=generator(5))
     first = a(G)
     assert torch.equal(b(G), first)
     state = a.state_dict()
@@ -82,15 +76,15 @@ def test_degenerate_inputs_and_scales() -> None:
     g = torch.tensor([1.0, -2.0, 0.0, 0.5], dtype=torch.float64)
     for G in [torch.stack([g, g, 2 * g]), torch.stack([g, torch.zeros_like(g)])]:  # one sign per column
         torch.testing.assert_close(GradDrop()(G), G.sum(0))
-    G = torch.randn(4, 50, generator=_generator(4), dtype=torch.float64)
-    d = GradDrop(generator=_generator(0))(G)
-    for scale in [0.0, 1e-10, 1e3, 1e5, 1e10, 1e15]:  # P is scale-free, so d is homogeneous
-        torch.testing.assert_close(GradDrop(generator=_generator(0))(scale * G), scale * d)
+    G = torch.randn(4, 50, generator=generator(4), dtype=torch.float64)
+    d = GradDrop(generator=generator(0))(G)
+    for scale in SCALES:  # P is scale-free, so d is homogeneous
+        torch.testing.assert_close(GradDrop(generator=generator(0))(scale * G), scale * d)
 
 
 def test_single_task_and_dtype() -> None:
     g = torch.tensor([[3.0, -1.0, 0.0, 2.0]], dtype=torch.float16)
-    d = GradDrop(generator=_generator(0))(g)
+    d = GradDrop(generator=generator(0))(g)
     assert d.dtype == torch.float16 and torch.equal(d, g[0])
 
 

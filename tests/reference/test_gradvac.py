@@ -6,19 +6,16 @@ import math
 
 import pytest
 import torch
+from support.matrices import SCALES, generator
 
 from flatmtl_fast.reference import GradVac, PCGrad
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_first_call_with_zero_eps_is_pcgrad() -> None:
     # With φ̂ = 0 the correction only fires when φ < 0 and then adds ‖g_i'‖(−φ)/‖g_j‖ g_j = −(g_i'·g_j)/‖g_j‖² g_j:
     # exactly PCGrad's projection, visiting the pairs in the same (generator-given) order.
-    G = torch.randn(6, 9, generator=_generator(0), dtype=torch.float64)
-    torch.testing.assert_close(GradVac(eps=0.0, generator=_generator(3))(G), PCGrad(generator=_generator(3))(G))
+    G = torch.randn(6, 9, generator=generator(0), dtype=torch.float64)
+    torch.testing.assert_close(GradVac(eps=0.0, generator=generator(3))(G), PCGrad(generator=generator(3))(G))
 
 
 def test_targets_follow_the_ema_of_measured_cosines() -> None:
@@ -42,9 +39,9 @@ def test_positive_target_by_hand() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_generator_reproducible_and_gram_form_agrees(seed: int) -> None:
-    gen = _generator(50 + seed)
+    gen = generator(50 + seed)
     steps = [torch.randn(5, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
-    a, b, c = (GradVac(beta=0.3, generator=_generator(seed)) for _ in range(3))
+    a, b, c = (GradVac(beta=0.3, generator=generator(seed)) for _ in range(3))
     for G in steps:  # the targets evolve identically in all three
         d = a(G)
         torch.testing.assert_close(b(G), d, rtol=0, atol=0)
@@ -53,13 +50,13 @@ def test_generator_reproducible_and_gram_form_agrees(seed: int) -> None:
 
 
 def test_state_dict_round_trip_and_reset() -> None:
-    gen = _generator(7)
+    gen = generator(7)
     steps = [torch.randn(4, 6, generator=gen) for _ in range(4)]
-    agg = GradVac(beta=0.5, generator=_generator(1))
+    agg = GradVac(beta=0.5, generator=generator(1))
     first = agg(steps[0])
     state = agg.state_dict()
     continued = [agg(G) for G in steps[1:]]
-    fresh = GradVac(beta=0.5, generator=_generator(123))
+    fresh = GradVac(beta=0.5, generator=generator(123))
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh(G), d) for G, d in zip(steps[1:], continued, strict=True))
     agg.reset()  # zero targets and the generator rewound: like a new instance
@@ -71,7 +68,7 @@ def test_state_dict_round_trip_and_reset() -> None:
 def test_agrees_with_torchjd_on_two_tasks(seed: int) -> None:
     torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
     theirs, ours = torchjd_aggregation.GradVac(beta=0.01), GradVac()  # same β, eps = 1e-8 in both
-    gen = _generator(seed)
+    gen = generator(seed)
     for _ in range(4):
         G = torch.randn(2, 10, generator=gen, dtype=torch.float64)
         d, expected = ours(G), theirs(G)
@@ -86,14 +83,14 @@ def test_degenerate_rows_and_scales() -> None:
         agg = GradVac(beta=0.5)
         for _ in range(3):
             assert bool(torch.isfinite(agg(G)).all()) and bool(torch.isfinite(agg.phi_hat).all())
-    G = torch.randn(5, 7, generator=_generator(2), dtype=torch.float64)
-    for scale in [0.0, 1e-10, 1e3, 1e5, 1e10, 1e15]:
+    G = torch.randn(5, 7, generator=generator(2), dtype=torch.float64)
+    for scale in SCALES:
         agg = GradVac(beta=0.5)
         for _ in range(3):
             d = agg(scale * G)
             assert bool(torch.isfinite(d).all())
     # Away from the eps damping, the method is scale-free.
-    reference, scaled = GradVac(beta=0.5, generator=_generator(0)), GradVac(beta=0.5, generator=_generator(0))
+    reference, scaled = GradVac(beta=0.5, generator=generator(0)), GradVac(beta=0.5, generator=generator(0))
     for _ in range(3):
         torch.testing.assert_close(scaled(1e10 * G) / 1e10, reference(G))
 

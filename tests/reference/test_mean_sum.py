@@ -3,15 +3,14 @@
 import pytest
 import torch
 import torchjd.aggregation as tjd
+from support.matrices import SCALES, generator
 
 from flatmtl_fast.reference import Mean, Sum
-
-SCALES = [0.0, 1e-10, 1e3, 1e5, 1e10, 1e15]
 
 
 @pytest.fixture
 def G() -> torch.Tensor:
-    return torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return torch.randn(4, 7, dtype=torch.float64, generator=generator(0))
 
 
 def test_hand_checked() -> None:

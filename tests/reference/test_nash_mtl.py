@@ -5,17 +5,9 @@ import warnings
 import pytest
 import torch
 import torchjd.aggregation as tjd
+from support.matrices import POSITIVE_SCALES, assert_same_direction_and_norm, random_matrix
 
 from flatmtl_fast.reference import NashMTL
-
-SCALES = [1e-10, 1e3, 1e5, 1e10, 1e15]
-
-
-def random_matrix(K: int, N: int, rank: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(K, rank, dtype=torch.float64, generator=gen) @ torch.randn(
-        rank, N, dtype=torch.float64, generator=gen
-    )
 
 
 def test_hand_checked() -> None:
@@ -38,7 +30,7 @@ def test_k1() -> None:
     torch.testing.assert_close(NashMTL(max_norm=0.0)(g), g[0] / g[0].norm())
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", POSITIVE_SCALES)
 @pytest.mark.parametrize("K", [2, 3, 5, 10])
 def test_solves_nash_condition(K: int, scale: float) -> None:
     G = scale * random_matrix(K, 12, K, seed=K) * torch.logspace(-1, 1, K, dtype=torch.float64)[:, None]
@@ -99,8 +91,7 @@ def test_matches_torchjd(K: int) -> None:
             warnings.simplefilter("ignore")
             theirs = tjd.NashMTL(n_tasks=K)(G)
         ours = NashMTL()(G)
-        assert torch.cosine_similarity(ours, theirs, dim=0) >= 0.999
-        torch.testing.assert_close(ours.norm(), theirs.norm(), rtol=1e-3, atol=0)
+        assert_same_direction_and_norm(ours, theirs, rtol=1e-3)
 
 
 def test_bad_inputs() -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.matrices import POSITIVE_SCALES, generator
 
 from flatmtl_fast.reference import PCGrad
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_two_tasks_by_hand() -> None:
@@ -44,10 +41,10 @@ def _first_visited(keys: torch.Tensor, i: int) -> int:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_three_tasks_follow_the_documented_order(seed: int) -> None:
-    keys = torch.rand((3, 3), generator=_generator(seed), dtype=torch.float64)
+    keys = torch.rand((3, 3), generator=generator(seed), dtype=torch.float64)
     expected = sum(torch.tensor(CORRECTED_ROW[(i, _first_visited(keys, i))], dtype=torch.float64) for i in range(3))
-    torch.testing.assert_close(PCGrad(generator=_generator(seed))(THREE_TASKS), expected)
-    w = PCGrad(generator=_generator(seed)).weights(THREE_TASKS @ THREE_TASKS.T)
+    torch.testing.assert_close(PCGrad(generator=generator(seed))(THREE_TASKS), expected)
+    w = PCGrad(generator=generator(seed)).weights(THREE_TASKS @ THREE_TASKS.T)
     torch.testing.assert_close(w @ THREE_TASKS, expected)
 
 
@@ -57,16 +54,16 @@ def test_non_conflicting_rows_are_summed() -> None:
 
 
 def test_default_generator_is_torchs_global_one() -> None:
-    G = torch.randn(5, 8, generator=_generator(3))
+    G = torch.randn(5, 8, generator=generator(3))
     torch.manual_seed(11)
     d = PCGrad()(G)
-    torch.testing.assert_close(d, PCGrad(generator=_generator(11))(G), rtol=0, atol=0)
+    torch.testing.assert_close(d, PCGrad(generator=generator(11))(G), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_generator_reproducible_and_gram_form_agrees(seed: int) -> None:
-    G = torch.randn(6, 10, generator=_generator(100 + seed), dtype=torch.float64)
-    a, b, c = (PCGrad(generator=_generator(seed)) for _ in range(3))
+    G = torch.randn(6, 10, generator=generator(100 + seed), dtype=torch.float64)
+    a, b, c = (PCGrad(generator=generator(seed)) for _ in range(3))
     for _ in range(3):  # successive calls keep consuming the generators identically
         d = a(G)
         torch.testing.assert_close(b(G), d, rtol=0, atol=0)
@@ -74,14 +71,14 @@ def test_generator_reproducible_and_gram_form_agrees(seed: int) -> None:
 
 
 def test_state_dict_round_trip_and_reset() -> None:
-    G = torch.randn(5, 7, generator=_generator(0))
-    agg = PCGrad(generator=_generator(4))
+    G = torch.randn(5, 7, generator=generator(0))
+    agg = PCGrad(generator=generator(4))
     first = agg(G)
     state = agg.state_dict()
     continued = [agg(G) for _ in range(3)]
     agg.load_state_dict(state)
     assert all(torch.equal(agg(G), d) for d in continued)
-    other = PCGrad(generator=_generator(999))
+    other = PCGrad(generator=generator(999))
     other.load_state_dict(state)
     assert torch.equal(other(G), continued[0])
     agg.reset()  # rewinds the generator to its state at construction
@@ -91,7 +88,7 @@ def test_state_dict_round_trip_and_reset() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_agrees_with_torchjd_on_two_tasks(seed: int) -> None:
     torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
-    G = torch.randn(2, 12, generator=_generator(seed), dtype=torch.float64)
+    G = torch.randn(2, 12, generator=generator(seed), dtype=torch.float64)
     d, expected = PCGrad()(G), torchjd_aggregation.PCGrad()(G)
     assert float(torch.nn.functional.cosine_similarity(d, expected, dim=0)) >= 0.999
     torch.testing.assert_close(d.norm(), expected.norm())  # both sum the corrected rows
@@ -105,10 +102,10 @@ def test_degenerate_rows_and_scales() -> None:
     torch.testing.assert_close(PCGrad()(torch.stack([g, g, 2 * g])), 4 * g)
     assert torch.equal(PCGrad()(torch.zeros(4, 3)), torch.zeros(3))
     assert torch.equal(PCGrad().weights(torch.zeros(4, 4)), torch.ones(4))
-    G = torch.randn(6, 9, generator=_generator(5), dtype=torch.float64)
-    d = PCGrad(generator=_generator(1))(G)
-    for scale in [1e-10, 1e3, 1e5, 1e10, 1e15]:  # the decisions are scale-free: d is homogeneous
-        torch.testing.assert_close(PCGrad(generator=_generator(1))(scale * G) / scale, d)
+    G = torch.randn(6, 9, generator=generator(5), dtype=torch.float64)
+    d = PCGrad(generator=generator(1))(G)
+    for scale in POSITIVE_SCALES:  # the decisions are scale-free: d is homogeneous
+        torch.testing.assert_close(PCGrad(generator=generator(1))(scale * G) / scale, d)
 
 
 def test_single_task_and_dtype() -> None:
@@ -127,4 +124,4 @@ def test_bad_inputs() -> None:
     with pytest.raises(TypeError, match=r"torch\.Generator"):
         PCGrad(generator=0)
     with pytest.raises(ValueError, match="without a generator"):
-        PCGrad().load_state_dict(PCGrad(generator=_generator(0)).state_dict())
+        PCGrad().load_state_dict(PCGrad(generator=generator(0)).state_dict())

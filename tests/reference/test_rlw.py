@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.matrices import assert_default_generator_is_torchs_global_one, generator
 
 from flatmtl_fast.reference import RLW
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_weights_are_the_softmax_of_the_documented_draw(seed: int) -> None:
-    G = torch.randn(4, 6, generator=_generator(10 + seed), dtype=torch.float64)
-    z = torch.randn(4, generator=_generator(seed), dtype=torch.float64)
+    G = torch.randn(4, 6, generator=generator(10 + seed), dtype=torch.float64)
+    z = torch.randn(4, generator=generator(seed), dtype=torch.float64)
     w = torch.exp(z) / torch.exp(z).sum()
-    torch.testing.assert_close(RLW(generator=_generator(seed))(G), w @ G)
-    torch.testing.assert_close(RLW(generator=_generator(seed)).weights(G @ G.T), w)
+    torch.testing.assert_close(RLW(generator=generator(seed))(G), w @ G)
+    torch.testing.assert_close(RLW(generator=generator(seed)).weights(G @ G.T), w)
 
 
 def test_weights_form_a_convex_combination_and_ignore_the_gram() -> None:
-    agg = RLW(generator=_generator(0))
+    agg = RLW(generator=generator(0))
     for M in [torch.zeros(5, 5), 1e15 * torch.eye(5), torch.ones(5, 5)]:
         w = agg.weights(M)
         assert bool((w > 0).all())
@@ -30,15 +27,12 @@ def test_weights_form_a_convex_combination_and_ignore_the_gram() -> None:
 
 
 def test_default_generator_is_torchs_global_one() -> None:
-    G = torch.randn(3, 5, generator=_generator(1))
-    torch.manual_seed(21)
-    d = RLW()(G)
-    assert torch.equal(d, RLW(generator=_generator(21))(G))
+    assert_default_generator_is_torchs_global_one(RLW, torch.randn(3, 5, generator=generator(1)), seed=21)
 
 
 def test_gram_form_state_round_trip_and_reset() -> None:
-    G = torch.randn(5, 7, generator=_generator(2), dtype=torch.float64)
-    a, b = RLW(generator=_generator(3)), RLW(generator=_generator(3))
+    G = torch.randn(5, 7, generator=generator(2), dtype=torch.float64)
+    a, b = RLW(generator=generator(3)), RLW(generator=generator(3))
     first = a(G)
     torch.testing.assert_close(b.weights(G @ G.T) @ G, first)
     state = a.state_dict()

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.matrices import (
+    RANKED,
+    SPECIAL,
+    DualConeProperties,
+    generator,
+)
 from torch import Tensor
 
 from flatmtl_fast.reference import UPGrad
-
-_gen = torch.Generator().manual_seed(0)
-# Random matrices of prescribed rank r: a (K × r) times an (r × N) Gaussian factor.
-RANKED = [
-    torch.randn(K, r, generator=_gen, dtype=torch.float64) @ torch.randn(r, N, generator=_gen, dtype=torch.float64)
-    for K, N, r in [(4, 3, 1), (4, 3, 2), (4, 3, 3), (9, 11, 5), (9, 11, 9), (5, 3, 3)]
-]
-_g = torch.randn(1, 6, generator=_gen, dtype=torch.float64)
-SPECIAL = [
-    torch.zeros(4, 3, dtype=torch.float64),
-    torch.cat([_g, _g, 2 * _g]),  # duplicated and collinear rows
-    torch.cat([_g, -_g, torch.randn(1, 6, generator=_gen, dtype=torch.float64)]),  # opposite rows
-]
-SCALES = [0.0, 1e-10, 1.0, 1e3, 1e5, 1e10, 1e15]
-MATRICES = RANKED + SPECIAL
-SCALED = [scale * G for scale in SCALES for G in MATRICES]
-
-
-def _assert_non_conflicting(agg: UPGrad, G: Tensor) -> None:
-    """G d ≥ −tol, tol from the ridge: the KKT conditions give M w ≥ −reg_eps · tr(M) · w."""
-    w = agg.weights(G @ G.T)
-    trace = float(torch.trace(G @ G.T))
-    tolerance = agg.reg_eps * trace * w.abs() + 1e-9 * trace * float(w.abs().sum())
-    assert bool((G @ agg(G) >= -tolerance).all())
 
 
 def test_golden_value() -> None:
@@ -52,23 +34,6 @@ def test_non_conflicting_rows_give_the_mean() -> None:
     torch.testing.assert_close(UPGrad(reg_eps=1e-12)(G), G.mean(dim=0), atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("G", SCALED)
-def test_structure_and_non_conflicting(G: Tensor) -> None:
-    agg = UPGrad()
-    d = agg(G)
-    assert d.shape == (G.shape[1],) and bool(torch.isfinite(d).all())
-    _assert_non_conflicting(agg, G)
-
-
-@pytest.mark.parametrize("G", MATRICES)
-def test_permutation_invariant(G: Tensor) -> None:
-    agg = UPGrad()
-    d = agg(G)
-    for seed in range(3):
-        perm = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(agg(G[perm]), d, atol=1e-8 * float(d.norm()) + 1e-12, rtol=1e-7)
-
-
 @pytest.mark.parametrize("reg_eps", [1e-4, 1e-10])
 @pytest.mark.parametrize("G", RANKED + SPECIAL[1:])
 def test_linear_under_scaling(G: Tensor, reg_eps: float) -> None:
@@ -76,7 +41,7 @@ def test_linear_under_scaling(G: Tensor, reg_eps: float) -> None:
     # is relative to tr(M), which the row scaling changes, and perturbs the projection by up to
     # O(√reg_eps) relative when M is singular (K > rank): hence the tolerance 10 √reg_eps ‖G‖
     # (torchjd's own test uses atol = 1e-2 on matrices of norm ~1 with reg_eps = 1e-4).
-    agg, gen = UPGrad(reg_eps=reg_eps), torch.Generator().manual_seed(1)
+    agg, gen = UPGrad(reg_eps=reg_eps), generator(1)
     for _ in range(3):
         c1, c2 = torch.rand(2, G.shape[0], generator=gen, dtype=torch.float64)
         a, b = torch.rand(2, generator=gen, dtype=torch.float64)
@@ -85,30 +50,9 @@ def test_linear_under_scaling(G: Tensor, reg_eps: float) -> None:
         torch.testing.assert_close(actual, expected, atol=10 * reg_eps**0.5 * float(G.norm()), rtol=0)
 
 
-@pytest.mark.parametrize("scale", [1e-10, 1e-3, 1e5, 1e15])
-def test_positively_homogeneous(scale: float) -> None:
-    # Scale-free because M is normalised by its trace (torchjd's norm_eps = 1e-4 would switch to the mean).
-    G = RANKED[4]
-    d = UPGrad()(G)
-    torch.testing.assert_close(UPGrad()(scale * G) / scale, d, atol=1e-9 * float(d.norm()), rtol=1e-7)
-
-
-@pytest.mark.parametrize("G", MATRICES)
-def test_weights_agree_with_call(G: Tensor) -> None:
-    agg = UPGrad()
-    torch.testing.assert_close(agg.weights(G @ G.T) @ G, agg(G), atol=1e-10 * float(G.norm() ** 2) + 1e-12, rtol=0)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_agrees_with_torchjd(seed: int) -> None:
-    torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
-    gen = torch.Generator().manual_seed(seed)
-    G = torch.randn(6, 20, generator=gen, dtype=torch.float64)
-    expected = torchjd_aggregation.UPGrad()(G)
-    for agg in (UPGrad(), UPGrad(norm_eps=1e-4)):  # tr(M) > 1e-4 here: both conventions coincide
-        d = agg(G)
-        assert float(torch.nn.functional.cosine_similarity(d, expected, dim=0)) >= 0.999
-        torch.testing.assert_close(d.norm(), expected.norm(), rtol=1e-6, atol=0)
+class TestProperties(DualConeProperties):
+    method = UPGrad
+    torchjd_variants = ({}, {"norm_eps": 1e-4})  # tr(M) > 1e-4 there: both conventions coincide
 
 
 def test_torchjd_small_scale_convention() -> None:
