@@ -2,7 +2,8 @@
 
 Suites: ``primitives`` (gram and combine vs torch; the default), ``aggregators`` (every method's
 full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU) and
-``training`` (a whole step of a 4.7 M-parameter MLP with K heads vs torchjd's mtl_backward).
+``solvers`` (weights(M) alone per method and K) and ``training`` (a whole step of a 4.7 M-parameter
+MLP with K heads vs torchjd's mtl_backward).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 
 import torch
 
-from . import aggregators, primitives, training
+from . import aggregators, primitives, solvers, training
 from .common import Ceilings, Row, print_table, write_results
 
 METHODS = list(aggregators.TORCHJD_PEERS)
@@ -19,7 +20,9 @@ METHODS = list(aggregators.TORCHJD_PEERS)
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators", "training"])
+    parser.add_argument(
+        "--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators", "solvers", "training"]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes only (N = 1e6), fewer repeats")
     parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 10, 40])
@@ -29,6 +32,7 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="aggregators suite only")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--solve-K", type=int, nargs="+", default=[10, 64, 128], help="solvers suite: K values")
     parser.add_argument("--train-method", default="UPGrad", help="training suite: the aggregator")
     parser.add_argument("--train-K", type=int, nargs="+", default=[3], help="training suite: numbers of tasks")
     parser.add_argument("--batch", type=int, default=64, help="training suite: batch size")
@@ -73,6 +77,11 @@ def main() -> None:
         print_table(rows)
         path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
         print(f"\nwrote {path}")
+
+    if "solvers" in args.suite:
+        rows = [r.finish(ceilings) for r in solvers.run(device, args.solve_K, max(repeat, 9))]
+        print_table(rows)
+        print(f"\nwrote {write_results(solvers.SUITE, device, ceilings, rows, {'K': args.solve_K})}")
 
     if "training" in args.suite:
         rows = [r.finish(ceilings) for r in training.run(device, args.train_method, args.train_K, args.batch, repeat)]
