@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._random import draw
+
 #: ``correction(i, j, dot, sq_norm_i, sq_norm_j) -> c`` with dot = g_i'·g_j, sq_norm_i = ‖g_i'‖²,
 #: sq_norm_j = ‖g_j‖² (Python floats, float64); the loop then sets g_i' ← g_i' + c g_j.
 Correction = Callable[[int, int, float, float, float], float]
@@ -31,7 +33,7 @@ Correction = Callable[[int, int, float, float, float], float]
 
 def draw_orders(K: int, generator: torch.Generator | None, device: torch.device) -> list[list[int]]:
     """The visiting order of the other tasks for each task i, from one (K, K) uniform draw."""
-    keys = torch.rand((K, K), generator=generator, device=device, dtype=torch.float64)
+    keys = draw(torch.rand, (K, K), generator=generator, device=device, dtype=torch.float64)
     sorted_indices = torch.argsort(keys, dim=1, stable=True).tolist()
     return [[j for j in row if j != i] for i, row in enumerate(sorted_indices)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._random import draw
 from ..aggregators.base import Aggregator
 from ..aggregators.checks import check_losses, check_matrix
 from ._generator import GeneratorMixin
@@ -50,7 +51,7 @@ class GradDrop(GeneratorMixin, Aggregator):
         K, N = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="GradDrop")
         leak = self._leak_column(K, G.device)
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self._draw_device(G)))
+        seed = int(draw(torch.randint, 0, 2**62, (1,), generator=self.generator, device=self._draw_device(G)))
         U = philox_uniform(seed, N, G.device).to(torch.float64)
 
         G64 = G.to(torch.float64)

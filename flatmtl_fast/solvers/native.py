@@ -7,7 +7,8 @@ aggregator falls back to its on-device torch solver (the ``reference`` implement
 
 The CUDA kernels are compiled and bound but have not yet been validated on a GPU, so ``auto`` does not
 pick them: they run only under an explicit ``use_backend("cuda")``; ``auto`` on CUDA tensors uses the
-torch solvers (no host sync either way).
+torch solvers (no host sync either way). Under ``torch.compile`` the torch solvers are traced (the native
+ones take raw addresses, which traced tensors do not have).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ _CPU, _CUDA, _TORCH = _NativeSolvers("cpp"), _NativeSolvers("cuda"), _TorchSolve
 def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor | None:
     """The aggregator's weights from its native solver, or None when the torch solver should run."""
     describe = getattr(aggregator, "_native_solver", None)
-    if describe is None:
+    # While torch.compile traces, tensors have no real addresses: the torch solver is traced instead.
+    if describe is None or torch.compiler.is_compiling():
         return None
     # Triton covers the streaming passes only: its solves are the on-device torch ones.
     impls = {"cpp": _CPU, "reference": _TORCH, "triton": _TORCH}
