@@ -16,7 +16,8 @@ class GradVac(FusedGramian, reference.GradVac):
 
     _weights_in_input_dtype = True
 
-    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+    def _targets(self, M: Tensor) -> Tensor:
+        """The EMA targets φ̂ (K × K float64, contiguous, on M's device), created at the first step."""
         K = M.shape[0]
         if self.phi_hat is None:
             self.phi_hat = torch.zeros(K, K, dtype=torch.float64, device=M.device)
@@ -24,20 +25,19 @@ class GradVac(FusedGramian, reference.GradVac):
             raise ValueError(
                 f"GradVac: the targets are for K = {self.phi_hat.shape[0]} tasks, got K = {K}; call reset() first"
             )
+        self.phi_hat = self.phi_hat.to(device=M.device, dtype=torch.float64).contiguous()
+        return self.phi_hat
+
+    def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        K = M.shape[0]
+        phi_hat = self._targets(M)
         keys = draw_keys(K, self.generator, self._draw_device(M)).to(M.device)
-        correction, targets = gradvac_correction(self.phi_hat.to(M.device), self.beta, self.eps)
+        correction, targets = gradvac_correction(phi_hat, self.beta, self.eps)
         w = corrected_weights(M, visiting_orders(keys), correction)
         self.phi_hat = targets()
         return w
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
-        K = M.shape[0]
-        if self.phi_hat is None:
-            self.phi_hat = torch.zeros(K, K, dtype=torch.float64, device=M.device)
-        elif self.phi_hat.shape != (K, K):
-            raise ValueError(
-                f"GradVac: the targets are for K = {self.phi_hat.shape[0]} tasks, got K = {K}; call reset() first"
-            )
-        self.phi_hat = self.phi_hat.to(device=M.device, dtype=torch.float64).contiguous()  # updated in place
-        keys = draw_keys(K, self.generator, self._draw_device(M)).to(M.device).contiguous()
-        return "gradvac", [keys, self.phi_hat, float(self.beta), float(self.eps)]
+        phi_hat = self._targets(M)  # the native solver updates it in place
+        keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device).contiguous()
+        return "gradvac", [keys, phi_hat, float(self.beta), float(self.eps)]
