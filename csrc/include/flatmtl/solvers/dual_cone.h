@@ -7,6 +7,28 @@
 
 namespace flatmtl::solvers {
 
+// Active-set step shared by the cold and warm solvers: move the free x_k toward the subspace minimiser
+// z (indexed like free_list), stopping where the first free x_k reaches 0. Returns the position in
+// free_list of the blocking index, or -1 when the full step is feasible (then x_F = z).
+FLATMTL_HD inline int step_toward(const double* z, const double* free_list, int n_free, double* x) {
+  double alpha = 1.0;
+  int block = -1;
+  for (int f = 0; f < n_free; ++f) {
+    if (z[f] > 0.0) continue;
+    const double xk = x[int(free_list[f])];
+    const double a = xk > 0.0 ? xk / (xk - z[f]) : 0.0;
+    if (a < alpha) {
+      alpha = a;
+      block = f;
+    }
+  }
+  for (int f = 0; f < n_free; ++f) {
+    const int k = int(free_list[f]);
+    x[k] = block < 0 ? z[f] : x[k] + alpha * (z[f] - x[k]);
+  }
+  return block;
+}
+
 // With v = u + x the problem is min ½xᵀPx + qᵀx over x ≥ 0, q = P u (P positive definite).
 // Lawson–Hanson-style active set: free the bound with the most negative gradient, solve on the free
 // set (Cholesky, extended by one row per freed index), step back to feasibility when a free x_k
@@ -72,21 +94,7 @@ FLATMTL_HD inline Status nonnegative_qp(const double* P, int K, const double* q,
     for (int inner = 0; inner <= K; ++inner) {
       for (int f = 0; f < n_free; ++f) z[f] = -q[int(free_list[f])];
       cholesky_solve(L, n_free, K, z);
-      double alpha = 1.0;
-      int block = -1;
-      for (int f = 0; f < n_free; ++f) {
-        if (z[f] > 0.0) continue;
-        const double xk = x[int(free_list[f])];
-        const double a = xk > 0.0 ? xk / (xk - z[f]) : 0.0;
-        if (a < alpha) {
-          alpha = a;
-          block = f;
-        }
-      }
-      for (int f = 0; f < n_free; ++f) {
-        const int k = int(free_list[f]);
-        x[k] = block < 0 ? z[f] : x[k] + alpha * (z[f] - x[k]);
-      }
+      const int block = step_toward(z, free_list, n_free, x);
       if (block < 0) break;
       // Bind the blocking index and any other that reached its bound, then refactor P_FF.
       x[int(free_list[block])] = 0.0;
@@ -252,21 +260,7 @@ FLATMTL_HD inline Status nonnegative_qp_warm(const double* P, int K, const doubl
         for (int m = 0; m < i - 1; ++m) z[m] = (z[m] - ra[m] * za) - rb[m] * zb;
       }
       if (i == 0) z[0] /= L[0];
-      double alpha = 1.0;
-      int block = -1;
-      for (int f = 0; f < n_free; ++f) {
-        if (z[f] > 0.0) continue;
-        const double xk = x[int(free_list[f])];
-        const double a = xk > 0.0 ? xk / (xk - z[f]) : 0.0;
-        if (a < alpha) {
-          alpha = a;
-          block = f;
-        }
-      }
-      for (int f = 0; f < n_free; ++f) {
-        const int k = int(free_list[f]);
-        x[k] = block < 0 ? z[f] : x[k] + alpha * (z[f] - x[k]);
-      }
+      const int block = step_toward(z, free_list, n_free, x);
       if (block < 0) break;
       // Bind the blocking index and any other that reached its bound, rotating them out of the factor.
       x[int(free_list[block])] = 0.0;
