@@ -40,5 +40,5 @@ class GradDrop(reference.GradDrop):
         else:
             out = primitive_checks.check_out(out, G, leak)
         impl = resolve("graddrop", _implementations(), G.device, G.dtype, out.dtype)
-        impl.run(G, leak.unsqueeze(1) if impl.name == "blocks" else leak, seed, out)
+        impl.run(G, leak, seed, out)
         return out

@@ -42,7 +42,7 @@ class BlockGradDrop:
         for start in range(0, N, CPU_BLOCK_COLUMNS):
             stop = min(start + CPU_BLOCK_COLUMNS, N)
             U = philox_uniform(seed_value, stop - start, G.device, start=start).to(torch.float64)
-            out[start:stop] = _graddrop_block(G[:, start:stop], leak, U).to(out.dtype)
+            out[start:stop] = _graddrop_block(G[:, start:stop], leak.unsqueeze(1), U).to(out.dtype)
 
 
 class CppGradDrop:
