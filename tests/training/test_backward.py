@@ -193,3 +193,25 @@ def test_flat_parameters_survive_state_dict_and_optimizer():
     shared.refresh()
     assert shared.is_flat() and shared.dtype == torch.float64
     assert torch.equal(net.trunk[0].weight.detach(), state["trunk.0.weight"].double())
+
+
+def test_flat_parameters_and_task_gradients_bad_inputs():
+    p = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="no parameters given"):
+        flatmtl_fast.FlatParameters([])
+    with pytest.raises(ValueError, match="a parameter appears twice"):
+        flatmtl_fast.FlatParameters([p, p])
+    with pytest.raises(ValueError, match="one floating dtype"):
+        flatmtl_fast.FlatParameters([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, dtype=torch.float64))])
+    with pytest.raises(TypeError, match="expected parameters"):
+        flatmtl_fast.FlatParameters([1.0])
+    shared = flatmtl_fast.FlatParameters([nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="num_tasks must be"):
+        flatmtl_fast.TaskGradients(shared, 0)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        flatmtl_fast.TaskGradients(shared, 2, dtype=torch.int32)
+    capture = flatmtl_fast.TaskGradients(shared, 2)
+    loss = (shared.params[0] ** 2).sum()
+    with pytest.raises(ValueError, match="expected 2 losses"):
+        capture.capture([loss])
+    capture.close()
