@@ -20,6 +20,16 @@ MatrixView view(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, 
   return MatrixView{reinterpret_cast<const void*>(data), rows, cols, row_stride, DType(dtype)};
 }
 
+// A vector's element type code (a weight, a base or a direction), checked like the matrix's.
+DType vector_dtype(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("flatmtl_fast._C: invalid element type code");
+  return DType(code);
+}
+
+void check_count(int64_t count) {
+  if (count < 1) throw std::invalid_argument("flatmtl_fast._C: invalid vector length");
+}
+
 #ifdef FLATMTL_WITH_CUDA
 void check_cuda(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("flatmtl_fast CUDA backend: " + error);
@@ -69,6 +79,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("leak"),
       py::arg("seed"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"));
 
+  m.def(
+      "cpu_row_norms",
+      [](uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t weight, int weight_dtype,
+         uintptr_t out, int num_threads) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        const DType wd = vector_dtype(weight_dtype);
+        py::gil_scoped_release release;
+        flatmtl::cpu::row_norms(g, reinterpret_cast<const void*>(weight), wd, reinterpret_cast<double*>(out),
+                                num_threads);
+      },
+      py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("weight"),
+      py::arg("weight_dtype"), py::arg("out"), py::arg("num_threads"));
+
+  m.def(
+      "cpu_perturb",
+      [](uintptr_t base, uintptr_t direction, int direction_dtype, uintptr_t scale, bool scale_is_double,
+         uintptr_t out, int dtype, int64_t count, bool adaptive, int num_threads) {
+        const DType dd = vector_dtype(direction_dtype);
+        const DType od = vector_dtype(dtype);
+        check_count(count);
+        py::gil_scoped_release release;
+        flatmtl::cpu::perturb(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(direction), dd,
+                              reinterpret_cast<const void*>(scale), scale_is_double, reinterpret_cast<void*>(out), od,
+                              count, adaptive, num_threads);
+      },
+      py::arg("base"), py::arg("direction"), py::arg("direction_dtype"), py::arg("scale"), py::arg("scale_is_double"),
+      py::arg("out"), py::arg("dtype"), py::arg("count"), py::arg("adaptive"), py::arg("num_threads"));
+
 #ifdef FLATMTL_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_device_count", []() {
@@ -97,6 +135,32 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
       py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("device"), py::arg("stream"));
+  m.def("cuda_row_norms_num_splits", &flatmtl::cuda::row_norms_num_splits, py::arg("K"), py::arg("N"),
+        py::arg("device"));
+  m.def(
+      "cuda_row_norms",
+      [](uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t weight, int weight_dtype,
+         uintptr_t partials, int64_t splits, uintptr_t out, int device, uintptr_t stream) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        check_cuda(flatmtl::cuda::row_norms(g, reinterpret_cast<const void*>(weight), vector_dtype(weight_dtype),
+                                            reinterpret_cast<double*>(partials), splits,
+                                            reinterpret_cast<double*>(out), device, stream));
+      },
+      py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("weight"),
+      py::arg("weight_dtype"), py::arg("partials"), py::arg("splits"), py::arg("out"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "cuda_perturb",
+      [](uintptr_t base, uintptr_t direction, int direction_dtype, uintptr_t scale, bool scale_is_double,
+         uintptr_t out, int dtype, int64_t count, bool adaptive, int device, uintptr_t stream) {
+        check_count(count);
+        check_cuda(flatmtl::cuda::perturb(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(direction),
+                                          vector_dtype(direction_dtype), reinterpret_cast<const void*>(scale),
+                                          scale_is_double, reinterpret_cast<void*>(out), vector_dtype(dtype), count,
+                                          adaptive, device, stream));
+      },
+      py::arg("base"), py::arg("direction"), py::arg("direction_dtype"), py::arg("scale"), py::arg("scale_is_double"),
+      py::arg("out"), py::arg("dtype"), py::arg("count"), py::arg("adaptive"), py::arg("device"), py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

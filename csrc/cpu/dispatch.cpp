@@ -13,6 +13,11 @@
                      int num_threads);                                                                       \
   void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype,     \
                       int num_threads);                                                                      \
+  void row_norms_entry(const MatrixView& G, const void* weight, DType weight_dtype, double* out,              \
+                       int num_threads);                                                                     \
+  void perturb_entry(const void* base, const void* direction, DType direction_dtype, const void* scale,      \
+                     bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive,             \
+                     int num_threads);                                                                       \
   }
 FLATMTL_DECLARE_ISA(portable)
 #ifndef FLATMTL_PORTABLE_ONLY
@@ -75,35 +80,37 @@ void set_isa(const std::string& name) {
   current().store(int(wanted));
 }
 
-void gram(const MatrixView& G, double* out, int num_threads) {
-  switch (Isa(current().load())) {
-#ifndef FLATMTL_PORTABLE_ONLY
-    case Isa::Avx512: return avx512::gram_entry(G, out, num_threads);
-    case Isa::Avx2: return avx2::gram_entry(G, out, num_threads);
-#endif
-    default: return portable::gram_entry(G, out, num_threads);
+// Calls `entry` of the instruction set in force with the given arguments.
+#ifdef FLATMTL_PORTABLE_ONLY
+#define FLATMTL_DISPATCH(entry, ...) return portable::entry(__VA_ARGS__)
+#else
+#define FLATMTL_DISPATCH(entry, ...)                                \
+  switch (Isa(current().load())) {                                  \
+    case Isa::Avx512: return avx512::entry(__VA_ARGS__);            \
+    case Isa::Avx2: return avx2::entry(__VA_ARGS__);                \
+    default: return portable::entry(__VA_ARGS__);                   \
   }
-}
+#endif
+
+void gram(const MatrixView& G, double* out, int num_threads) { FLATMTL_DISPATCH(gram_entry, G, out, num_threads); }
 
 void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
              int num_threads) {
-  switch (Isa(current().load())) {
-#ifndef FLATMTL_PORTABLE_ONLY
-    case Isa::Avx512: return avx512::combine_entry(w, G, out, out_dtype, alpha, accumulate, num_threads);
-    case Isa::Avx2: return avx2::combine_entry(w, G, out, out_dtype, alpha, accumulate, num_threads);
-#endif
-    default: return portable::combine_entry(w, G, out, out_dtype, alpha, accumulate, num_threads);
-  }
+  FLATMTL_DISPATCH(combine_entry, w, G, out, out_dtype, alpha, accumulate, num_threads);
 }
 
 void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype, int num_threads) {
-  switch (Isa(current().load())) {
-#ifndef FLATMTL_PORTABLE_ONLY
-    case Isa::Avx512: return avx512::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
-    case Isa::Avx2: return avx2::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
-#endif
-    default: return portable::graddrop_entry(G, leak, seed, out, out_dtype, num_threads);
-  }
+  FLATMTL_DISPATCH(graddrop_entry, G, leak, seed, out, out_dtype, num_threads);
+}
+
+void row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads) {
+  FLATMTL_DISPATCH(row_norms_entry, G, weight, weight_dtype, out, num_threads);
+}
+
+void perturb(const void* base, const void* direction, DType direction_dtype, const void* scale, bool scale_is_double,
+             void* out, DType dtype, int64_t count, bool adaptive, int num_threads) {
+  FLATMTL_DISPATCH(perturb_entry, base, direction, direction_dtype, scale, scale_is_double, out, dtype, count,
+                   adaptive, num_threads);
 }
 
 }  // namespace flatmtl::cpu

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -272,6 +273,141 @@ inline void combine(const float* w, const MatrixView& G, void* out, DType out_dt
     combine_to<uint16_t>(w, G, out, out_dtype, alpha, accumulate, num_threads);
   } else {
     combine_to<float>(w, G, out, out_dtype, alpha, accumulate, num_threads);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// row_norms
+
+// Sum over columns [c0, c1) (a multiple of kLanes, at most kMaxChunk) of (w[c] * row[c])^2 in float32
+// lanes (kMaxLaneTerms products per lane at most), returned as float64. w is unused unless WEIGHTED.
+template <typename T, typename W, bool WEIGHTED>
+double chunk_sum_squares(const T* row, const W* w, int64_t c0, int64_t c1) {
+  vf acc = {};
+  for (int64_t c = c0; c < c1; c += kLanes) {
+    vf v = load(row + c);
+    if constexpr (WEIGHTED) v *= load(w + c);
+    acc += v * v;
+  }
+  return lane_sum(acc);
+}
+
+template <typename T, typename W, bool WEIGHTED>
+void row_norms_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, const W* w, double* out,
+                     int num_threads) {
+  const int64_t vec_cols = N / kLanes * kLanes;
+  const int64_t groups = vec_cols / kLanes;
+  // Fixed column partition (it depends on N only), so the sums do not depend on the thread count.
+  const int64_t slabs = std::max<int64_t>(1, std::min(kMaxSlabs, (vec_cols + kMaxChunk - 1) / kMaxChunk));
+  std::vector<double> partials(size_t(slabs * K), 0.0);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t s = 0; s < slabs; ++s) {
+    const int64_t c_begin = groups * s / slabs * kLanes;
+    const int64_t c_end = groups * (s + 1) / slabs * kLanes;
+    double* partial = partials.data() + s * K;
+    // Chunk-major: the weight chunk stays in L1 while every row passes over it.
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kMaxChunk) {
+      const int64_t c1 = std::min(c0 + kMaxChunk, c_end);
+      for (int64_t k = 0; k < K; ++k) {
+        partial[k] += chunk_sum_squares<T, W, WEIGHTED>(base + k * row_stride, w, c0, c1);
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    double sum = 0.0;
+    for (int64_t s = 0; s < slabs; ++s) sum += partials[size_t(s * K + k)];
+    // Columns past the last full SIMD group: few, their squares added one by one.
+    for (int64_t c = vec_cols; c < N; ++c) {
+      float v = load_scalar(base + k * row_stride + c);
+      if constexpr (WEIGHTED) v *= load_scalar(w + c);
+      sum += double(v * v);
+    }
+    out[k] = std::sqrt(sum);
+  }
+}
+
+template <typename T>
+void row_norms_weighted_by(const T* base, const MatrixView& G, const void* weight, DType weight_dtype, double* out,
+                           int num_threads) {
+  if (weight == nullptr) {
+    row_norms_typed<T, T, false>(base, G.rows, G.cols, G.row_stride, base, out, num_threads);
+  } else if (weight_dtype == DType::BFloat16) {
+    row_norms_typed<T, uint16_t, true>(base, G.rows, G.cols, G.row_stride, static_cast<const uint16_t*>(weight), out,
+                                       num_threads);
+  } else {
+    row_norms_typed<T, float, true>(base, G.rows, G.cols, G.row_stride, static_cast<const float*>(weight), out,
+                                    num_threads);
+  }
+}
+
+inline void row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads) {
+  if (G.dtype == DType::BFloat16) {
+    row_norms_weighted_by(static_cast<const uint16_t*>(G.data), G, weight, weight_dtype, out, num_threads);
+  } else {
+    row_norms_weighted_by(static_cast<const float*>(G.data), G, weight, weight_dtype, out, num_threads);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// perturb
+
+constexpr int64_t kPerturbChunk = int64_t(1) << 14;  // columns per work item
+
+// out[c] = base[c] + s * (base[c]^2 * dir[c] if ADAPTIVE else dir[c]), float32. out may be base: every
+// element is loaded before it is stored.
+template <typename O, typename D, bool ADAPTIVE>
+void perturb_typed(const O* base, const D* dir, float s, O* out, int64_t n, int num_threads) {
+  const int64_t chunks = (n + kPerturbChunk - 1) / kPerturbChunk;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t c0 = ch * kPerturbChunk;
+    const int64_t c1 = std::min(n, c0 + kPerturbChunk);
+    const int64_t vec_end = c0 + (c1 - c0) / kLanes * kLanes;
+    for (int64_t c = c0; c < vec_end; c += kLanes) {
+      const vf b = load(base + c);
+      vf d = load(dir + c);
+      if constexpr (ADAPTIVE) d *= b * b;
+      store(out + c, b + s * d);
+    }
+    for (int64_t c = vec_end; c < c1; ++c) {
+      const float b = load_scalar(base + c);
+      float d = load_scalar(dir + c);
+      if constexpr (ADAPTIVE) d *= b * b;
+      store_scalar(out + c, b + s * d);
+    }
+  }
+}
+
+template <typename O, typename D>
+void perturb_adaptive_or_not(const void* base, const void* dir, float s, void* out, int64_t n, bool adaptive,
+                             int num_threads) {
+  auto* b = static_cast<const O*>(base);
+  auto* d = static_cast<const D*>(dir);
+  auto* o = static_cast<O*>(out);
+  if (adaptive) {
+    perturb_typed<O, D, true>(b, d, s, o, n, num_threads);
+  } else {
+    perturb_typed<O, D, false>(b, d, s, o, n, num_threads);
+  }
+}
+
+template <typename O>
+void perturb_to(const void* base, const void* dir, DType dir_dtype, float s, void* out, int64_t n, bool adaptive,
+                int num_threads) {
+  if (dir_dtype == DType::BFloat16) {
+    perturb_adaptive_or_not<O, uint16_t>(base, dir, s, out, n, adaptive, num_threads);
+  } else {
+    perturb_adaptive_or_not<O, float>(base, dir, s, out, n, adaptive, num_threads);
+  }
+}
+
+inline void perturb(const void* base, const void* direction, DType direction_dtype, const void* scale,
+                    bool scale_is_double, void* out, DType dtype, int64_t n, bool adaptive, int num_threads) {
+  const float s = scale_is_double ? float(*static_cast<const double*>(scale)) : *static_cast<const float*>(scale);
+  if (dtype == DType::BFloat16) {
+    perturb_to<uint16_t>(base, direction, direction_dtype, s, out, n, adaptive, num_threads);
+  } else {
+    perturb_to<float>(base, direction, direction_dtype, s, out, n, adaptive, num_threads);
   }
 }
 

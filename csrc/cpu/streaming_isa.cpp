@@ -13,4 +13,11 @@ void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void
                     int num_threads) {
   graddrop(G, leak, seed, out, out_dtype, num_threads);
 }
+void row_norms_entry(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads) {
+  row_norms(G, weight, weight_dtype, out, num_threads);
+}
+void perturb_entry(const void* base, const void* direction, DType direction_dtype, const void* scale,
+                   bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive, int num_threads) {
+  perturb(base, direction, direction_dtype, scale, scale_is_double, out, dtype, count, adaptive, num_threads);
+}
 }  // namespace flatmtl::cpu::FLATMTL_ISA

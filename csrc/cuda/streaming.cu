@@ -1,4 +1,4 @@
-// CUDA streaming kernels (gram, combine) on raw pointers and a caller's stream. No allocation
+// CUDA streaming kernels (gram, combine, row_norms, perturb) on raw pointers and a caller's stream. No allocation
 // here: the caller passes every buffer, so a whole step can be captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,6 +15,9 @@ constexpr int kTile = 16;      // rows per Gram tile; a block of kTile x kTile t
 constexpr int kChunk = 64;     // columns staged in shared memory per step
 constexpr int kThreads = kTile * kTile;
 constexpr int kCombineThreads = 256;
+constexpr int kNormThreads = 256;
+constexpr int kNormTerms = 128;  // squares per thread summed in float32 before the float64 flush
+constexpr int kPerturbThreads = 256;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -100,6 +103,64 @@ __global__ void combine_kernel(const float* __restrict__ w, const T* __restrict_
   }
 }
 
+// One block: row blockIdx.y over the columns of split blockIdx.x. Each thread sums at most kNormTerms
+// squares in float32 per step, steps in float64; a fixed-order tree over the block's threads (float64).
+template <typename T, typename W, bool WEIGHTED>
+__global__ void __launch_bounds__(kNormThreads)
+    row_norms_partials_kernel(const T* __restrict__ G, int64_t N, int64_t row_stride, const W* __restrict__ w,
+                              int64_t cols_per_split, int64_t splits, double* __restrict__ partials) {
+  __shared__ double sums[kNormThreads];
+  const int64_t k = blockIdx.y;
+  const T* row = G + k * row_stride;
+  const int64_t c_begin = int64_t(blockIdx.x) * cols_per_split;
+  const int64_t c_end = min(N, c_begin + cols_per_split);
+  constexpr int64_t kStep = int64_t(kNormThreads) * kNormTerms;
+  double total = 0.0;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kStep) {
+    const int64_t c1 = min(c_end, c0 + kStep);
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += kNormThreads) {
+      float v = to_float(row[c]);
+      if constexpr (WEIGHTED) v *= to_float(w[c]);
+      acc = fmaf(v, v, acc);
+    }
+    total += double(acc);
+  }
+  sums[threadIdx.x] = total;
+  __syncthreads();
+  for (int width = kNormThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) sums[threadIdx.x] += sums[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[k * splits + blockIdx.x] = sums[0];
+}
+
+// out[k] = sqrt(sum over splits, in order, of partials[k, split]) (float64).
+__global__ void row_norms_reduce_kernel(const double* __restrict__ partials, int64_t splits, int64_t K,
+                                        double* __restrict__ out) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  double sum = 0.0;
+  for (int64_t s = 0; s < splits; ++s) sum += partials[k * splits + s];
+  out[k] = sqrt(sum);
+}
+
+// out = base + s * (base^2 * direction if adaptive else direction), float32; s read here from device memory.
+// base and out may be the same buffer (each element is read before it is written), hence no __restrict__.
+template <typename O, typename D>
+__global__ void perturb_kernel(const O* base, const D* __restrict__ direction, const void* scale, bool scale_is_double,
+                               O* out, int64_t n, bool adaptive) {
+  const float s = scale_is_double ? float(*static_cast<const double*>(scale)) : *static_cast<const float*>(scale);
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const float b = to_float(base[i]);
+    float d = to_float(direction[i]);
+    if (adaptive) d *= b * b;
+    out[i] = from_float<O>(fmaf(s, d, b));
+  }
+}
+
 int multiprocessors(int device) {
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 80;
@@ -135,6 +196,49 @@ void launch_combine_to(const float* w, const MatrixView& G, void* out, DType out
     case DType::BFloat16: return launch_combine<T, __nv_bfloat16>(w, G, out, alpha, accumulate, device, stream);
     case DType::Float16: return launch_combine<T, __half>(w, G, out, alpha, accumulate, device, stream);
     default: return launch_combine<T, float>(w, G, out, alpha, accumulate, device, stream);
+  }
+}
+
+template <typename T, typename W, bool WEIGHTED>
+void launch_row_norms(const MatrixView& G, const void* weight, double* partials, int64_t splits,
+                      cudaStream_t stream) {
+  const int64_t cols_per_split = (G.cols + splits - 1) / splits;
+  const dim3 grid(unsigned(splits), unsigned(G.rows));
+  row_norms_partials_kernel<T, W, WEIGHTED><<<grid, kNormThreads, 0, stream>>>(
+      static_cast<const T*>(G.data), G.cols, G.row_stride, static_cast<const W*>(weight), cols_per_split, splits,
+      partials);
+}
+
+template <typename T>
+void launch_row_norms_weighted_by(const MatrixView& G, const void* weight, DType weight_dtype, double* partials,
+                                  int64_t splits, cudaStream_t stream) {
+  if (weight == nullptr) return launch_row_norms<T, T, false>(G, G.data, partials, splits, stream);
+  switch (weight_dtype) {
+    case DType::BFloat16: return launch_row_norms<T, __nv_bfloat16, true>(G, weight, partials, splits, stream);
+    case DType::Float16: return launch_row_norms<T, __half, true>(G, weight, partials, splits, stream);
+    default: return launch_row_norms<T, float, true>(G, weight, partials, splits, stream);
+  }
+}
+
+template <typename O, typename D>
+void launch_perturb(const void* base, const void* direction, const void* scale, bool scale_is_double, void* out,
+                    int64_t n, bool adaptive, int device, cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>((n + kPerturbThreads - 1) / kPerturbThreads,
+                                           int64_t(multiprocessors(device)) * 8);
+  perturb_kernel<O, D><<<unsigned(blocks), kPerturbThreads, 0, stream>>>(
+      static_cast<const O*>(base), static_cast<const D*>(direction), scale, scale_is_double, static_cast<O*>(out), n,
+      adaptive);
+}
+
+template <typename O>
+void launch_perturb_to(const void* base, const void* direction, DType direction_dtype, const void* scale,
+                       bool scale_is_double, void* out, int64_t n, bool adaptive, int device, cudaStream_t stream) {
+  switch (direction_dtype) {
+    case DType::BFloat16:
+      return launch_perturb<O, __nv_bfloat16>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
+    case DType::Float16:
+      return launch_perturb<O, __half>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
+    default: return launch_perturb<O, float>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
   }
 }
 
@@ -189,6 +293,50 @@ std::string combine(const float* w, const MatrixView& G, void* out, DType out_dt
     default: launch_combine_to<float>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
   }
   return last_error("combine kernel launch");
+}
+
+int64_t row_norms_num_splits(int64_t K, int64_t N, int device) {
+  // A few blocks per SM over all K rows, each split at least one block-wide pass of columns.
+  const int64_t wanted = std::max<int64_t>(1, int64_t(multiprocessors(device)) * 4 / K);
+  return std::max<int64_t>(1, std::min(wanted, (N + kNormThreads * 16 - 1) / (kNormThreads * 16)));
+}
+
+std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* partials,
+                      int64_t num_splits, double* out, int device, uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  switch (G.dtype) {
+    case DType::BFloat16:
+      launch_row_norms_weighted_by<__nv_bfloat16>(G, weight, weight_dtype, partials, num_splits, stream);
+      break;
+    case DType::Float16: launch_row_norms_weighted_by<__half>(G, weight, weight_dtype, partials, num_splits, stream); break;
+    default: launch_row_norms_weighted_by<float>(G, weight, weight_dtype, partials, num_splits, stream); break;
+  }
+  const unsigned blocks = unsigned((G.rows + 255) / 256);
+  row_norms_reduce_kernel<<<blocks, 256, 0, stream>>>(partials, num_splits, G.rows, out);
+  return last_error("row_norms kernel launch");
+}
+
+std::string perturb(const void* base, const void* direction, DType direction_dtype, const void* scale,
+                    bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive, int device,
+                    uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  switch (dtype) {
+    case DType::BFloat16:
+      launch_perturb_to<__nv_bfloat16>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive,
+                                       device, stream);
+      break;
+    case DType::Float16:
+      launch_perturb_to<__half>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive, device,
+                                stream);
+      break;
+    default:
+      launch_perturb_to<float>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive, device,
+                               stream);
+      break;
+  }
+  return last_error("perturb kernel launch");
 }
 
 }  // namespace flatmtl::cuda

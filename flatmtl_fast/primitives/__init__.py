@@ -7,17 +7,18 @@ from torch import Tensor
 
 from ..backends import resolve
 from . import checks
-from .ops import combine_op, gram_op, implementations
+from .ops import combine_op, gram_op, implementations, perturb_op, row_norms_op
 
-__all__ = ["MAX_K", "combine", "gram"]
+__all__ = ["MAX_K", "combine", "gram", "perturb", "row_norms"]
 
 MAX_K = checks.MAX_K
 
 
 @torch.compiler.assume_constant_result
-def _backend_for(op: str, device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+def _backend_for(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
     # Evaluated eagerly while torch.compile traces: the backend in force then is baked into the graph.
-    return resolve(op, implementations(), device, dtype, *(() if op == "gram" else (out_dtype,))).name
+    # ``dtypes``: every element type the kernel reads or writes (the backend must handle them all).
+    return resolve(op, implementations(), device, *dtypes).name
 
 
 def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = False) -> Tensor:
@@ -34,7 +35,7 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     """
     checks.check_G(G, "gram")
     dtype = checks.check_gram_dtype(dtype)
-    out = gram_op(G, dtype, _backend_for("gram", G.device, G.dtype, dtype))
+    out = gram_op(G, dtype, _backend_for("gram", G.device, G.dtype))
     if check_finite:
         bad = (~torch.isfinite(out.diagonal())).nonzero().flatten().tolist()
         if bad:
@@ -61,4 +62,40 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     else:
         out = checks.check_out(out, G, w)
     combine_op(w32, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
+    return out
+
+
+def row_norms(G: Tensor, *, weight: Tensor | None = None) -> Tensor:
+    """The (K,) float64 norms ‖weight ⊙ g_i‖₂ of the rows g_i of G (K × N); ``weight=None`` means all ones.
+
+    ASAM passes ``weight=θ`` (the flat parameters: T = |θ|, the sign does not matter as it is
+    squared). G as for :func:`gram` (float32, bfloat16 or float16, contiguous rows, K ≤ ``MAX_K``);
+    ``weight`` has N contiguous entries of its own dtype (float32, bfloat16 or float16) on G's
+    device and is read as a constant. Products and per-tile sums of squares in float32 (16-bit
+    inputs widened exactly), sums across tiles in float64 in a fixed order, then the square root:
+    deterministic and independent of the thread count. A NaN/Inf in row i (or in ``weight``) makes
+    entry i (or every entry) non-finite, as does a weighted value whose square overflows float32.
+    """
+    checks.check_G(G, "row_norms")
+    weight = checks.check_row_weight(weight, G)
+    dtypes = (G.dtype,) if weight is None else (G.dtype, weight.dtype)
+    return row_norms_op(G, weight, _backend_for("row_norms", G.device, *dtypes))
+
+
+def perturb(base: Tensor, direction: Tensor, scale: Tensor, *, out: Tensor, adaptive: bool = False) -> Tensor:
+    """out = base + scale · (base² ⊙ direction if ``adaptive`` else direction), element-wise; returns ``out``.
+
+    SAM/ASAM's step to the perturbed weights θ + ε_i, with ε_i = ρ T² ⊙ g_i / ‖T ⊙ g_i‖ (T = |θ|
+    if adaptive, else 1): pass ``base`` = a saved copy of θ, ``direction`` = g_i (a row of G: any G
+    dtype, e.g. ``G[i]``), ``scale`` = ρ / ‖T ⊙ g_i‖ (see :func:`row_norms`) and ``out`` = the live
+    flat parameters. Restoring is a plain ``out.copy_(base)``, which is exact.
+
+    ``base`` and ``out`` are (N,) contiguous, of one dtype (float32, bfloat16 or float16); ``out``
+    may be ``base`` itself (in place) or a disjoint buffer that does not require grad. ``scale`` is a
+    1-element float32/float64 tensor on base's device, read by the kernel (no host synchronisation,
+    so a step can be captured in a CUDA graph). Arithmetic in float32, one rounding to out's dtype.
+    """
+    base, direction, scale = checks.check_perturb(base, direction, scale, out)
+    adaptive = checks.check_flag(adaptive, "perturb", "adaptive")
+    perturb_op(base, direction, scale, out, adaptive, _backend_for("perturb", base.device, base.dtype, direction.dtype))
     return out

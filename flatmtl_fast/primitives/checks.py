@@ -12,6 +12,8 @@ MAX_K = 1024
 #: Element types of G (and of ``out``) that every backend reads.
 G_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAM_OUT_DTYPES = (torch.float32, torch.float64)
+#: Element types of perturb's scale (one element, read on the device by the kernel).
+SCALE_DTYPES = (torch.float32, torch.float64)
 
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -92,24 +94,35 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def check_out(out: object, G: Tensor, w: Tensor) -> Tensor:
-    """Validate the caller's output buffer of combine (a flat ``.grad`` view, typically)."""
-    N = G.shape[1]
-    if not isinstance(out, Tensor):
-        raise TypeError(f"combine: out must be a torch.Tensor of shape ({N},), got {type(out).__name__}")
-    if out.shape != (N,):
-        raise ValueError(f"combine: out must have shape ({N},) (one entry per column of G), got {tuple(out.shape)}")
-    if out.dtype not in G_DTYPES:
-        raise TypeError(f"combine: out must have dtype {_names(G_DTYPES)}, got {out.dtype}")
-    if out.device != G.device:
-        raise ValueError(f"combine: out is on {out.device} but G is on {G.device}; they must be on the same device")
-    if N > 1 and out.stride(0) != 1:
-        raise ValueError(f"combine: out must be contiguous (stride 1), got stride {out.stride()}")
+def check_vector(x: object, name: str, op: str, N: int, like: Tensor, like_name: str, meaning: str) -> Tensor:
+    """Validate a contiguous (N,) vector of a G dtype on ``like``'s device (``meaning`` says what N counts)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape ({N},), got {type(x).__name__}")
+    if x.shape != (N,):
+        raise ValueError(f"{op}: {name} must have shape ({N},) ({meaning}), got shape {tuple(x.shape)}")
+    if x.dtype not in G_DTYPES:
+        raise TypeError(f"{op}: {name} must have dtype {_names(G_DTYPES)}, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(
+            f"{op}: {name} is on {x.device} but {like_name} is on {like.device}; they must be on the same device"
+        )
+    if N > 1 and x.stride(0) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous (stride 1), got stride {x.stride()}")
+    return x
+
+
+def _check_writable(out: Tensor, op: str) -> None:
     if out.requires_grad:
         raise ValueError(
-            "combine: out requires grad; writing into it in place would bypass autograd (pass a buffer "
-            "that does not require grad, e.g. a .grad tensor)"
+            f"{op}: out requires grad; writing into it in place would bypass autograd (pass a buffer "
+            "that does not require grad, e.g. a .grad tensor or FlatParameters.data)"
         )
+
+
+def check_out(out: object, G: Tensor, w: Tensor) -> Tensor:
+    """Validate the caller's output buffer of combine (a flat ``.grad`` view, typically)."""
+    out = check_vector(out, "out", "combine", G.shape[1], G, "G", "one entry per column of G")
+    _check_writable(out, "combine")
     if overlaps(out, G):
         raise ValueError("combine: out overlaps G in memory; the result would overwrite its own input")
     if overlaps(out, w):
@@ -117,7 +130,69 @@ def check_out(out: object, G: Tensor, w: Tensor) -> Tensor:
     return out
 
 
+def check_row_weight(weight: object, G: Tensor) -> Tensor | None:
+    """Validate row_norms' element-wise weight (None, or (N,) of a G dtype on G's device); return it detached.
+
+    The weight is read as a constant (ASAM passes the parameters θ, which may require grad)."""
+    if weight is None:
+        return None
+    N = G.shape[1]
+    return check_vector(weight, "weight", "row_norms", N, G, "G", "one entry per column of G").detach()
+
+
+def check_perturb(base: object, direction: object, scale: object, out: object) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate perturb's arguments; return (base, direction, scale) detached, scale with shape (1,).
+
+    ``out`` may be ``base`` itself (the update is element-wise) but must not partly overlap it, nor
+    overlap ``direction`` or ``scale``."""
+    if not isinstance(base, Tensor) or base.dim() != 1 or base.numel() == 0:
+        got = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
+        raise ValueError(f"perturb: base must be a non-empty torch.Tensor of shape (N,) (the parameters), got {got}")
+    N = base.shape[0]
+    meaning = "one entry per parameter, like base"
+    base = check_vector(base, "base", "perturb", N, base, "base", meaning)
+    direction = check_vector(direction, "direction", "perturb", N, base, "base", meaning)
+    out = check_vector(out, "out", "perturb", N, base, "base", meaning)
+    if out.dtype != base.dtype:
+        raise TypeError(f"perturb: out must have base's dtype {base.dtype}, got {out.dtype}")
+    if direction.requires_grad:
+        raise ValueError(
+            "perturb: direction requires grad, but perturb is not differentiable (it consumes gradients); "
+            "pass direction.detach()"
+        )
+    _check_writable(out, "perturb")
+    if not isinstance(scale, Tensor):
+        raise TypeError(
+            f"perturb: scale must be a 1-element torch.Tensor on base's device (read there by the kernel, "
+            f"no host synchronisation), got {type(scale).__name__}"
+        )
+    if scale.numel() != 1:
+        raise ValueError(f"perturb: scale must have exactly 1 element, got shape {tuple(scale.shape)}")
+    if scale.dtype not in SCALE_DTYPES:
+        raise TypeError(f"perturb: scale must have dtype {_names(SCALE_DTYPES)}, got {scale.dtype}")
+    if scale.device != base.device:
+        raise ValueError(
+            f"perturb: scale is on {scale.device} but base is on {base.device}; it must be on base's device "
+            "(the kernel reads it there, without a host synchronisation)"
+        )
+    if overlaps(out, base) and out.data_ptr() != base.data_ptr():
+        raise ValueError(
+            "perturb: out partly overlaps base in memory; pass base itself (in place) or a disjoint buffer"
+        )
+    if overlaps(out, direction):
+        raise ValueError("perturb: out overlaps direction in memory; the result would overwrite its own input")
+    if overlaps(out, scale):
+        raise ValueError("perturb: out overlaps scale in memory")
+    return base.detach(), direction, scale.detach().reshape(1)
+
+
 def check_alpha(alpha: object) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"combine: alpha must be a real number, got {type(alpha).__name__}")
     return float(alpha)
+
+
+def check_flag(value: object, op: str, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
+    return value

@@ -23,6 +23,23 @@ def _mark_written(out: Tensor) -> None:
     torch.autograd.graph.increment_version(out)
 
 
+def _weight_args(weight: Tensor | None) -> tuple[int, int]:
+    """(address, dtype code) of row_norms' weight; address 0 means no weight."""
+    return (0, 0) if weight is None else (weight.data_ptr(), _native.DTYPE_CODES[weight.dtype])
+
+
+def _perturb_args(base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> tuple:
+    """The vector arguments shared by cpu_perturb and cuda_perturb, up to ``adaptive``."""
+    return (
+        base.data_ptr(), direction.data_ptr(), _native.DTYPE_CODES[direction.dtype], scale.data_ptr(),
+        scale.dtype == torch.float64, out.data_ptr(), _native.DTYPE_CODES[out.dtype], base.shape[0], adaptive,
+    )  # fmt: skip
+
+
+def _cuda_device(t: Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 class CppPrimitives:
     name = "cpp"
 
@@ -49,6 +66,18 @@ class CppPrimitives:
         )  # fmt: skip
         _mark_written(out)
 
+    def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
+        K, N = G.shape
+        _native.module().cpu_row_norms(
+            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], *_weight_args(weight), out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        _mark_written(out)
+
+    def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
+        _native.module().cpu_perturb(*_perturb_args(base, direction, scale, out, adaptive), torch.get_num_threads())
+        _mark_written(out)
+
 
 class CudaPrimitives:
     name = "cuda"
@@ -61,7 +90,7 @@ class CudaPrimitives:
     def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
         module = _native.module()
         K, N = G.shape
-        device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+        device = _cuda_device(G)
         splits = module.cuda_gram_num_splits(K, N, device)
         padded = -(-K // 16) * 16
         partials = torch.empty(splits, padded, padded, dtype=torch.float32, device=G.device)
@@ -73,9 +102,28 @@ class CudaPrimitives:
 
     def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
         K, N = G.shape
-        device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+        device = _cuda_device(G)
         _native.module().cuda_combine(
             w.data_ptr(), G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], out.data_ptr(),
             _native.DTYPE_CODES[out.dtype], alpha, accumulate, device, torch.cuda.current_stream(G.device).cuda_stream,
+        )  # fmt: skip
+        _mark_written(out)
+
+    def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
+        module = _native.module()
+        K, N = G.shape
+        device = _cuda_device(G)
+        splits = module.cuda_row_norms_num_splits(K, N, device)
+        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
+        module.cuda_row_norms(
+            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], *_weight_args(weight), partials.data_ptr(),
+            splits, out.data_ptr(), device, torch.cuda.current_stream(G.device).cuda_stream,
+        )  # fmt: skip
+        _mark_written(out)
+
+    def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
+        _native.module().cuda_perturb(
+            *_perturb_args(base, direction, scale, out, adaptive), _cuda_device(base),
+            torch.cuda.current_stream(base.device).cuda_stream,
         )  # fmt: skip
         _mark_written(out)

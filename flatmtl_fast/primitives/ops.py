@@ -55,3 +55,28 @@ def combine_op(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float
 @combine_op.register_fake
 def _combine_fake(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
     return None
+
+
+@torch.library.custom_op("flatmtl::row_norms", mutates_args=())
+def row_norms_op(G: Tensor, weight: Tensor | None, backend: str) -> Tensor:
+    """(K,) float64 ‖weight ⊙ g_i‖ with backend ``backend`` (validated by flatmtl_fast.row_norms)."""
+    out = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
+    implementations()[backend].row_norms(G, row_stride(G), weight, out)
+    return out
+
+
+@row_norms_op.register_fake
+def _row_norms_fake(G: Tensor, weight: Tensor | None, backend: str) -> Tensor:
+    return G.new_empty((G.shape[0],), dtype=torch.float64)
+
+
+@torch.library.custom_op("flatmtl::perturb_", mutates_args=("out",))
+def perturb_op(base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool, backend: str) -> None:
+    """out = base + scale · (base² ⊙ direction if adaptive else direction) with backend ``backend``
+    (scale of shape (1,); validated by flatmtl_fast.perturb; out may be base itself)."""
+    implementations()[backend].perturb(base, direction, scale, out, adaptive)
+
+
+@perturb_op.register_fake
+def _perturb_fake(base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool, backend: str) -> None:
+    return None

@@ -44,3 +44,23 @@ class ReferencePrimitives:
             if accumulate:
                 value += out[start : start + step].double()
             out[start : start + step] = value
+
+    def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
+        K, N = G.shape
+        acc = torch.zeros(K, dtype=torch.float64, device=G.device)
+        step = max(1, _BLOCK_ELEMENTS // K)
+        for start in _column_blocks(K, N):
+            block = G[:, start : start + step].double()
+            if weight is not None:
+                block *= weight[start : start + step].double()
+            acc += block.square().sum(dim=1)
+        torch.sqrt(acc, out=out)
+
+    def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
+        # Each block is read into float64 copies before out is written: out may be base itself.
+        s = scale.double()
+        for start in _column_blocks(1, base.shape[0]):
+            stop = start + _BLOCK_ELEMENTS
+            b = base[start:stop].double()
+            d = direction[start:stop].double()
+            out[start:stop] = b + s * (b * b * d if adaptive else d)

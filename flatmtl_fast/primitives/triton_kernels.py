@@ -101,6 +101,55 @@ def _combine_kernel(
     tl.store(Out + cols, _round_for_store(acc, Out.dtype.element_ty), mask=in_cols)
 
 
+@triton.jit
+def _row_norms_partials_kernel(
+    G, W, Partials, K, N, row_stride, cols_per_split, splits,
+    WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (split s, row block r): float64 sum over split s's columns of (W ⊙ g_k)² for the BLOCK_K
+    rows of block r, each BLOCK_N-column step summed in float32; written to Partials[k, s]."""
+    split = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_rows = rows < K
+    offs = rows.to(tl.int64)[:, None] * row_stride
+    col_begin = split.to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, N)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
+    for start in range(col_begin, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        in_cols = cols < col_end
+        g = tl.load(G + offs + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+        if WEIGHTED:
+            g = g * tl.load(W + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        acc += tl.sum(g * g, axis=1).to(tl.float64)
+    tl.store(Partials + rows.to(tl.int64) * splits + split, acc, mask=in_rows)
+
+
+@triton.jit
+def _row_norms_reduce_kernel(Partials, Out, K, splits, BLOCK: tl.constexpr):
+    """Out[k] = sqrt(sum over splits, in order, of Partials[k, s]) (float64)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < K
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
+    for s in range(0, splits):
+        total += tl.load(Partials + rows.to(tl.int64) * splits + s, mask=mask, other=0.0)
+    tl.store(Out + rows, tl.sqrt(total), mask=mask)  # float64 sqrt is correctly rounded (no fast variant)
+
+
+@triton.jit
+def _perturb_kernel(Base, Direction, Scale, Out, N, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = Base + s (Base² ⊙ Direction if ADAPTIVE else Direction), float32, s = Scale[0] read here.
+    Out may be Base: each program loads its elements before it stores them."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    s = tl.load(Scale).to(tl.float32)
+    b = tl.load(Base + cols, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(Direction + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADAPTIVE:
+        d = d * (b * b)
+    tl.store(Out + cols, _round_for_store(b + s * d, Out.dtype.element_ty), mask=mask)
+
+
 def _gram_block_k(K: int) -> int:
     # tl.dot needs ≥ 16 rows; beyond 64 the K x K output is tiled.
     return min(64, max(16, triton.next_power_of_2(K)))
@@ -166,3 +215,26 @@ class TritonPrimitives:
             _combine_kernel[(triton.cdiv(N, block_n),)](
                 w, G, out, K, N, row_stride, alpha, ACCUMULATE=accumulate, BLOCK_K=block_k, BLOCK_N=block_n
             )
+
+    def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
+        K, N = G.shape
+        block_k = min(8, triton.next_power_of_2(K))  # rows per program: no masked-off rows when K < 8
+        row_blocks = triton.cdiv(K, block_k)
+        block_n = 4096 if triton_interpreting() else 512
+        splits = max(1, min(triton.cdiv(N, block_n), _target_programs(G.device) // row_blocks))
+        cols_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+        splits = triton.cdiv(N, cols_per_split)
+        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
+        with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
+            _row_norms_partials_kernel[(splits, row_blocks)](
+                G, G if weight is None else weight, partials, K, N, row_stride, cols_per_split, splits,
+                WEIGHTED=weight is not None, BLOCK_K=block_k, BLOCK_N=block_n,
+            )  # fmt: skip
+            block = 128
+            _row_norms_reduce_kernel[(triton.cdiv(K, block),)](partials, out, K, splits, BLOCK=block)
+
+    def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
+        N = base.shape[0]
+        block = 16384 if triton_interpreting() else 1024
+        with torch.cuda.device(base.device) if base.is_cuda else contextlib.nullcontext():
+            _perturb_kernel[(triton.cdiv(N, block),)](base, direction, scale, out, N, ADAPTIVE=adaptive, BLOCK=block)

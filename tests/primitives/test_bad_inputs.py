@@ -41,6 +41,8 @@ def test_bad_G(case, make, error, match):
         flatmtl_fast.gram(G)
     with pytest.raises(error, match=match):
         flatmtl_fast.combine(torch.ones(3, device=case.device), G)
+    with pytest.raises(error, match=match):
+        flatmtl_fast.row_norms(G)
 
 
 def test_bad_gram_dtype(case):
@@ -82,12 +84,107 @@ def test_bad_out(case):
         flatmtl_fast.combine(w, G, alpha=torch.tensor(2.0))
 
 
+def test_bad_row_norms_weight(case):
+    G = _G(case)
+    with pytest.raises(ValueError, match=r"row_norms: weight must have shape \(10,\) \(one entry per column of G\)"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(11, device=case.device))
+    with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(1, 10, device=case.device))
+    with pytest.raises(TypeError, match=r"row_norms: weight must have dtype float32, .*, got torch\.float64"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(10, dtype=torch.float64, device=case.device))
+    with pytest.raises(ValueError, match="row_norms: weight must be contiguous"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(20, device=case.device)[::2])
+    with pytest.raises(TypeError, match=r"row_norms: weight must be a torch\.Tensor"):
+        flatmtl_fast.row_norms(G, weight=[1.0] * 10)
+
+
+def _perturb_args(case, N=10, dtype=torch.float32):
+    """Valid perturb arguments (base, direction, scale, out) for the bad-input tests to spoil one by one."""
+    return (
+        torch.randn(N, device=case.device).to(dtype),
+        torch.randn(N, device=case.device),
+        torch.tensor([0.5], device=case.device),
+        torch.empty(N, device=case.device).to(dtype),
+    )
+
+
+def test_bad_perturb_vectors(case):
+    base, direction, scale, out = _perturb_args(case)
+    d = case.device
+    with pytest.raises(ValueError, match=r"perturb: base must be a non-empty torch\.Tensor of shape \(N,\)"):
+        flatmtl_fast.perturb(torch.randn(2, 5, device=d), direction, scale, out=out)
+    with pytest.raises(ValueError, match="base must be a non-empty"):
+        flatmtl_fast.perturb(torch.randn(0, device=d), direction, scale, out=out)
+    with pytest.raises(ValueError, match="base must be a non-empty"):
+        flatmtl_fast.perturb([1.0] * 10, direction, scale, out=out)
+    with pytest.raises(TypeError, match="perturb: base must have dtype"):
+        flatmtl_fast.perturb(base.double(), direction, scale, out=out)
+    with pytest.raises(ValueError, match="perturb: base must be contiguous"):
+        flatmtl_fast.perturb(torch.randn(20, device=d)[::2], direction, scale, out=out)
+    with pytest.raises(ValueError, match=r"perturb: direction must have shape \(10,\) \(one entry per parameter"):
+        flatmtl_fast.perturb(base, torch.randn(11, device=d), scale, out=out)
+    with pytest.raises(TypeError, match="perturb: direction must have dtype"):
+        flatmtl_fast.perturb(base, direction.to(torch.int32), scale, out=out)
+    with pytest.raises(ValueError, match="perturb: direction must be contiguous"):
+        flatmtl_fast.perturb(base, torch.randn(10, 2, device=d)[:, 0], scale, out=out)
+    with pytest.raises(ValueError, match="direction requires grad, but perturb is not differentiable"):
+        flatmtl_fast.perturb(base, direction.requires_grad_(), scale, out=out)
+
+
+def test_bad_perturb_out(case):
+    base, direction, scale, out = _perturb_args(case)
+    d = case.device
+    with pytest.raises(ValueError, match=r"perturb: out must have shape \(10,\)"):
+        flatmtl_fast.perturb(base, direction, scale, out=torch.empty(9, device=d))
+    with pytest.raises(TypeError, match=r"perturb: out must be a torch\.Tensor"):
+        flatmtl_fast.perturb(base, direction, scale, out=None)
+    with pytest.raises(TypeError, match=r"perturb: out must have base's dtype torch\.float32, got torch\.bfloat16"):
+        flatmtl_fast.perturb(base, direction, scale, out=out.bfloat16())
+    with pytest.raises(ValueError, match="perturb: out must be contiguous"):
+        flatmtl_fast.perturb(base, direction, scale, out=torch.empty(20, device=d)[::2])
+    with pytest.raises(ValueError, match="perturb: out requires grad"):
+        flatmtl_fast.perturb(base, direction, scale, out=torch.zeros(10, device=d, requires_grad=True))
+    buffer = torch.zeros(13, device=d)
+    with pytest.raises(ValueError, match="out partly overlaps base"):
+        flatmtl_fast.perturb(buffer[:10], direction, scale, out=buffer[2:12])
+    with pytest.raises(ValueError, match="out overlaps direction"):
+        flatmtl_fast.perturb(base, buffer[:10], scale, out=buffer[:10])
+    with pytest.raises(ValueError, match="out overlaps scale"):
+        flatmtl_fast.perturb(base, direction, buffer[9:10], out=buffer[:10])
+    with pytest.raises(TypeError, match="perturb: adaptive must be True or False"):
+        flatmtl_fast.perturb(base, direction, scale, out=out, adaptive=1)
+
+
+def test_bad_perturb_scale(case):
+    base, direction, _, out = _perturb_args(case)
+    d = case.device
+    with pytest.raises(TypeError, match=r"perturb: scale must be a 1-element torch\.Tensor on base's device"):
+        flatmtl_fast.perturb(base, direction, 0.5, out=out)
+    with pytest.raises(ValueError, match=r"perturb: scale must have exactly 1 element, got shape \(2,\)"):
+        flatmtl_fast.perturb(base, direction, torch.ones(2, device=d), out=out)
+    with pytest.raises(ValueError, match=r"scale must have exactly 1 element, got shape \(0,\)"):
+        flatmtl_fast.perturb(base, direction, torch.ones(0, device=d), out=out)
+    with pytest.raises(TypeError, match=r"perturb: scale must have dtype float32, float64, got torch\.int64"):
+        flatmtl_fast.perturb(base, direction, torch.tensor([1], device=d), out=out)
+    with pytest.raises(TypeError, match=r"scale must have dtype float32, float64, got torch\.bfloat16"):
+        flatmtl_fast.perturb(base, direction, torch.ones(1, dtype=torch.bfloat16, device=d), out=out)
+
+
 def test_mismatched_devices():
     G = torch.randn(3, 10)
     with pytest.raises(ValueError, match="w is on meta but G is on cpu"):
         flatmtl_fast.combine(torch.ones(3, device="meta"), G)
     with pytest.raises(ValueError, match="out is on meta but G is on cpu"):
         flatmtl_fast.combine(torch.ones(3), G, out=torch.empty(10, device="meta"))
+    with pytest.raises(ValueError, match="row_norms: weight is on meta but G is on cpu"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(10, device="meta"))
+    base, scale = torch.randn(10), torch.tensor([0.5])
+    with pytest.raises(ValueError, match="perturb: direction is on meta but base is on cpu"):
+        flatmtl_fast.perturb(base, torch.ones(10, device="meta"), scale, out=torch.empty(10))
+    with pytest.raises(ValueError, match="perturb: out is on meta but base is on cpu"):
+        flatmtl_fast.perturb(base, G[0], scale, out=torch.empty(10, device="meta"))
+    with pytest.raises(ValueError, match="perturb: scale is on meta but base is on cpu; it must be on base's device"):
+        flatmtl_fast.perturb(base, G[0], torch.ones(1, device="meta"), out=torch.empty(10))
 
 
 def test_explicit_backend_that_cannot_run_raises():
@@ -96,6 +193,10 @@ def test_explicit_backend_that_cannot_run_raises():
         flatmtl_fast.gram(G)
     with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="cpp backend reads and writes"):
         flatmtl_fast.gram(G.half())
+    with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="cpp backend reads and writes"):
+        flatmtl_fast.row_norms(G, weight=torch.ones(10, dtype=torch.float16))
+    with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' cannot run perturb"):
+        flatmtl_fast.perturb(torch.ones(10), G[0].half(), torch.ones(1), out=torch.empty(10))
 
 
 def test_unknown_backend_name():

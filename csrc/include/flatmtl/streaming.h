@@ -44,6 +44,17 @@ void combine(const float* w, const MatrixView& G, void* out, DType out_dtype, fl
 // leak has K float64 entries; out has G.cols elements of out_dtype (Float32 or BFloat16).
 void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out, DType out_dtype, int num_threads);
 
+// out[k] = sqrt(sum_n (weight[n] G[k, n])^2) (weight = 1 when null; else G.cols elements of weight_dtype,
+// Float32 or BFloat16). Squares in float32 summed per chunk (at most 128 terms per SIMD lane), chunk sums
+// in float64 over a fixed partition of the columns, so the result does not depend on the thread count.
+void row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads);
+
+// out[n] = base[n] + s * (adaptive ? base[n]^2 direction[n] : direction[n]) for n < count, float32 arithmetic,
+// s = *scale (a float64 when scale_is_double, else float32). base and out have `dtype`, direction has
+// direction_dtype (Float32 or BFloat16); out may be base itself (in place), otherwise they are disjoint.
+void perturb(const void* base, const void* direction, DType direction_dtype, const void* scale, bool scale_is_double,
+             void* out, DType dtype, int64_t count, bool adaptive, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {
@@ -63,6 +74,20 @@ std::string combine(const float* w, const MatrixView& G, void* out, DType out_dt
 
 // Number of column splits the gram kernel should use for this shape on this device.
 int64_t gram_num_splits(int64_t K, int64_t N, int device);
+
+// Per-split float64 sums of squares into `partials` (K x num_splits), then out[k] = sqrt of their sum in split
+// order (float64, K entries). Same contract as cpu::row_norms otherwise (weight_dtype may also be Float16);
+// every pointer is a device pointer.
+std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* partials,
+                      int64_t num_splits, double* out, int device, uintptr_t stream);
+
+// Number of column splits the row_norms kernel should use for this shape on this device.
+int64_t row_norms_num_splits(int64_t K, int64_t N, int device);
+
+// Same contract as cpu::perturb (Float16 allowed too); scale is read from device memory by the kernel.
+std::string perturb(const void* base, const void* direction, DType direction_dtype, const void* scale,
+                    bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive, int device,
+                    uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace flatmtl
