@@ -2,7 +2,9 @@
 
 Per step (median): plain summed backward; ``flatmtl_fast.backward`` with a fused aggregator, with
 its breakdown (forward, the K backward passes, gram + solve + combine); torchjd's ``mtl_backward``
-+ ``jac_to_grad``; a plain loop of K ``autograd.grad`` calls + torchjd's aggregator. Peak extra
++ ``jac_to_grad``; a plain loop of K ``autograd.grad`` calls + torchjd's aggregator. F-MTL steps
+(K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official code's loop with torchjd's
+aggregator called on g and on h. Peak extra
 memory of each (above the model and one step's activations) in a fresh process on the CPU.
 """
 
@@ -96,9 +98,64 @@ def make_step(impl: str, method: str, K: int, batch: int, device: torch.device):
                 p.grad = g
             optimizer.step()
 
+    elif impl == "fmtl":
+        shared = flatmtl_fast.FlatParameters(model.trunk)
+        fmtl = flatmtl_fast.FMTL(shared, getattr(flatmtl_fast, method)(), rho=0.05, task_params=list(model.heads))
+
+        def step():
+            optimizer.zero_grad()
+            fmtl.step(lambda: model.losses(x, y)[1])
+            optimizer.step()
+
+    elif impl == "fmtl-loop":
+        step = _literal_fmtl_step(model, x, y, optimizer, method)
     else:
         raise ValueError(impl)
     return model, step
+
+
+def _literal_fmtl_step(model: Model, x: torch.Tensor, y: torch.Tensor, optimizer, method: str):
+    """F-MTL as the official code runs it: autograd.grad per task, a Python perturbation per parameter,
+    explicit h_i = s_i − g_i and two calls of torchjd's aggregator (ρ = 0.05, separate norms)."""
+    from torchjd.aggregation import __dict__ as aggregations
+
+    agg, flat_agg = aggregations[TORCHJD_NAMES[method]](), aggregations[TORCHJD_NAMES[method]]()
+    shared = list(model.trunk.parameters())
+
+    def flat(grads) -> torch.Tensor:
+        return torch.cat([g.flatten() for g in grads])
+
+    def step():
+        optimizer.zero_grad()
+        losses = model.losses(x, y)[1]
+        heads = [list(h.parameters()) for h in model.heads]
+        pairs = zip(losses, heads, strict=True)
+        clean = [torch.autograd.grad(loss, shared + head, retain_graph=True) for loss, head in pairs]
+        g_rows, s_rows = [], []
+        for i, grads in enumerate(clean):
+            g_rows.append(flat(grads[: len(shared)]))
+            saved = [p.detach().clone() for p in shared + heads[i]]
+            with torch.no_grad():
+                for params, part in ((shared, grads[: len(shared)]), (heads[i], grads[len(shared) :])):
+                    radius = 0.05 / float(flat(part).norm() + 1e-12)  # a host sync per task, as the official code
+                    for p, g in zip(params, part, strict=True):
+                        p.add_(g, alpha=radius)
+            sam = torch.autograd.grad(model.losses(x, y)[1][i], shared + heads[i])
+            s_rows.append(flat(sam[: len(shared)]))
+            with torch.no_grad():
+                for p, v in zip(shared + heads[i], saved, strict=True):
+                    p.copy_(v)
+            for p, g in zip(heads[i], sam[len(shared) :], strict=True):
+                p.grad = g
+        G, S = torch.stack(g_rows), torch.stack(s_rows)
+        d = agg(G) + flat_agg(S - G)
+        offset = 0
+        for p in shared:
+            p.grad = d[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        optimizer.step()
+
+    return step
 
 
 def breakdown(method: str, K: int, batch: int, device: torch.device, repeat: int) -> dict[str, float]:
@@ -144,8 +201,12 @@ print(status("VmHWM") - base)
 
 def run(device: torch.device, method: str, Ks: list[int], batch: int, repeat: int) -> list[Row]:
     rows: list[Row] = []
-    impls = ["plain", "flatmtl"] + (
-        ["torchjd", "autograd-loop"] if importlib.util.find_spec("torchjd") and method in TORCHJD_NAMES else []
+    peers = importlib.util.find_spec("torchjd") and method in TORCHJD_NAMES
+    impls = (
+        ["plain", "flatmtl"]
+        + (["torchjd", "autograd-loop"] if peers else [])
+        + ["fmtl"]
+        + (["fmtl-loop"] if peers else [])
     )
     for K in Ks:
         for impl in impls:

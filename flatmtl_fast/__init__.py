@@ -26,14 +26,15 @@ from .aggregators import (
 )
 from .backends import BackendFallbackWarning, backends, current_backend, use_backend
 from .flat import FlatParameters, TaskGradients
-from .primitives import MAX_K, combine, gram
-from .training import FAMO, backward, release_buffers
+from .primitives import MAX_K, combine, gram, perturb, row_norms
+from .training import FAMO, FMTL, SelectiveGroupUpdate, backward, release_buffers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DBMTL",
     "FAMO",
+    "FMTL",
     "IMTLG",
     "MAX_K",
     "MGDA",
@@ -50,6 +51,7 @@ __all__ = [
     "Mean",
     "NashMTL",
     "PCGrad",
+    "SelectiveGroupUpdate",
     "Sum",
     "TaskGradients",
     "UPGrad",
@@ -58,6 +60,8 @@ __all__ = [
     "combine",
     "current_backend",
     "gram",
+    "perturb",
     "release_buffers",
+    "row_norms",
     "use_backend",
 ]

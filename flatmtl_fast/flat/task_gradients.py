@@ -60,17 +60,37 @@ class TaskGradients:
             )
         inputs = [*self.shared.params, *extra_inputs]
         for i, loss in enumerate(losses):
-            target = self.buffer[i] if self._scratch is None else self._scratch
-            target.zero_()
-            self.shared.bind_grad(target)
-            self._reached = [False] * len(self.shared.params)
-            last = i == len(losses) - 1
-            torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph or not last)
-            if not any(self._reached):
-                raise ValueError(f"loss {i} does not depend on the shared parameters (its gradient there is zero)")
-            if self._scratch is not None:
-                self.buffer[i].copy_(self._scratch)
+            self.capture_row(i, loss, inputs, retain_graph=retain_graph or i < len(losses) - 1, name=f"loss {i}")
         return self.buffer
+
+    def capture_row(
+        self,
+        row: int,
+        loss: Tensor,
+        inputs: Sequence[Tensor],
+        *,
+        retain_graph: bool,
+        subtract: Tensor | None = None,
+        name: str = "loss",
+    ) -> None:
+        """One backward pass of ``loss`` into buffer row ``row`` (over ``inputs``, the shared parameters first).
+
+        With ``subtract`` (an (N,) vector), the row receives ∂loss/∂θ − subtract: autograd accumulates onto
+        −subtract, so a small difference of two large gradients (F-MTL's h = s − g) is formed with one
+        rounding in the parameters' precision instead of being recovered later from their Grams.
+        """
+        target = self.buffer[row] if self._scratch is None else self._scratch
+        if subtract is None:
+            target.zero_()
+        else:
+            torch.neg(subtract, out=target)
+        self.shared.bind_grad(target)
+        self._reached = [False] * len(self.shared.params)
+        torch.autograd.backward(loss, inputs=list(inputs), retain_graph=retain_graph)
+        if not any(self._reached):
+            raise ValueError(f"{name} does not depend on the shared parameters (its gradient there is zero)")
+        if self._scratch is not None:
+            self.buffer[row].copy_(self._scratch)
 
     def close(self) -> None:
         """Remove the hooks this object registered on the shared parameters."""

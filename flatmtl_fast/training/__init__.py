@@ -2,5 +2,7 @@
 
 from .backward import backward, release_buffers
 from .famo import FAMO
+from .fmtl import FMTL
+from .selective import SelectiveGroupUpdate
 
-__all__ = ["FAMO", "backward", "release_buffers"]
+__all__ = ["FAMO", "FMTL", "SelectiveGroupUpdate", "backward", "release_buffers"]

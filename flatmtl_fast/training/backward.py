@@ -41,24 +41,25 @@ def _task_gradients(shared: FlatParameters, K: int, dtype: torch.dtype | None) -
     return captured
 
 
-def _check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device) -> list[Tensor]:
+def check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device, owner: str = "backward") -> list[Tensor]:
+    """The K losses as a list of scalar tensors that require grad, on ``device`` (clear errors otherwise)."""
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
             raise ValueError(
-                f"backward: losses must be a sequence of scalars or a 1-D tensor, got shape {tuple(losses.shape)}"
+                f"{owner}: losses must be a sequence of scalars or a 1-D tensor, got shape {tuple(losses.shape)}"
             )
         losses = list(losses.unbind())
     losses = list(losses)
     if not losses:
-        raise ValueError("backward: no losses given")
+        raise ValueError(f"{owner}: no losses given")
     for i, loss in enumerate(losses):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"backward: loss {i} must be a scalar tensor, got {shape}")
+            raise ValueError(f"{owner}: loss {i} must be a scalar tensor, got {shape}")
         if not loss.requires_grad:
-            raise ValueError(f"backward: loss {i} does not require grad (it does not depend on any parameter)")
+            raise ValueError(f"{owner}: loss {i} does not require grad (it does not depend on any parameter)")
         if loss.device != device:
-            raise ValueError(f"backward: loss {i} is on {loss.device} but the shared parameters are on {device}")
+            raise ValueError(f"{owner}: loss {i} is on {loss.device} but the shared parameters are on {device}")
     return losses
 
 
@@ -79,6 +80,8 @@ def backward(
     representation: Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
     nonfinite: NonFinitePolicy | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    layout: Literal["replicated", "sharded"] = "replicated",
 ) -> Tensor | None:
     """Compute the K task gradients, aggregate them, and write the result into the shared ``.grad``.
 
@@ -103,6 +106,21 @@ def backward(
             optimizer skips every parameter (its state is untouched) and None is returned.
             ``"propagate"`` (default with a scaler): no sync; the non-finite values reach ``.grad``
             and the scaler's inf check skips the step.
+        process_group: aggregate over the ranks of this ``torch.distributed`` group (e.g.
+            ``torch.distributed.group.WORLD``): every rank calls ``backward`` with the losses of its own
+            batch, and every rank gets the same ``.grad`` — the step of the gradients averaged over ranks
+            (for equal batch sizes, the single-process step on the concatenated batch). The non-finite
+            policy, the weights and the losses given to the aggregator are the global ones. See
+            :mod:`flatmtl_fast.distributed` for the collectives and their bytes. Not with ``representation``.
+            With ``DistributedDataParallel``, run the forward pass and this call inside ``ddp.no_sync()``
+            (or use the unwrapped module): the task gradients must stay per-rank, the step's reduce-scatter
+            averages them, and DDP's own all-reduce must not run on top.
+        layout: with ``process_group``: ``"replicated"`` (DDP-style: every rank holds all shared
+            parameters; G is reduce-scattered, the Gram all-reduced, ``.grad`` all-gathered, and the task
+            parameters' gradients averaged over ranks) or ``"sharded"`` (each rank's ``shared`` is its
+            slice of the shared parameters and autograd already yields the globally reduced gradients of
+            that slice — FSDP-style or tensor parallel: only the K × K Gram and the losses are all-reduced,
+            task parameters are left as autograd left them).
 
     Returns:
         The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None.
@@ -115,8 +133,10 @@ def backward(
         nonfinite = "propagate" if _grad_scale(scaler) is not None else "raise"
     if nonfinite not in ("raise", "skip", "propagate"):
         raise ValueError(f"backward: nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
+    if layout not in ("replicated", "sharded"):
+        raise ValueError(f"backward: layout must be 'replicated' or 'sharded', got {layout!r}")
     shared.refresh()
-    losses = _check_losses(losses, shared.device)
+    losses = check_losses(losses, shared.device)
     task_params = list(task_params or ())
     scale = _grad_scale(scaler)
     loss_values = torch.stack([loss.detach().reshape(()).double() for loss in losses])
@@ -124,28 +144,49 @@ def backward(
         loss_values = loss_values / scale.double()
 
     if representation is not None:
+        if process_group is not None:
+            raise ValueError("backward: representation= is not supported with process_group=")
         return _representation_backward(
             losses, shared, aggregator, task_params, representation, loss_values, scale, nonfinite
         )
 
     G = _task_gradients(shared, len(losses), grad_dtype).capture(losses, extra_inputs=task_params)
+    step = None
+    if process_group is not None:
+        from ..distributed import DistributedStep  # training's distributed form (same layer)
+
+        step = DistributedStep(G, aggregator, loss_values, group=process_group, layout=layout, task_params=task_params)
+        loss_values = step.losses
     if isinstance(aggregator, GramianAggregator):
-        M = gram(G, dtype=torch.float64)
-        if not _finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
+        M = gram(G, dtype=torch.float64) if step is None else step.gram()
+        if not finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
             return None
-        w = aggregator.weights(M if scale is None else M / scale.double() ** 2, loss_values)
-        combine(w, G, out=shared.bind_grad())
+        M = M if scale is None else M / scale.double() ** 2
+        w = aggregator.weights(M, loss_values) if step is None else step.weights(M)
+        if step is None:
+            combine(w, G, out=shared.bind_grad())
+        else:
+            step.combine(w, out=shared.bind_grad())
         return w
-    if not _finite_or_skip(nonfinite, torch.linalg.vector_norm(G.float(), dim=1), loss_values, shared, task_params):
+    row_norms = torch.linalg.vector_norm(G.float(), dim=1) if step is None else step.row_norms()
+    if not finite_or_skip(nonfinite, row_norms, loss_values, shared, task_params):
         return None
-    shared.bind_grad().copy_(aggregator(G, loss_values))
+    if step is None:
+        shared.bind_grad().copy_(aggregator(G, loss_values))
+    else:
+        step.apply(out=shared.bind_grad())
     return None
 
 
-def _finite_or_skip(
-    policy: NonFinitePolicy, row_values: Tensor, loss_values: Tensor, shared: FlatParameters, task_params: list[Tensor]
+def finite_or_skip(
+    policy: NonFinitePolicy,
+    row_values: Tensor,
+    loss_values: Tensor,
+    shared: FlatParameters,
+    task_params: list[Tensor],
+    owner: str = "backward",
 ) -> bool:
-    """Apply the non-finite policy; False means the step was skipped (grads set to None)."""
+    """Apply the non-finite policy to per-task values; False means the step was skipped (grads set to None)."""
     if policy == "propagate":
         return True
     finite = torch.isfinite(row_values).all() & torch.isfinite(loss_values).all()
@@ -156,7 +197,7 @@ def _finite_or_skip(
     if policy == "raise":
         bad = sorted(set((~torch.isfinite(row_values)).nonzero().flatten().tolist()) | set(
             (~torch.isfinite(loss_values)).nonzero().flatten().tolist()))  # fmt: skip
-        raise FloatingPointError(f"backward: tasks {bad} have a non-finite loss or gradient; no .grad was written")
+        raise FloatingPointError(f"{owner}: tasks {bad} have a non-finite loss or gradient; no .grad was written")
     return False
 
 
@@ -176,7 +217,7 @@ def _representation_backward(
         raise ValueError("backward: representation must be the shared features tensor (requiring grad)")
     Z = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
     M = Z.double() @ Z.double().T
-    if not _finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
+    if not finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
         return None
     w = aggregator.weights(M if scale is None else M / scale.double() ** 2, loss_values)
     flat_grad = shared.bind_grad()

@@ -1,0 +1,359 @@
+"""F-MTL (Phan et al., arXiv 2211.13723): per-task sharpness-aware minimisation around any aggregator.
+
+One step (algorithms.md §1.1): a clean forward and K backward passes give g_i (shared) and the head
+gradients; each task i then perturbs the shared parameters by ε_i = ρ T² ⊙ g_i / ‖T ⊙ g_i‖ (T = |θ| with
+``adaptive``, else 1) and its own head likewise, runs one forward and the backward of L_i alone, and the
+weights are restored. The shared direction is d = Agg({g_i}) + Agg({h_i}) with h_i = s_i − g_i (or
+Agg({s_i}) for the "a" variant); each head takes its own SAM gradient.
+
+Fused path (a fused Gramian aggregator): the rows g_1…g_K and h_1…h_K share one 2K × N buffer. h_i is
+accumulated by autograd straight onto −g_i, so it is never formed from s_i and g_i afterwards, and its
+Gram does not suffer the cancellation of M_ss − M_sg − M_gs + M_gg when ρ is small. One ``gram`` pass
+over the 2K rows gives both K × K Grams, two solves give a and b, and one ``combine`` of the 2K rows
+with [a; b] writes d into the flat ``.grad``. Norms, perturbation and restore are single passes whose
+scales stay on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregators._fused import FusedGramian
+from ..aggregators.base import Aggregator, GramianAggregator
+from ..flat import FlatParameters, TaskGradients
+from ..primitives import combine, gram, perturb, row_norms
+from .backward import NonFinitePolicy, check_losses, finite_or_skip
+
+Closure = Callable[[], Sequence[Tensor] | Tensor]
+
+
+class FMTL:
+    """Per-task flat-minima MTL step around ``aggregator``: fills ``.grad``, then call your optimizer.
+
+    Usage::
+
+        fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho=0.05,
+                                 task_params=[head.parameters() for head in model.heads], model=model)
+        for x, y in loader:
+            optimizer.zero_grad()
+            losses = fmtl.step(lambda: model.losses(x, y))   # K + 1 forwards, 2K backwards
+            optimizer.step()
+
+    Args:
+        shared: the shared parameters (:class:`~flatmtl_fast.FlatParameters`).
+        aggregator: any aggregator of this library. Fused Gramian aggregators take the fused path
+            (module docstring); the others (``flatmtl_fast.reference``, GradDrop, DB-MTL) are called
+            literally on the g and h rows. A deep copy aggregates the h rows, so stateful methods
+            (Nash-MTL warm starts, GradVac targets, generators) keep one state per family of rows.
+        rho: the SAM radius ρ > 0 of the shared parameters.
+        adaptive: ASAM's element-wise scale T = |θ|.
+        normalize: ``"separate"`` (default): the shared part and task i's head each get radius ρ
+            (``rho_task`` for heads); ``"joint"``: one norm over the shared part and task i's head
+            together, as the official Multi-MNIST script.
+        variant: ``"flat"`` (default): d = Agg(g) + Agg(h); ``"a"``: d = Agg(s).
+        task_params: one iterable of parameters per task (its head), perturbed with its own radius
+            and given its SAM gradient ∂L_i/∂θ_i at the perturbed point. Parameters of task i only
+            receive gradient from L_i.
+        rho_task: the heads' radius under ``"separate"`` (default ρ).
+        model: the module whose BatchNorm running statistics must not see the perturbed passes (they
+            are saved before each perturbed forward and restored after it).
+        nonfinite: a NaN/Inf loss, gradient or perturbation norm: ``"raise"`` (default,
+            ``FloatingPointError`` before any ``.grad`` is written, one host sync per step), ``"skip"``
+            (one sync; ``.grad`` set to None, :meth:`step` returns None) or ``"propagate"`` (no sync).
+        eps: added to every norm before dividing (a zero gradient is not perturbed).
+        process_group: run the step over the ranks of this ``torch.distributed`` group (Gramian
+            aggregators). ``"replicated"`` layout (DDP-style, each rank its own batch; use the module inside
+            ``no_sync()``): the clean g_i are all-reduced (their mean: every rank perturbs by the ε_i of the
+            whole batch, as one process would), the rows [g; h] go through
+            :class:`~flatmtl_fast.distributed.DistributedStep` (reduce-scatter, 2K × 2K Gram all-reduce,
+            combine, all-gather) and the heads' gradients are averaged. ``"sharded"`` (each rank owns a slice
+            of the shared parameters, with the averaged gradient of that slice): only the K squared norms
+            and the 2K × 2K Gram are all-reduced. The result equals the single-process step on the
+            concatenated batch.
+        layout: see ``process_group``.
+    """
+
+    def __init__(
+        self,
+        shared: FlatParameters,
+        aggregator: Aggregator,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        normalize: Literal["separate", "joint"] = "separate",
+        variant: Literal["flat", "a"] = "flat",
+        task_params: Sequence[Iterable[Tensor]] | None = None,
+        rho_task: float | None = None,
+        model: nn.Module | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        eps: float = 1e-12,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        layout: Literal["replicated", "sharded"] = "replicated",
+    ) -> None:
+        if not isinstance(shared, FlatParameters):
+            raise TypeError(f"FMTL: shared must be a FlatParameters, got {type(shared).__name__}")
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(f"FMTL: aggregator must be a flatmtl_fast aggregator, got {type(aggregator).__name__}")
+        self.rho = _positive(rho, "rho")
+        self.rho_task = self.rho if rho_task is None else _positive(rho_task, "rho_task")
+        if normalize not in ("separate", "joint"):
+            raise ValueError(f"FMTL: normalize must be 'separate' or 'joint', got {normalize!r}")
+        if variant not in ("flat", "a"):
+            raise ValueError(f"FMTL: variant must be 'flat' or 'a', got {variant!r}")
+        if nonfinite not in ("raise", "skip", "propagate"):
+            raise ValueError(f"FMTL: nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"FMTL: model must be an nn.Module (for its BatchNorm layers), got {type(model).__name__}")
+        self.shared = shared
+        self.aggregator = aggregator
+        self.flat_aggregator = copy.deepcopy(aggregator) if variant == "flat" else None
+        self.adaptive = bool(adaptive)
+        self.normalize = normalize
+        self.variant = variant
+        self.task_params = None if task_params is None else _task_parameters(task_params, shared)
+        self.model = model
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.eps = _positive(eps, "eps")
+        if layout not in ("replicated", "sharded"):
+            raise ValueError(f"FMTL: layout must be 'replicated' or 'sharded', got {layout!r}")
+        if process_group is not None and not isinstance(aggregator, GramianAggregator):
+            raise TypeError(
+                f"FMTL: with a process_group the aggregator must be Gramian, got {type(aggregator).__name__}"
+            )
+        self.process_group = process_group
+        self.layout = layout
+        self._rows: TaskGradients | None = None
+        self._theta = torch.empty(0)
+
+    @property
+    def num_tasks(self) -> int | None:
+        """K, once known (from ``task_params`` or the first step)."""
+        if self._rows is not None:
+            return self._rows.num_tasks // 2
+        return None if self.task_params is None else len(self.task_params)
+
+    def step(self, closure: Closure) -> Tensor | None:
+        """Run one F-MTL step and leave the gradients in ``.grad`` (shared and heads); weights unchanged.
+
+        ``closure()`` runs a fresh forward pass on the batch (with grad enabled) and returns the K task
+        losses (a sequence of scalars or a 1-D tensor). It is called K + 1 times. Returns the clean
+        losses (a detached (K,) tensor), or None when ``nonfinite="skip"`` skipped the step.
+        """
+        shared = self.shared
+        shared.refresh()
+        losses = self._losses(closure, "the first call")
+        K = len(losses)
+        rows = self._buffer(K)
+        heads = self.task_params or [[] for _ in range(K)]
+        loss_values = torch.stack([loss.detach().reshape(()).double() for loss in losses])
+
+        for i, loss in enumerate(losses):  # clean gradients g_i, and each head's ∂L_i/∂θ_i
+            _clear_grads(heads[i])
+            rows.capture_row(i, loss, [*shared.params, *heads[i]], retain_graph=i < K - 1, name=f"loss {i}")
+        del losses
+        G = rows.buffer[:K]
+        head_grads = [[_grad_or_zeros(p) for p in head] for head in heads]
+        if self.process_group is not None:
+            loss_values = self._all_reduce_mean(loss_values)
+            if self.layout == "replicated":  # every rank perturbs by the ε_i of the whole batch
+                self._all_reduce_mean(G)
+                for grads in head_grads:
+                    for g in grads:
+                        self._all_reduce_mean(g)
+
+        shared_norms = row_norms(G, weight=shared.data if self.adaptive else None)
+        if self.process_group is not None and self.layout == "sharded":  # norms over every rank's slice
+            squared = shared_norms.square()
+            torch.distributed.all_reduce(squared, group=self.process_group)
+            shared_norms = squared.sqrt()
+        head_norms = torch.stack([self._head_norm(head, grads) for head, grads in zip(heads, head_grads, strict=True)])
+        all_heads = [p for head in heads for p in head]
+        if not finite_or_skip(self.nonfinite, shared_norms + head_norms, loss_values, shared, all_heads, "FMTL.step"):
+            return None
+        if self.normalize == "joint":
+            shared_scale = head_scale = self.rho / (torch.sqrt(shared_norms**2 + head_norms**2) + self.eps)
+        else:
+            shared_scale = self.rho / (shared_norms + self.eps)
+            head_scale = self.rho_task / (head_norms + self.eps)
+
+        self._theta.resize_(shared.numel).copy_(shared.data)
+        try:
+            for i in range(K):  # SAM gradient of task i at θ + ε_i: row K + i holds h_i = s_i − g_i (or s_i)
+                perturb(self._theta, G[i], shared_scale[i : i + 1], out=shared.data, adaptive=self.adaptive)
+                head_backup = _perturb_head(heads[i], head_grads[i], head_scale[i], self.adaptive)
+                try:
+                    _clear_grads(heads[i])
+                    # The statistics are restored after the backward pass, which reads the saved ones.
+                    with _frozen_batchnorm(self.model):
+                        loss = self._losses(closure, f"perturbed call {i + 1}", expected=K)[i]
+                        subtract = G[i] if self.variant == "flat" else None
+                        inputs = [*shared.params, *heads[i]]
+                        rows.capture_row(K + i, loss, inputs, retain_graph=False, subtract=subtract, name=f"loss {i}")
+                finally:
+                    with torch.no_grad():
+                        for p, saved in zip(heads[i], head_backup, strict=True):
+                            p.copy_(saved)
+        finally:
+            shared.data.copy_(self._theta)  # bit-exact restore
+            torch.autograd.graph.increment_version(shared.data)
+
+        if self.process_group is None:
+            self._aggregate(rows.buffer, loss_values)
+        else:
+            self._aggregate_distributed(rows.buffer, loss_values, all_heads)
+        return loss_values.float()
+
+    def _all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        torch.distributed.all_reduce(tensor, group=self.process_group)
+        return tensor.div_(torch.distributed.get_world_size(self.process_group))
+
+    def _aggregate_distributed(self, rows: Tensor, loss_values: Tensor, heads: list[Tensor]) -> None:
+        """The fused aggregation of the [g; h] rows over the group (the replicated g rows are already the
+        mean, so their reduce-scatter only slices them)."""
+        from ..distributed import DistributedStep
+
+        K = rows.shape[0] // 2
+        # One loss per row for the step's checks; the weights use the losses already averaged over ranks.
+        row_losses = torch.cat([loss_values, loss_values])
+        step = DistributedStep(
+            rows, self.aggregator, row_losses, group=self.process_group, layout=self.layout, task_params=heads
+        )
+        M = step.gram()
+        if self.variant == "a":  # d = Agg(s): the g rows take weight 0
+            b = self.aggregator.weights(M[K:, K:], loss_values)
+            a = torch.zeros_like(b)
+        else:
+            a, b = self.aggregator.weights(M[:K, :K], loss_values), self.flat_aggregator.weights(M[K:, K:], loss_values)
+        w = torch.cat([a, b])
+        step.combine(step.broadcast(w), out=self.shared.bind_grad())
+
+    def _aggregate(self, rows: Tensor, loss_values: Tensor) -> None:
+        K = rows.shape[0] // 2
+        out = self.shared.bind_grad()
+        if isinstance(self.aggregator, FusedGramian):
+            if self.variant == "a":
+                w = self.aggregator.weights(gram(rows[K:], dtype=torch.float64), loss_values)
+                combine(w, rows[K:], out=out)
+                return
+            M = gram(rows, dtype=torch.float64)
+            a = self.aggregator.weights(M[:K, :K], loss_values)
+            b = self.flat_aggregator.weights(M[K:, K:], loss_values)
+            combine(torch.cat([a, b]), rows, out=out)
+            return
+        if self.variant == "a":
+            out.copy_(self.aggregator(rows[K:], loss_values))
+            return
+        out.copy_(self.aggregator(rows[:K], loss_values))
+        out.add_(self.flat_aggregator(rows[K:], loss_values))
+
+    def _head_norm(self, head: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """‖T ⊙ g‖ over one head's parameters (float64 scalar; 0 without a head)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.shared.device)
+        for p, g in zip(head, grads, strict=True):
+            scaled = g.double() * p.detach().double() if self.adaptive else g.double()
+            total = total + scaled.square().sum()
+        return total.sqrt()
+
+    def _losses(self, closure: Closure, call: str, expected: int | None = None) -> list[Tensor]:
+        with torch.enable_grad():
+            losses = closure()
+        losses = check_losses(losses, self.shared.device, owner=f"FMTL.step: the closure's {call}")
+        K = len(losses) if expected is None else expected
+        if len(losses) != K or (self.num_tasks is not None and len(losses) != self.num_tasks):
+            raise ValueError(
+                f"FMTL.step: the closure's {call} returned {len(losses)} losses, expected {self.num_tasks or K} "
+                "(one per task, the same number at every call)"
+            )
+        return losses
+
+    def _buffer(self, K: int) -> TaskGradients:
+        if self._rows is None or self._rows.buffer.device != self.shared.device:
+            if self._rows is not None:
+                self._rows.close()
+            self._rows = TaskGradients(self.shared, 2 * K)
+        return self._rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """The aggregators' states (the one of g and, for ``variant="flat"``, the one of h)."""
+        state = {"aggregator": self.aggregator.state_dict()}
+        if self.flat_aggregator is not None:
+            state["flat_aggregator"] = self.flat_aggregator.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the states saved by :meth:`state_dict`."""
+        self.aggregator.load_state_dict(state["aggregator"])
+        if self.flat_aggregator is not None:
+            self.flat_aggregator.load_state_dict(state["flat_aggregator"])
+
+    def __repr__(self) -> str:
+        return (
+            f"FMTL({self.aggregator!r}, rho={self.rho}, adaptive={self.adaptive}, normalize={self.normalize!r}, "
+            f"variant={self.variant!r})"
+        )
+
+
+def _positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"FMTL: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _task_parameters(task_params: Sequence[Iterable[Tensor]], shared: FlatParameters) -> list[list[Tensor]]:
+    if isinstance(task_params, (Tensor, nn.Module)) or not isinstance(task_params, Sequence):
+        raise TypeError("FMTL: task_params must be a sequence with one iterable of parameters per task")
+    heads = [list(head.parameters()) if isinstance(head, nn.Module) else list(head) for head in task_params]
+    seen = {id(p) for p in shared.params}
+    for i, head in enumerate(heads):
+        for p in head:
+            if not isinstance(p, Tensor) or not p.requires_grad:
+                raise TypeError(f"FMTL: task_params[{i}] must contain parameters that require grad")
+            if id(p) in seen:
+                raise ValueError(f"FMTL: a parameter of task_params[{i}] is shared or belongs to another task")
+            if p.device != shared.device:
+                raise ValueError(f"FMTL: task_params[{i}] is on {p.device}, the shared parameters on {shared.device}")
+            seen.add(id(p))
+    return heads
+
+
+def _clear_grads(params: list[Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def _perturb_head(head: list[Tensor], grads: list[Tensor], scale: Tensor, adaptive: bool) -> list[Tensor]:
+    """θ ← θ + scale · T² ⊙ g on one head; returns the saved weights for the exact restore."""
+    saved = [p.detach().clone() for p in head]
+    with torch.no_grad():
+        for p, g in zip(head, grads, strict=True):
+            step = g * p * p if adaptive else g
+            p.add_(step * scale.to(p.dtype))
+    return saved
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm(model: nn.Module | None) -> Iterator[None]:
+    """Restore every BatchNorm's running statistics after the block (perturbed passes must not move them)."""
+    if model is None:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [{name: b.clone() for name, b in m.named_buffers(recurse=False) if b is not None} for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved, strict=True):
+                for name, value in buffers.items():
+                    getattr(m, name).copy_(value)

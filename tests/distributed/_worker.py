@@ -1,0 +1,305 @@
+"""What each launched rank runs: every scenario of the distributed tests in one gloo process group.
+
+Launching processes that import torch is the slow part (seconds each on two cores), so one launch of three
+ranks runs everything: world size 3 on the global group, 2 on the subgroup {0, 1}, 1 on the subgroup {0}.
+Each scenario's results (tensors, byte logs, error messages) go to ``rank<r>.pt`` after every scenario; the
+tests compare them with single-process computations of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from distributed._cases import (
+    EXACT,
+    HIDDEN,
+    N_VALUES,
+    STEPS,
+    K,
+    Net,
+    WideNet,
+    batch,
+    column_slices,
+    make,
+    mean_inputs,
+    rank_inputs,
+    task_losses,
+)
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import flatmtl_fast
+from flatmtl_fast.distributed import LAYOUTS, DistributedStepError, aggregate
+
+GROUP_TIMEOUT = timedelta(seconds=60)  # generous: two loaded cores; only a broken test ever waits this long
+SHORT_TIMEOUT = timedelta(seconds=3)  # the group on which a rank raises mid-step
+
+#: The torch.distributed functions the byte counter wraps: every collective and point-to-point call.
+_COUNTED = (
+    "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_gather_single",
+    "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce", "gather", "scatter",
+    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
+)  # fmt: skip
+_log: list[tuple[str, list[int]]] | None = None
+
+
+def _install_counter() -> None:
+    """Wrap the torch.distributed functions: while :func:`counting` is active each call is logged as
+    (function name, byte size of each tensor argument in order)."""
+
+    def sizes(args: tuple[Any, ...]) -> list[int]:
+        flat = [t for a in args for t in (a if isinstance(a, list | tuple) else [a]) if isinstance(t, Tensor)]
+        return [t.numel() * t.element_size() for t in flat]
+
+    for name in _COUNTED:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapper(*args: Any, _original: Callable[..., Any] = original, _name: str = name, **kwargs: Any) -> Any:
+            if _log is not None:
+                _log.append((_name, sizes(args)))
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[list[tuple[str, list[int]]]]:
+    global _log
+    _log = []
+    try:
+        yield _log
+    finally:
+        _log = None
+
+
+def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
+    _install_counter()
+    groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.group.WORLD}
+    results: dict[str, Any] = {"errors": {}}
+    scenarios = {
+        "aggregate": lambda: _aggregate_cases(rank, groups),
+        "mismatch": lambda: _mismatch(rank),
+        "backward_ddp": lambda: _backward_ddp(rank, groups),
+        "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
+        "fmtl": lambda: _fmtl(rank, groups),
+        "nonfinite": lambda: _nonfinite(rank),
+        "raises_mid_step": lambda: _raises_mid_step(rank, store),  # last: it leaves its subgroup broken
+    }
+    for name, scenario in scenarios.items():
+        try:
+            results[name] = scenario()
+        except Exception:
+            results["errors"][name] = traceback.format_exc()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _aggregate_cases(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """Every method × world size × N × layout × step through ``aggregate``."""
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for N in N_VALUES:
+            for name in (*EXACT, "GradDrop"):
+                for layout in LAYOUTS:
+                    aggregator = make(name)
+                    for step in range(STEPS):
+                        G, losses = rank_inputs(P, rank, N, step)
+                        if layout == "sharded":  # this rank's columns of the already averaged gradients
+                            G = mean_inputs(P, N, step)[0][:, column_slices(N, P)[rank]].contiguous()
+                        with counting() as calls:
+                            result = aggregate(G, aggregator, losses=losses, group=group, layout=layout)
+                        out[P, N, name, layout, step] = {
+                            "direction": result.direction,
+                            "weights": result.weights,
+                            "traffic": asdict(result.traffic),
+                            "calls": calls,
+                        }
+    return out
+
+
+def _mismatch(rank: int) -> dict[str, tuple[str, str, float] | None]:
+    """Ranks that disagree on K, N or the aggregator: every rank must raise, quickly (no timeout)."""
+    cases = {
+        "K": (3 if rank == 0 else 4, 10, "UPGrad"),
+        "N": (K, 10 + rank, "UPGrad"),
+        "aggregator": (K, 10, "MGDA" if rank == 1 else "UPGrad"),
+    }
+    out = {}
+    for what, (rows, columns, name) in cases.items():
+        start = time.monotonic()
+        try:
+            aggregate(torch.ones(rows, columns), make(name))
+            out[what] = None
+        except DistributedStepError as err:
+            out[what] = (type(err).__name__, str(err), time.monotonic() - start)
+    return out
+
+
+def _backward_ddp(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """``flatmtl_fast.backward`` on a DDP-wrapped model inside ``no_sync``, each rank on its slice of the batch."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for name in ("UPGrad", "PCGrad", "DBMTL"):
+            net = Net()
+            ddp = DistributedDataParallel(net, process_group=group)
+            ddp_calls: list[int] = []
+            ddp.register_comm_hook((ddp_calls, group), _counting_comm_hook)
+            shared = flatmtl_fast.FlatParameters(net.trunk)
+            with ddp.no_sync():
+                losses = ddp(x.chunk(P)[rank], y.chunk(P)[rank])
+                with counting() as calls:
+                    w = flatmtl_fast.backward(
+                        losses, shared, make(name), task_params=net.heads.parameters(), process_group=group
+                    )
+            out[P, name] = {
+                "shared": shared.grad.clone(),
+                "heads": [p.grad.clone() for p in net.heads.parameters()],
+                "weights": w,
+                "calls": calls,
+                "ddp_allreduces": len(ddp_calls),
+            }
+            # Outside no_sync DDP's reducer does run (so the hook would have seen it above).
+            ddp(x.chunk(P)[rank], y.chunk(P)[rank]).sum().backward()
+            out[P, name]["ddp_allreduces_outside_no_sync"] = len(ddp_calls)
+    return out
+
+
+def _counting_comm_hook(state: tuple[list[int], dist.ProcessGroup], bucket):  # DDP rejects string annotations
+    """A DDP communication hook that records each bucket all-reduce DDP would run (and runs it)."""
+    calls, group = state
+    calls.append(bucket.buffer().numel())
+    return dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+class GatherFeatures(torch.autograd.Function):
+    """Tensor parallelism's gather: forward concatenates every rank's features; since every rank then
+    computes the same (replicated) downstream gradient, the backward keeps this rank's slice of it."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.rank, ctx.world = dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(local) for _ in range(ctx.world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.chunk(ctx.world, dim=1)[ctx.rank], None
+
+
+def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[int, dict[str, Any]]:
+    """``backward(layout="sharded")``: each rank owns rows of the wide layer, all ranks see the whole batch."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        net = WideNet()
+        rows = torch.arange(HIDDEN).chunk(P)[rank]
+        weight = nn.Parameter(net.layer.weight.detach()[rows].clone())
+        bias = nn.Parameter(net.layer.bias.detach()[rows].clone())
+        shared = flatmtl_fast.FlatParameters([weight, bias])
+        z = GatherFeatures.apply(torch.tanh(nn.functional.linear(x, weight, bias)), group)
+        losses = task_losses(net.heads, z, y)
+        with counting() as calls:
+            w = flatmtl_fast.backward(
+                losses,
+                shared,
+                make("UPGrad"),
+                task_params=net.heads.parameters(),
+                process_group=group,
+                layout="sharded",
+            )
+        out[P] = {
+            "weight": weight.grad.clone(),
+            "bias": bias.grad.clone(),
+            "heads": [p.grad.clone() for p in net.heads.parameters()],
+            "weights": w,
+            "calls": calls,
+        }
+    return out
+
+
+def _fmtl(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """One F-MTL step (DDP-style: each rank its slice of the batch) per aggregator, world size and variant."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for name, variant in (("UPGrad", "flat"), ("MGDA", "flat"), ("UPGrad", "a")):
+            net = Net()
+            shared = flatmtl_fast.FlatParameters(net.trunk)
+            fmtl = flatmtl_fast.FMTL(
+                shared, make(name), rho=0.5, variant=variant, task_params=list(net.heads), process_group=group
+            )
+            fmtl.step(lambda net=net, P=P: net(x.chunk(P)[rank], y.chunk(P)[rank]))
+            out[P, name, variant] = {
+                "shared": shared.grad.clone(),
+                "heads": [p.grad.clone() for p in net.heads.parameters()],
+                "weights": [p.detach().clone() for p in net.parameters()],
+            }
+    return out
+
+
+def _nonfinite(rank: int) -> tuple[str, str, bool] | None:
+    """A NaN in rank 1's batch only: the global Gram is NaN, so every rank raises and writes no .grad."""
+    x, y = batch()
+    x_local, y_local = x.chunk(3)[rank].clone(), y.chunk(3)[rank]
+    if rank == 1:
+        x_local[0, 0] = float("nan")
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    try:
+        losses = net(x_local, y_local)
+        flatmtl_fast.backward(
+            losses, shared, make("UPGrad"), task_params=net.heads.parameters(), process_group=dist.group.WORLD
+        )
+    except FloatingPointError as err:
+        return type(err).__name__, str(err), all(p.grad is None for p in net.parameters())
+    return None
+
+
+class Exploding(flatmtl_fast.UPGrad):
+    """UPGrad that raises on rank 1 of the global group while solving (after the Gram's all-reduce)."""
+
+    def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
+        if dist.get_rank() == 1:
+            raise RuntimeError("rank 1 fails in the middle of the step")
+        return super().weights(M, losses)
+
+
+def _raises_mid_step(rank: int, store: dist.Store) -> tuple[str, str, float] | None:
+    """Rank 1 raises between the Gram's all-reduce and the weights' broadcast and stays alive: rank 0 must get
+    a DistributedStepError once the group's timeout expires, not wait forever."""
+    group = dist.new_group([0, 1], timeout=SHORT_TIMEOUT)
+    if rank >= 2:
+        return None
+    start = time.monotonic()
+    try:
+        aggregate(torch.ones(K, 10) * (rank + 1), Exploding(), group=group)
+        outcome = None
+    except Exception as err:
+        outcome = (type(err).__name__, str(err), time.monotonic() - start)
+    if rank == 0:
+        store.set("rank 0 is done", "1")
+    else:  # stay alive until rank 0 has seen the timeout (exiting would close the connection instead)
+        store.wait(["rank 0 is done"], timedelta(seconds=30))
+    return outcome

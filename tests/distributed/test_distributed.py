@@ -1,0 +1,337 @@
+"""flatmtl_fast.distributed over gloo: the distributed step equals the single-process step, moves the designed
+bytes, and fails with clear errors (never a hang).
+
+One launch of three ranks (``_worker.main``) runs every scenario — world sizes 3, 2 and 1 on subgroups of one
+gloo group — and saves its results; each test recomputes the single-process answer here and compares.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from distributed import _worker
+from distributed._cases import (
+    EXACT,
+    HIDDEN,
+    N_VALUES,
+    STEPS,
+    K,
+    Net,
+    WideNet,
+    batch,
+    column_slices,
+    make,
+    mean_inputs,
+    task_losses,
+)
+
+import flatmtl_fast
+from flatmtl_fast.aggregators import Aggregator, GramianAggregator
+from flatmtl_fast.distributed import LAYOUTS, Traffic, aggregate
+
+WORLD = 3
+#: Bound on the whole launch: the scenarios take ~40 s on two busy cores; a hang is killed here.
+LAUNCH_TIMEOUT = 240
+CHECK_FIELDS = 7  # integers per rank in the consistency all-gather
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Launch the three ranks once; return each rank's saved results."""
+    out = tmp_path_factory.mktemp("ranks")
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=_worker.main, args=(rank, WORLD, str(out / "store"), str(out)), daemon=True)
+        for rank in range(WORLD)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    results = [
+        torch.load(out / f"rank{rank}.pt", weights_only=False) if (out / f"rank{rank}.pt").exists() else {}
+        for rank in range(WORLD)
+    ]
+    for rank, result in enumerate(results):
+        result.setdefault("errors", {})
+        if rank in hung:
+            result["errors"]["launch"] = f"rank {rank} was still running after {LAUNCH_TIMEOUT} s and was killed"
+    return results
+
+
+def _scenario(ranks: list[dict[str, Any]], name: str, world: int = WORLD) -> list[Any]:
+    """The results of scenario ``name`` on ranks 0 … world − 1, failing with the rank's traceback if it raised."""
+    for rank in range(world):
+        errors = ranks[rank]["errors"]
+        assert name not in errors, f"rank {rank} raised in scenario {name!r}:\n{errors[name]}"
+        assert name in ranks[rank], f"rank {rank} did not finish scenario {name!r}: {errors.get('launch', '')}"
+    return [ranks[rank][name] for rank in range(world)]
+
+
+def _single_process(name: str, G: torch.Tensor, losses: torch.Tensor, aggregator: Aggregator):
+    """(weights or None, direction) of one single-process step on the averaged gradients."""
+    if isinstance(aggregator, GramianAggregator):
+        w = aggregator.weights(flatmtl_fast.gram(G, dtype=torch.float64), losses)
+        return w, flatmtl_fast.combine(w, G)
+    return None, aggregator(G, losses)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", N_VALUES)
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("name", EXACT)
+def test_aggregate_equals_single_process(ranks, name, P, N, layout):
+    results = _scenario(ranks, "aggregate", P)
+    reference = make(name)
+    for step in range(STEPS):
+        G, losses = mean_inputs(P, N, step)
+        expected_w, expected_d = _single_process(name, G, losses, reference)
+        got = [result[P, N, name, layout, step] for result in results]
+        for rank, entry in enumerate(got):
+            expected = expected_d if layout == "replicated" else expected_d[column_slices(N, P)[rank]]
+            # G, the losses and every Gram entry are bit-identical to the single process's (rank_inputs makes
+            # every sum exact), and the same float64 solver runs on them: weights to float64 noise. Each entry
+            # of d is a K-term float32 sum of identical products; only the kernels' operation order may
+            # differ (DB-MTL: α from norms summed in another order): a few float32 ulp, ≪ 1e-6 · max |d|.
+            if expected_w is not None:
+                torch.testing.assert_close(entry["weights"], expected_w, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(entry["direction"], expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+        # Identical on every rank, bit for bit: the weights are rank 0's, the direction is all-gathered.
+        for entry in got[1:]:
+            if expected_w is not None:
+                assert torch.equal(entry["weights"], got[0]["weights"])
+            if layout == "replicated":
+                assert torch.equal(entry["direction"], got[0]["direction"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", N_VALUES)
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_graddrop_is_applied_shard_by_shard(ranks, P, N, layout):
+    """GradDrop on each rank's columns with the common generator state: per shard, GradDrop of the averaged
+    gradients (the uniforms restart at each shard's first column); with one rank, the single-process result."""
+    results = _scenario(ranks, "aggregate", P)
+    S = -(-N // P)
+    shards = [slice(r * S, min((r + 1) * S, N)) for r in range(P)] if layout == "replicated" else column_slices(N, P)
+    references = [make("GradDrop") for _ in shards]  # one per shard: every rank's generator advances once a step
+    for step in range(STEPS):
+        G, _ = mean_inputs(P, N, step)
+        expected = torch.cat([reference(G[:, columns]) for reference, columns in zip(references, shards, strict=True)])
+        for rank, result in enumerate(results):
+            got = result[P, N, "GradDrop", layout, step]["direction"]
+            # Exact inputs, per-column float32 sums of the kept entries: a few ulp at most.
+            want = expected if layout == "replicated" else expected[shards[rank]]
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(expected.abs().max()))
+
+
+def _design_bytes(P: int, N: int, name: str, layout: str, weight_itemsize: int) -> dict[str, int]:
+    """The bytes the design moves per step (G float32, so 4 bytes an entry; Gram, losses and norms float64)."""
+    gramian = name != "DBMTL" and name != "GradDrop"
+    gathers_G = layout == "replicated" and P > 1
+    padded_N = -(-N // P) * P
+    return {
+        "reduce_scatter": K * padded_N * 4 if gathers_G else 0,  # K × N (padded to a multiple of P)
+        "all_gather": padded_N * 4 if gathers_G else 0,  # N
+        # the K losses; the K × K Gram (Gramian); DB-MTL's K squared norms (when its buffer is split)
+        "all_reduce": 8 * K + (8 * K * K if gramian else 0) + (8 * K if name == "DBMTL" and P > 1 else 0),
+        "broadcast": K * weight_itemsize if gramian else 0,  # rank 0's weights
+        "check": P * CHECK_FIELDS * 8,
+    }
+
+
+def _counted_bytes(calls: list[tuple[str, list[int]]]) -> dict[str, int]:
+    """Bytes per kind from the harness's log of torch.distributed calls (its own count, not our Traffic):
+    a reduce-scatter counts its input (the 2nd tensor), an all-gather its output (the 1st), others their tensor."""
+    counted = dict.fromkeys(["reduce_scatter", "all_gather", "all_reduce", "broadcast"], 0)
+    for function, sizes in calls:
+        kind = next(kind for kind in counted if function.startswith(kind))
+        counted[kind] += sizes[1] if kind == "reduce_scatter" else sizes[0]
+    return counted
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", N_VALUES)
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_bytes_communicated_are_the_designed_ones(ranks, P, N, layout):
+    results = _scenario(ranks, "aggregate", P)
+    for name in (*EXACT, "GradDrop"):
+        for result in results:
+            entry = result[P, N, name, layout, 0]
+            weights = entry["weights"]
+            design = _design_bytes(P, N, name, layout, 0 if weights is None else weights.element_size())
+            assert entry["traffic"] == design, name
+            counted = _counted_bytes(entry["calls"])
+            assert counted == {
+                "reduce_scatter": design["reduce_scatter"],
+                "all_gather": design["all_gather"] + design["check"],  # the check is an all-gather too
+                "all_reduce": design["all_reduce"],
+                "broadcast": design["broadcast"],
+            }, name
+            reduce_scatters = sum(function.startswith("reduce_scatter") for function, _ in entry["calls"])
+            assert reduce_scatters == (K if design["reduce_scatter"] else 0)  # one per row of G, no copy of G
+            if layout == "replicated" and P > 1:
+                # vs the naive all-reduce of the K × N gradients: 2 (P−1)/P · K N · 4 bytes sent per rank
+                naive = 2 * (P - 1) / P * K * N * 4
+                assert Traffic(**entry["traffic"]).wire_bytes(P) < 0.75 * naive  # (K + 1)/(2K) = 2/3, + O(K²)
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "DBMTL"])
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_backward_under_ddp_equals_single_process_on_the_concatenated_batch(ranks, P, name):
+    results = _scenario(ranks, "backward_ddp", P)
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    x, y = batch()
+    w = flatmtl_fast.backward(net(x, y), shared, make(name), task_params=net.heads.parameters())
+    expected_heads = [p.grad for p in net.heads.parameters()]
+    for result in results:
+        entry = result[P, name]
+        # Per-rank float32 gradients summed over other batch groupings than the single process's: G agrees
+        # to float32 rounding (~1e-7 relative); the Gram and the solve inherit it, and the solvers stop at
+        # tolerances around 1e-5 in w, so d agrees to ~1e-5 of its norm: 1e-4 leaves a margin of 10.
+        tolerance = 1e-4 * float(shared.grad.norm())
+        assert float((entry["shared"] - shared.grad).norm()) <= tolerance
+        for got, want in zip(entry["heads"], expected_heads, strict=True):  # plain averaged gradients
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if w is not None:
+            torch.testing.assert_close(entry["weights"].double(), w.double(), rtol=1e-4, atol=1e-6)
+        assert entry["ddp_allreduces"] == 0  # no_sync: DDP's own all-reduce did not run ...
+        assert entry["ddp_allreduces_outside_no_sync"] > 0  # ... which the hook would have seen
+        assert torch.equal(entry["shared"], results[0][P, name]["shared"])  # the same .grad on every rank
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize(("name", "variant"), [("UPGrad", "flat"), ("MGDA", "flat"), ("UPGrad", "a")])
+def test_fmtl_step_equals_single_process(ranks, P, name, variant):
+    """F-MTL over P ranks (each its slice of the batch) equals one process's F-MTL step on the whole batch."""
+    results = _scenario(ranks, "fmtl", P)
+    net = Net()
+    initial = [p.detach().clone() for p in net.parameters()]
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    x, y = batch()
+    fmtl = flatmtl_fast.FMTL(shared, make(name), rho=0.5, variant=variant, task_params=list(net.heads))
+    fmtl.step(lambda: net(x, y))
+    for result in results:
+        entry = result[P, name, variant]
+        # As under DDP above: float32 gradients summed in another grouping (~1e-7 relative) perturb the
+        # weights by ~1 ulp, and the solvers' tolerances (~1e-5 in w) dominate: 1e-4 of ‖d‖.
+        assert float((entry["shared"] - shared.grad).norm()) <= 1e-4 * float(shared.grad.norm())
+        for got, p in zip(entry["heads"], net.heads.parameters(), strict=True):  # SAM head gradients, averaged
+            torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+        for got, want in zip(entry["weights"], initial, strict=True):  # restored exactly on every rank
+            assert torch.equal(got, want)
+        assert torch.equal(entry["shared"], results[0][P, name, variant]["shared"])
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_backward_sharded_layout_tensor_parallel(ranks, P):
+    """Each rank owns rows of the wide layer (its slice of the shared parameters), autograd gives it the full
+    gradient of that slice; only the K × K Gram and the losses are all-reduced."""
+    results = _scenario(ranks, "backward_tensor_parallel", P)
+    net = WideNet()
+    shared = flatmtl_fast.FlatParameters(net.layer)
+    x, y = batch()
+    losses = task_losses(net.heads, torch.tanh(net.layer(x)), y)
+    w = flatmtl_fast.backward(losses, shared, make("UPGrad"), task_params=net.heads.parameters())
+    for rank, result in enumerate(results):
+        entry = result[P]
+        rows = torch.arange(HIDDEN).chunk(P)[rank]
+        # Same tolerance argument as under DDP (float32 gradients of other groupings, solver tolerance).
+        tolerance = 1e-4 * float(shared.grad.norm())
+        got = torch.cat([entry["weight"].flatten(), entry["bias"]])
+        want = torch.cat([net.layer.weight.grad[rows].flatten(), net.layer.bias.grad[rows]])
+        assert float((got - want).norm()) <= tolerance
+        for got_head, p in zip(entry["heads"], net.heads.parameters(), strict=True):
+            torch.testing.assert_close(got_head, p.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(entry["weights"].double(), w.double(), rtol=1e-4, atol=1e-6)
+        # G is never gathered, the heads' gradients are left alone: the check, the losses, the Gram, the weights.
+        assert _counted_bytes(entry["calls"]) == {
+            "reduce_scatter": 0,
+            "all_gather": P * CHECK_FIELDS * 8,
+            "all_reduce": 8 * K + 8 * K * K,
+            "broadcast": K * entry["weights"].element_size(),
+        }
+
+
+def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(ranks):
+    for kind, message, grads_cleared in _scenario(ranks, "nonfinite"):
+        assert kind == "FloatingPointError" and "non-finite" in message
+        assert grads_cleared  # no rank wrote a .grad
+
+
+@pytest.mark.parametrize("field", ["K", "N", "aggregator"])
+def test_ranks_that_disagree_all_raise_without_waiting(ranks, field):
+    for outcome in _scenario(ranks, "mismatch"):
+        assert outcome is not None, f"a rank with a mismatched {field} did not raise"
+        kind, message, seconds = outcome[field]
+        assert kind == "DistributedStepError"
+        assert "disagree" in message and f"{field}=" in message
+        assert seconds < 0.5 * _worker.GROUP_TIMEOUT.total_seconds()  # the check caught it, not a timeout
+
+
+def test_a_rank_raising_mid_step_gives_the_others_an_error_not_a_hang(ranks):
+    waiting, raising = _scenario(ranks, "raises_mid_step", 2)
+    assert raising[0] == "RuntimeError" and "rank 1 fails" in raising[1]
+    kind, message, seconds = waiting
+    assert kind == "DistributedStepError"
+    assert "broadcast of rank 0's weights" in message and "timeout" in message
+    timeout = _worker.SHORT_TIMEOUT.total_seconds()
+    assert 0.5 * timeout <= seconds < 5 * timeout  # released by the group's timeout
+
+
+# ---- argument checks: in this process -------------------------------------------------------------------
+
+
+class _Elementwise(Aggregator):
+    def __call__(self, G: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        return G.sum(0)
+
+
+def test_bad_arguments_raise_before_any_communication():
+    G = torch.ones(K, 8)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        aggregate(G, make("UPGrad"))
+    with pytest.raises(ValueError, match="layout must be"):
+        aggregate(G, make("UPGrad"), layout="diagonal")
+    with pytest.raises(TypeError, match="neither Gramian nor"):
+        aggregate(G, _Elementwise())
+    with pytest.raises(TypeError, match="aggregator must be"):
+        aggregate(G, "UPGrad")
+    with pytest.raises(ValueError, match="needs the task losses"):
+        aggregate(G, make("DBMTL"))
+    with pytest.raises(TypeError, match="G must have dtype"):
+        aggregate(G.double(), make("UPGrad"))
+    with pytest.raises(ValueError, match="world_size"):
+        Traffic().wire_bytes(0)
+    net = Net()
+    x, y = batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    with pytest.raises(ValueError, match="layout must be"):
+        flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), layout="columns")
+    with pytest.raises(ValueError, match="representation"):
+        flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), representation=x, process_group=object())
+
+
+def test_bad_out_buffer_on_a_group_of_one(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    try:
+        G = torch.ones(K, 8)
+        with pytest.raises(ValueError, match=r"out must have shape \(8,\)"):
+            aggregate(G, make("UPGrad"), out=torch.empty(7))
+        result = aggregate(G, make("UPGrad"), out=torch.empty(8))
+        assert result.traffic.reduce_scatter == result.traffic.all_gather == 0  # one rank: no O(N) collectives
+    finally:
+        dist.destroy_process_group()
