@@ -1,9 +1,9 @@
 """``python -m bench``: run benchmark suites on the default device and merge them into bench/results/<device>.json.
 
-Suites: ``primitives`` (gram and combine vs torch; the default), ``aggregators`` (every method's
+Suites: ``primitives`` (gram, combine, row_norms and perturb vs torch; the default), ``aggregators`` (every method's
 full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU) and
 ``solvers`` (weights(M) alone per method and K) and ``training`` (a whole step of a 4.7 M-parameter
-MLP with K heads vs torchjd's mtl_backward).
+MLP with K heads vs torchjd's mtl_backward, and F-MTL steps vs the official code's loop).
 """
 
 from __future__ import annotations
