@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.cluster import AffinityPropagation
-from torch import nn
+from support.problems import regression_problem
 
 import flatmtl_fast
 from flatmtl_fast.solvers.affinity_propagation import affinity_propagation
@@ -169,17 +169,7 @@ def test_group_order_is_random_reproducible_and_official_repeats_a_single_group(
 K = 3
 
 
-def _problem(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, 8, generator=gen)
-    common = torch.randn(8, generator=gen)
-    y = torch.stack([torch.tanh(x @ (common + 0.5 * torch.randn(8, generator=gen))) for _ in range(K)], dim=1)
-    torch.manual_seed(seed)
-    net = nn.ModuleDict(
-        {"trunk": nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 12), nn.Tanh()),
-         "heads": nn.ModuleList(nn.Linear(12, 1) for _ in range(K))}
-    )  # fmt: skip
-    return net, x, y
+_problem = regression_problem
 
 
 def _losses(net, x, y) -> torch.Tensor:

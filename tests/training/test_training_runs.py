@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from support.problems import regression_problem
 
 import flatmtl_fast
 from flatmtl_fast import reference
@@ -23,17 +23,7 @@ RANDOM = {"PCGrad", "GradVac", "GradDrop", "RLW"}
 K, STEPS = 3, 150
 
 
-def _problem(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, 8, generator=gen)
-    common = torch.randn(8, generator=gen)
-    y = torch.stack([torch.tanh(x @ (common + 0.5 * torch.randn(8, generator=gen))) for _ in range(K)], dim=1)
-    torch.manual_seed(seed)
-    net = nn.ModuleDict(
-        {"trunk": nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 12), nn.Tanh()),
-         "heads": nn.ModuleList(nn.Linear(12, 1) for _ in range(K))}
-    )  # fmt: skip
-    return net, x, y
+_problem = regression_problem
 
 
 def _losses(net, x, y) -> list[torch.Tensor]:
