@@ -110,6 +110,11 @@ sv::NashMtl make_nash(int64_t, uintptr_t alpha, int max_iter, double max_norm, b
   return {ptr<double>(alpha), max_iter, max_norm, update ? 1 : 0};
 }
 
+sv::FairGrad make_fairgrad(int64_t, double alpha) {
+  require(alpha > 0, "alpha must be > 0");
+  return {alpha};
+}
+
 sv::CAGrad make_cagrad(int64_t, double c, int rescale, bool sum_scale) {
   require(c >= 0, "c must be >= 0");
   require(rescale >= 0 && rescale <= 2, "rescale must be 0, 1 or 2");
@@ -141,6 +146,8 @@ void bind_solvers(py::module_& m) {
              py::arg("norm_eps"), py::arg("reg_eps"));
   def_solver(m, "nash_mtl", &make_nash, "Nash-MTL weights; alpha (K) is the warm start, updated in place.",
              py::arg("alpha"), py::arg("max_iter"), py::arg("max_norm"), py::arg("update"));
+  def_solver(m, "fairgrad", &make_fairgrad, "FairGrad weights: w > 0 with M w = w^(-1/alpha), else 1/K.",
+             py::arg("alpha"));
   def_solver(m, "cagrad", &make_cagrad, "CAGrad weights (1/K + lambda w*) s / r.", py::arg("c"), py::arg("rescale"),
              py::arg("sum_scale"));
   def_solver(m, "imgrad", &make_imgrad, "IMGrad weights; paper selects Eq. 11 over the official variant.",

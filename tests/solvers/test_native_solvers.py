@@ -1,6 +1,8 @@
 """The native K × K solvers (csrc/include/flatmtl/solvers/, bound as ``_C.solve_<name>``) against the
-reference classes' ``weights(M)`` on fresh random Gramians: K = 1, 2, 3, 7, 40, 64; full-rank,
-rank-deficient, duplicated-row and zero G; scales 1e-10, 1, 1e10.
+reference classes' ``weights(M)`` on fresh random Gramians: K = 1, 2, 3, 7, 40, 64 (and 128 for the
+solvers whose cost grows fastest: UPGrad/DualProj, IMTL-G, CAGrad/IMGrad, Nash-MTL, FairGrad);
+full-rank, rank-deficient, duplicated-row, collinear-row and zero G; scales 1e-10, 1, 1e10 (at K = 128,
+where the references — a quadprog QP per row, cvxpy — take seconds: full and collinear G at scale 1).
 
 Tolerances (the arithmetic behind each is in the comment where it is used) are stated relative to the
 natural size of the quantity compared, mostly the rounding scale of the direction d = wᵀG:
@@ -18,12 +20,15 @@ import torch
 from flatmtl_fast import _native
 from flatmtl_fast import reference as R
 from flatmtl_fast.reference._simplex import FW_MAX_ITER, FW_STOP_CRIT
+from flatmtl_fast.solvers import fair_weights, imtlg_weights
 
 C = _native.module()
 pytestmark = pytest.mark.skipif(C is None, reason=f"native module missing: {_native.load_error()}")
 
 KS = (1, 2, 3, 7, 40, 64)
-KINDS = ("full", "rank_deficient", "duplicated", "zero")
+LARGE_KS = (*KS, 128)
+KINDS = ("full", "rank_deficient", "duplicated", "collinear", "zero")
+LARGE_K_KINDS = ("full", "collinear")  # at K = 128 (slow references)
 SCALES = (1e-10, 1.0, 1e10)
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -37,6 +42,14 @@ def make_G(K: int, kind: str, scale: float, seed: int) -> torch.Tensor:
         r = max(1, K // 2)
         A = torch.randn(K, r, generator=gen, dtype=torch.float64)
         G = A @ torch.randn(r, N, generator=gen, dtype=torch.float64)
+    elif kind == "collinear":
+        # Each row a multiple ±[0.5, 2] of one of K/3 directions: conflicting (opposite) and agreeing copies.
+        distinct = max(1, K // 3)
+        base = torch.randn(distinct, N, generator=gen, dtype=torch.float64)[torch.arange(K) % distinct]
+        factors = (torch.rand(K, 1, generator=gen, dtype=torch.float64) * 1.5 + 0.5) * (
+            torch.randint(0, 2, (K, 1), generator=gen).to(torch.float64) * 2 - 1
+        )
+        G = base * factors
     else:
         distinct = max(1, 2 * K // 3) if kind == "duplicated" else K
         G = torch.randn(distinct, N, generator=gen, dtype=torch.float64)[torch.arange(K) % distinct]
@@ -52,7 +65,9 @@ def cases(kinds=KINDS, ks=KS, scales=SCALES):
     out = []
     for K in ks:
         for kind in kinds:
-            for scale in (1.0,) if kind == "zero" else scales:
+            if K > 64 and kind not in LARGE_K_KINDS:
+                continue
+            for scale in (1.0,) if kind == "zero" or K > 64 else scales:
                 out.append(pytest.param(K, kind, scale, id=f"K{K}-{kind}-{scale:g}"))
     return out
 
@@ -197,25 +212,50 @@ def test_pcgrad_order_ties_go_to_lower_index():
 # --------------------------------------------------------------------------------------------------- IMTL-G
 
 
-@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
 def test_imtlg(K, kind, scale):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, "imtl"))
     M = G @ G.T
     w_ref = R.IMTLG().weights(M)
     w, _, converged = solve("imtlg", M, EPS64)
     # The closed form is (g_1 Uᵀ)(D Uᵀ)⁺ with the same cut-off; torch's pinv (LAPACK SVD) and the
-    # one-sided Jacobi SVD here each have backward error ~ n eps ‖D Uᵀ‖, so α agrees to about
-    # n eps cond(D Uᵀ) (measured ≤ 2e-10 relative at K = 64). Singular values that are pure rounding
+    # pivoted QR (or Jacobi SVD) here each have backward error ~ n eps ‖D Uᵀ‖, so α agrees to about
+    # n eps cond(D Uᵀ) (measured ≤ 2e-14 relative up to K = 128). Singular values that are pure rounding
     # (duplicated / collinear rows) lie orders of magnitude below the cut-off 4 K eps max‖g_i‖ in both.
     assert converged
     assert torch.isfinite(w).all()
     assert float((w - w_ref).abs().max()) <= 1e-8 * max(1.0, float(w_ref.abs().max())), (w, w_ref)
 
 
+def test_imtlg_singular_values_near_the_cutoff():
+    """Three near-duplicate pairs g_j = g_i + δ e (e orthonormal) give three singular values ∝ δ² that
+    cross the float32 cut-off 4 K eps32 max‖g_i‖ as δ sweeps: the pivoted QR proves the rank when its
+    bounds (σ_r ≥ 1/‖R11⁻¹‖_F, σ_{r+1} ≤ ‖R22‖_F) separate from the cut-off and the Jacobi SVD decides
+    otherwise (reported as its sweeps > 0); both must give the truncated pseudo-inverse of the torch
+    solver. Kept singular values exceed the cut-off, so cond ≤ ‖D Uᵀ‖/cut-off ≲ 1/eps32 and the two
+    agree to n eps64 / eps32 ≈ 1e-8 relative at worst (measured ≤ 1e-9)."""
+    K = 7
+    gen = torch.Generator().manual_seed(0)
+    G0 = torch.randn(K, 20, generator=gen, dtype=torch.float64)
+    E = torch.linalg.qr(torch.randn(20, 3, generator=gen, dtype=torch.float64))[0].T
+    paths = set()
+    for delta in torch.logspace(-2.5, -1.5, 11).tolist():
+        G = G0.clone()
+        for a, (i, j) in enumerate([(1, 4), (2, 5), (3, 6)]):
+            G[j] = G[i] + delta * E[a]
+        M = G @ G.T
+        w, sweeps, converged = solve("imtlg", M, torch.finfo(torch.float32).eps)
+        w_ref = imtlg_weights(M, torch.float32)
+        assert converged
+        assert float((w - w_ref).abs().max()) <= 1e-7 * max(1.0, float(w_ref.abs().max())), (delta, w, w_ref)
+        paths.add(sweeps > 0)
+    assert paths == {False, True}  # both the QR and the Jacobi path ran
+
+
 # --------------------------------------------------------------------------------------- UPGrad / DualProj
 
 
-@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
 @pytest.mark.parametrize("method", ["upgrad", "dualproj"])
 def test_dual_cone(K, kind, scale, method):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, method))
@@ -227,6 +267,8 @@ def test_dual_cone(K, kind, scale, method):
     w_ref = cls().weights(M)
     assert converged and iterations >= 0
     assert float((w - w_ref).abs().max()) <= 1e-9 * float(w_ref.abs().max()), (w, w_ref)
+    if K > 64:
+        return  # the reference's K quadprog calls take a second here; the contract below is K-independent
     # A preference vector and torchjd's norm_eps: same contract.
     pref = torch.rand(K, generator=torch.Generator().manual_seed(K), dtype=torch.float64) + 0.5
     w, _, converged = solve(method, M, pref.data_ptr(), 1e-4, 1e-4)
@@ -244,7 +286,7 @@ def test_upgrad_golden_value():
 # ------------------------------------------------------------------------------------------------- Nash-MTL
 
 
-@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
 def test_nash_mtl(K, kind, scale):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, "nash"))
     M = G @ G.T
@@ -269,6 +311,62 @@ def test_nash_mtl_no_solution_keeps_alpha():
     assert torch.equal(alpha, torch.tensor([0.3, 0.7], dtype=torch.float64)) and torch.equal(w, alpha)
 
 
+# ------------------------------------------------------------------------------------------------- FairGrad
+
+
+def fairgrad_cases():
+    """α = 1 on every case (K = 128: full G only — without a solution the reference runs its whole budget
+    of Newton steps and halvings in Python, seconds), other α on a few."""
+    out = [pytest.param(*case.values, 1.0, id=f"{case.id}-a1") for case in cases(ks=LARGE_KS)]
+    out = [case for case in out if case.values[0] <= 64 or case.values[1] == "full"]
+    for case in cases(ks=(2, 7, 40), scales=(1.0,)):
+        out += [pytest.param(*case.values, alpha, id=f"{case.id}-a{alpha:g}") for alpha in (0.5, 2.0)]
+    return out
+
+
+@pytest.mark.parametrize(("K", "kind", "scale", "alpha"), fairgrad_cases())
+def test_fairgrad(K, kind, scale, alpha):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, alpha, "fair"))
+    M = G @ G.T
+    w, iterations, converged = solve("fairgrad", M, alpha)
+    # The reference's Newton iteration (same starts, line search, stop rule max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10)
+    # up to summation order and Cholesky here vs LU there: the iterates agree to rounding times the
+    # conditioning of M + diag(w^{−1/α−1}/α), and a stop one step apart moves w by less than the residual
+    # 1e-10 (quadratic convergence), hence 1e-8 relative as for Nash-MTL (measured ≤ 1e-12). No solution
+    # (opposite or collinear conflicting rows): 1/K in all three. The torch solver runs its full budget
+    # of 101 Newton steps with 40 trial points each: compared up to K = 40 only (seconds beyond).
+    others = [R.FairGrad(alpha).weights(M)] + ([fair_weights(M, alpha)] if K <= 40 else [])
+    for w_other in others:
+        assert torch.allclose(w, w_other, rtol=1e-8, atol=0), (w, w_other)
+    assert 0 <= iterations <= 101
+    if kind == "full":  # M nonsingular: a solution exists and Newton finds it
+        assert converged and bool((w > 0).all())
+
+
+def test_fairgrad_no_solution_gives_uniform_and_zero_rows_weight_zero():
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # 0 = g_1 + g_2
+    w, _, converged = solve("fairgrad", G @ G.T, 1.0)
+    assert not converged and torch.equal(w, torch.full((3,), 1 / 3, dtype=torch.float64))
+    G[1] = torch.tensor([0.0, 2.0])
+    w, _, converged = solve("fairgrad", G @ G.T, 1.0)
+    # Orthogonal rows: w_i ‖g_i‖² = 1/w_i, w_i = 1/‖g_i‖; the zero row keeps weight 0.
+    assert converged and torch.allclose(w, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_fairgrad_and_nash_at_extreme_scales(scale):
+    """Gradients at 1e±100 (Gram entries 1e±200, whose squares leave the double range): the solvers
+    normalise by a scaled Frobenius norm, so w_i (Mw)_i = 1 (α = 1 for both) holds as at scale 1 — to the
+    stop tolerance 1e-10 of the scale-free residual, plus rounding. (The reference gives up here.)"""
+    G = make_G(5, "full", scale, 3)
+    M = G @ G.T
+    alpha = torch.ones(5, dtype=torch.float64)
+    for name, params in (("fairgrad", (1.0,)), ("nash_mtl", (alpha.data_ptr(), 20, 0.0, True))):
+        w, _, converged = solve(name, M, *params)
+        assert converged, name
+        assert float((w * (M @ w) - 1.0).abs().max()) <= 1e-9, (name, w)
+
+
 # ------------------------------------------------------------------------------------------ CAGrad / IMGrad
 
 
@@ -290,7 +388,7 @@ def _check_conflict_averse(w, w_ref, G, M, factor, q, beta, squared):
         assert _objective(star, q, M, beta, squared) <= _objective(star_ref, q, M, beta, squared) + 1e-9 * size
 
 
-@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
 @pytest.mark.parametrize(("c", "rescale", "sum_scale"), [(0.4, 1, False), (2.0, 2, True)])
 def test_cagrad(K, kind, scale, c, rescale, sum_scale):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, c))
@@ -303,7 +401,24 @@ def test_cagrad(K, kind, scale, c, rescale, sum_scale):
     _check_conflict_averse(w, reference.weights(M), G, M, reference._output_factor(K), b, radius, False)
 
 
-@pytest.mark.parametrize(("K", "kind", "scale"), cases())
+@pytest.mark.parametrize("K", [7, 9, 12, 16, 22])
+def test_cagrad_tasks_of_very_different_scales(K):
+    """‖g_i‖ spread over 1e-3 … 1e3: the inner QPs' ridge must be relative to each task's own ‖g_i‖²
+    (one relative to tr(M) swamps the small tasks: objectives ~1e-7 · size above the reference's at
+    K = 7, 9, 16, 22 with the previous solver)."""
+    gen = torch.Generator().manual_seed(K)
+    norms = torch.logspace(-3, 3, K, dtype=torch.float64)
+    G = torch.randn(K, 2 * K, generator=gen, dtype=torch.float64) * norms[:, None]
+    M = G @ G.T
+    reference = R.CAGrad()
+    w, _, converged = solve("cagrad", M, 0.4, 1, False)
+    assert converged
+    b = M.sum(dim=1) / K
+    radius = 0.4 * max(float(b.sum()) / K, 0.0) ** 0.5
+    _check_conflict_averse(w, reference.weights(M), G, M, reference._output_factor(K), b, radius, False)
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_imgrad(K, kind, scale, variant):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, variant))
@@ -353,6 +468,8 @@ def test_bad_arguments():
         C.solve_cagrad(p, 3, 0.4, 3, False, q, r)
     with pytest.raises(ValueError, match="dtype_eps"):
         C.solve_imtlg(p, 3, 0.0, q, r)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        C.solve_fairgrad(p, 3, 0.0, q, r)
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA
@@ -374,6 +491,7 @@ def test_cuda_matches_cpu(K):
         "upgrad": (0, 0.0, 1e-4),
         "dualproj": (0, 0.0, 1e-4),
         "nash_mtl": (ones, 100, 1.0, True),
+        "fairgrad": (1.0,),
         "cagrad": (0.4, 1, False),
         "imgrad": (0.8, False),
     }

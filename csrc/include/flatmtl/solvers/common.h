@@ -29,17 +29,61 @@ FLATMTL_HD inline double max2(double a, double b) { return a > b ? a : b; }
 FLATMTL_HD inline double min2(double a, double b) { return a < b ? a : b; }
 FLATMTL_HD inline double clamp_sqrt(double x) { return sqrt(x > 0.0 ? x : 0.0); }
 
+// y += a x over n entries, four per step with the loads ahead of the stores: GCC's -O2 cost model
+// vectorises only such straight-line groups (not loops of unknown trip count), and reading first
+// keeps the group valid even when x and y overlap.
+FLATMTL_HD inline void axpy(double a, const double* x, double* y, int n) {
+  int k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const double x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
+    const double y0 = y[k], y1 = y[k + 1], y2 = y[k + 2], y3 = y[k + 3];
+    y[k] = y0 + a * x0;
+    y[k + 1] = y1 + a * x1;
+    y[k + 2] = y2 + a * x2;
+    y[k + 3] = y3 + a * x3;
+  }
+  for (; k < n; ++k) y[k] += a * x[k];
+}
+
+// y = (((y + a0 r0) + a1 r1) + a2 r2) + a3 r3 over n entries: four rows per load and store of y,
+// in the order of four axpy calls (so the same rounding), two entries per step for the vectoriser.
+FLATMTL_HD inline void axpy4(const double* a, const double* const* r, double* y, int n) {
+  const double a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  const double *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+  int k = 0;
+  for (; k + 2 <= n; k += 2) {
+    const double y0 = y[k], y1 = y[k + 1];
+    y[k] = (((y0 + a0 * r0[k]) + a1 * r1[k]) + a2 * r2[k]) + a3 * r3[k];
+    y[k + 1] = (((y1 + a0 * r0[k + 1]) + a1 * r1[k + 1]) + a2 * r2[k + 1]) + a3 * r3[k + 1];
+  }
+  if (k < n) y[k] = (((y[k] + a0 * r0[k]) + a1 * r1[k]) + a2 * r2[k]) + a3 * r3[k];
+}
+
+// y += Σ_f x_{j_f} M_{j_f} over the indices j_f = rows[f] (f < n; rows null: j_f = f) of the K x K
+// row-major M, in the order of f, skipping zero coefficients.
+FLATMTL_HD inline void add_rows(const double* M, int K, const int* rows, int n, const double* x, double* y) {
+  double a[4];
+  const double* r[4];
+  int held = 0;
+  for (int f = 0; f < n; ++f) {
+    const int j = rows ? rows[f] : f;
+    if (x[j] == 0.0) continue;
+    a[held] = x[j];
+    r[held++] = M + int64_t(j) * K;
+    if (held == 4) {
+      axpy4(a, r, y, K);
+      held = 0;
+    }
+  }
+  for (int h = 0; h < held; ++h) axpy(a[h], r[h], y, K);
+}
+
 // y = M x for a symmetric K x K M, as Σ_k x_k M_k (rows = columns): contiguous, vectorisable lanes,
 // and the zero entries of a sparse x (Frank–Wolfe iterates, coefficient rows) are skipped.
 FLATMTL_HD inline void matvec(const double* __restrict__ M, int K, const double* __restrict__ x,
                               double* __restrict__ y) {
   for (int i = 0; i < K; ++i) y[i] = 0.0;
-  for (int k = 0; k < K; ++k) {
-    const double xk = x[k];
-    if (xk == 0.0) continue;
-    const double* row = M + int64_t(k) * K;
-    for (int i = 0; i < K; ++i) y[i] += xk * row[i];
-  }
+  add_rows(M, K, nullptr, K, x, y);
 }
 
 // Four interleaved partial sums: a plain loop is one dependent chain of adds (latency-bound, and
@@ -63,25 +107,38 @@ FLATMTL_HD inline double quad_form(const double* M, int K, const double* x, doub
   return dot(x, y, K);
 }
 
+// ‖A‖_F of the n entries of A, scaled by the largest |entry| so that the squares neither overflow nor
+// underflow (a Gram of gradients at 1e±100 has entries at 1e±200).
+FLATMTL_HD inline double frobenius_norm(const double* A, int64_t n) {
+  double largest = 0.0;
+  for (int64_t e = 0; e < n; ++e) largest = max2(largest, fabs(A[e]));
+  if (!(largest > 0.0) || !isfinite(largest)) return largest;
+  double sum = 0.0;
+  for (int64_t e = 0; e < n; ++e) sum += (A[e] / largest) * (A[e] / largest);
+  return largest * sqrt(sum);
+}
+
 FLATMTL_HD inline double trace(const double* M, int K) {
   double s = 0.0;
   for (int i = 0; i < K; ++i) s += M[i * K + i];
   return s;
 }
 
-// In-place Cholesky of the leading n x n block of A (row stride lda), lower triangle = L.
+// In-place Cholesky of the leading n x n block of A (row stride lda; the lower triangle is read and
+// becomes L), column by column: the entries of a column are independent dot products of contiguous
+// rows, so they overlap in the pipeline instead of forming one dependent chain (measured 3.8
+// GMA/s at n = 64 here, against 1.8 for the row-by-row forward-solve order).
 // Returns false on a non-positive (or NaN) pivot.
 FLATMTL_HD inline bool cholesky(double* A, int n, int lda) {
   for (int j = 0; j < n; ++j) {
-    double d = A[j * lda + j];
-    for (int k = 0; k < j; ++k) d -= A[j * lda + k] * A[j * lda + k];
+    double* rj = A + int64_t(j) * lda;
+    const double d = rj[j] - dot(rj, rj, j);
     if (!(d > 0.0)) return false;
-    d = sqrt(d);
-    A[j * lda + j] = d;
+    rj[j] = sqrt(d);
+    const double inv = 1.0 / rj[j];
     for (int i = j + 1; i < n; ++i) {
-      double s = A[i * lda + j];
-      for (int k = 0; k < j; ++k) s -= A[i * lda + k] * A[j * lda + k];
-      A[i * lda + j] = s / d;
+      double* ri = A + int64_t(i) * lda;
+      ri[j] = (ri[j] - dot(ri, rj, j)) * inv;
     }
   }
   return true;

@@ -47,37 +47,185 @@ FLATMTL_HD inline Status jacobi_svd(double* B, int n, double* W, int max_sweeps)
   return {max_sweeps, 0};
 }
 
+// Householder reflector (LAPACK dlarfg) annihilating x[1..m) of the m-vector x in place: on return
+// x[0] = β (the new leading entry), x[1..m) = v[1..m) (v[0] = 1 implied); returns τ, so that
+// (I − τ v vᵀ) x = β e_1. τ = 0 (no reflection) when x[1..m) is already zero.
+FLATMTL_HD inline double householder(double* x, int m) {
+  const double tail = m > 1 ? dot(x + 1, x + 1, m - 1) : 0.0;
+  if (tail == 0.0) return 0.0;
+  const double alpha = x[0];
+  const double beta = alpha >= 0.0 ? -sqrt(alpha * alpha + tail) : sqrt(alpha * alpha + tail);
+  const double scale = 1.0 / (alpha - beta);
+  for (int i = 1; i < m; ++i) x[i] *= scale;
+  x[0] = beta;
+  return (beta - alpha) / beta;
+}
+
+// y ← (I − τ v vᵀ) y for the reflector stored by householder() in v (m entries, v[0] = 1 implied).
+FLATMTL_HD inline void apply_householder(const double* v, double tau, int m, double* y) {
+  if (tau == 0.0) return;
+  const double s = tau * (y[0] + (m > 1 ? dot(v + 1, y + 1, m - 1) : 0.0));
+  y[0] -= s;
+  axpy(-s, v + 1, y + 1, m - 1);
+}
+
 struct Imtlg {
   // Unit roundoff of the gradients' dtype in the cut-off (the reference uses M's dtype).
   double dtype_eps;
   static constexpr int kMaxSweeps = 64;
 
-  // Scratch: s (K), b (K), Aᵀ and V ((K−1)²) each.
-  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) + 2 * int64_t(K - 1) * (K - 1); }
+  // Scratch: s (K); b, c, tau, the column norms (2), the permutation (n = K − 1 each); two n x n matrices.
+  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) + 6 * int64_t(K - 1) + 2 * int64_t(K - 1) * (K - 1); }
 
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  // b_j = (g_1 Uᵀ)_j and A = D Uᵀ (row-major into A, or transposed into A when transpose) from M, with
+  // g_i·u_j = M_ij s_j and the reference's grouping of terms.
+  FLATMTL_HD static void build(const double* M, int K, const double* s, bool transpose, double* b, double* A) {
     const int n = K - 1;
-    double* s = work;  // 1/‖g_j‖, or 0 for a zero row
-    double* b = work + K;
-    double* At = work + 2 * K;  // (D Uᵀ)ᵀ
-    double* V = At + int64_t(n) * n;
-    double max_norm = 0.0;
-    for (int j = 0; j < K; ++j) {
-      const double norm = clamp_sqrt(M[j * K + j]);
-      s[j] = norm > 0.0 ? 1.0 / norm : 0.0;
-      max_norm = max2(max_norm, norm);
-    }
-    // g_i·u_j = M_ij s_j: b_j = (g_1 Uᵀ)_j, A_ij = (D Uᵀ)_ij with the reference's grouping of terms.
     const double m00 = M[0] * s[0];
     for (int j = 1; j < K; ++j) b[j - 1] = m00 - M[j] * s[j];
     for (int i = 1; i < K; ++i) {
       for (int j = 1; j < K; ++j) {
-        At[(j - 1) * n + (i - 1)] = (m00 - M[i * K] * s[0]) - (M[j] * s[j] - M[i * K + j] * s[j]);
+        const double a = (m00 - M[i * K] * s[0]) - (M[j] * s[j] - M[i * K + j] * s[j]);
+        A[transpose ? (j - 1) * n + (i - 1) : (i - 1) * n + (j - 1)] = a;
       }
     }
-    const Status status = jacobi_svd(At, n, V, kMaxSweeps);
-    // rest = b A⁺ = Σ_k (b·V_k)/σ_k U_kᵀ over σ_k > cutoff; row k of At now holds σ_k U_k.
+  }
+
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+    const int n = K - 1;
+    double* s = work;  // 1/‖g_j‖, or 0 for a zero row
+    double* b = s + K;
+    double* c = b + n;
+    double* tau = c + n;
+    double* norm = tau + n;     // column norms of the unreduced part (downdated)
+    double* norm0 = norm + n;   // ... at their last exact computation
+    double* perm = norm0 + n;   // column order (indices as doubles, exact)
+    double* X = perm + n;       // Aᵀ by columns (= A by rows), then the QR factors
+    double* Y = X + int64_t(n) * n;
+    double max_norm = 0.0;
+    for (int j = 0; j < K; ++j) {
+      const double norm_j = clamp_sqrt(M[j * K + j]);
+      s[j] = norm_j > 0.0 ? 1.0 / norm_j : 0.0;
+      max_norm = max2(max_norm, norm_j);
+    }
+    for (int j = 0; j < K; ++j) w[j] = 0.0;
+    // rest = b A⁺ is the minimum-norm solution x of Aᵀx = bᵀ once the singular values ≤ cutoff are
+    // dropped. Column-pivoted QR Aᵀ P = Q R (⅔n³ multiply-adds, less than one sweep of the Jacobi SVD
+    // below) with R = [R11 R12; 0 R22] proves the SVD's rank is r when σ_r ≥ 1/‖R11⁻¹‖_F > cutoff and
+    // σ_{r+1} ≤ ‖R22‖_F ≤ cutoff; then x = P T⁺ Q₁ᵀb with T = [R11 R12] (for r = n, P R⁻¹ Qᵀb), which
+    // equals the truncated-SVD solution up to O(‖R22‖ / σ_r) (rounding-level R22). Only when a singular
+    // value is too close to the cut-off for these bounds does the Jacobi SVD decide.
     const double cutoff = 4.0 * K * dtype_eps * max_norm;
+    build(M, K, s, false, b, X);
+    for (int k = 0; k < n; ++k) {
+      perm[k] = k;
+      norm[k] = norm0[k] = sqrt(dot(X + int64_t(k) * n, X + int64_t(k) * n, n));
+      c[k] = b[k];
+    }
+    for (int j = 0; j < n; ++j) {
+      int p = j;
+      for (int k = j + 1; k < n; ++k) {
+        if (norm[k] > norm[p]) p = k;
+      }
+      if (p != j) {
+        double* xp = X + int64_t(p) * n;
+        double* xj = X + int64_t(j) * n;
+        for (int i = 0; i < n; ++i) {
+          const double t = xp[i];
+          xp[i] = xj[i];
+          xj[i] = t;
+        }
+        const double t = perm[p];
+        perm[p] = perm[j];
+        perm[j] = t;
+        norm[p] = norm[j];
+        norm0[p] = norm0[j];
+      }
+      double* xj = X + int64_t(j) * n + j;
+      tau[j] = householder(xj, n - j);
+      for (int k = j + 1; k < n; ++k) {
+        double* xk = X + int64_t(k) * n;
+        apply_householder(xj, tau[j], n - j, xk + j);
+        // Downdate the norm of the rest of column k; recompute it once cancellation has eaten half of
+        // the digits (LAPACK dlaqp2's rule).
+        if (norm[k] != 0.0) {
+          const double ratio = fabs(xk[j]) / norm[k];
+          const double t = max2(0.0, 1.0 - ratio * ratio);
+          const double drift = t * (norm[k] / norm0[k]) * (norm[k] / norm0[k]);
+          if (drift <= sqrt(kDoubleEps)) {
+            norm[k] = norm0[k] = j + 1 < n ? sqrt(dot(xk + j + 1, xk + j + 1, n - j - 1)) : 0.0;
+          } else {
+            norm[k] *= sqrt(t);
+          }
+        }
+      }
+      apply_householder(xj, tau[j], n - j, c + j);
+    }
+    // R's column k is X[k·n .. k·n + k]. Column k of Y = R⁻¹ (column-oriented back substitution) needs
+    // only R's leading (k+1) block, and Y's leading r x r block is R11⁻¹: r grows while the bound holds.
+    int r = 0;
+    double inv_fro = 0.0;
+    for (; r < n; ++r) {
+      const double* rk = X + int64_t(r) * n;
+      if (!(fabs(rk[r]) > cutoff)) break;
+      double* y = Y + int64_t(r) * n;
+      for (int i = 0; i < r; ++i) y[i] = 0.0;
+      y[r] = 1.0;
+      for (int m = r; m >= 0; --m) {
+        const double* rm = X + int64_t(m) * n;
+        const double ym = y[m] / rm[m];
+        y[m] = ym;
+        axpy(-ym, rm, y, m);
+      }
+      const double total = inv_fro + dot(y, y, r + 1);
+      if (!(total * cutoff * cutoff < 1.0)) break;
+      inv_fro = total;
+    }
+    double tail = 0.0;  // ‖R22‖_F²
+    for (int k = r; k < n; ++k) {
+      const double* xk = X + int64_t(k) * n;
+      tail += dot(xk + r, xk + r, k - r + 1);
+    }
+    if (r < n && !(tail <= cutoff * cutoff)) return jacobi_fallback(M, K, s, cutoff, w, work);
+    double* z = norm;  // P ᵀ x
+    if (r == n) {
+      for (int i = 0; i < n; ++i) z[i] = 0.0;
+      for (int k = 0; k < n; ++k) axpy(c[k], Y + int64_t(k) * n, z, k + 1);
+    } else {
+      // Tᵀ = Z L (QR, Z n x r): T⁺ = Z L⁻ᵀ. Y's columns become Tᵀ's (R's rows, zero-padded).
+      for (int i = 0; i < r; ++i) {
+        for (int k = 0; k < n; ++k) Y[int64_t(i) * n + k] = k < i ? 0.0 : X[int64_t(k) * n + i];
+      }
+      for (int i = 0; i < r; ++i) {
+        double* col = Y + int64_t(i) * n;
+        tau[i] = householder(col + i, n - i);
+        for (int m = i + 1; m < r; ++m) apply_householder(col + i, tau[i], n - i, Y + int64_t(m) * n + i);
+      }
+      // z = Z y with Lᵀ y = c_r (forward substitution; L's column m is Y[m·n .. m·n + m]).
+      for (int m = 0; m < n; ++m) z[m] = 0.0;
+      for (int m = 0; m < r; ++m) {
+        const double* lm = Y + int64_t(m) * n;
+        z[m] = (c[m] - dot(lm, z, m)) / lm[m];
+      }
+      for (int i = r - 1; i >= 0; --i) apply_householder(Y + int64_t(i) * n + i, tau[i], n - i, z + i);
+    }
+    for (int k = 0; k < n; ++k) w[int(perm[k]) + 1] = z[k];
+    double rest = 0.0;
+    for (int j = 1; j < K; ++j) rest += w[j];
+    w[0] = 1.0 - rest;
+    return {0, 1};
+  }
+
+  // rest = b A⁺ from the one-sided Jacobi SVD of A (rows of At are A's columns).
+  FLATMTL_HD static Status jacobi_fallback(const double* M, int K, const double* s, double cutoff, double* w,
+                                           double* work) {
+    const int n = K - 1;
+    double* b = work + K;
+    double* At = b + 6 * int64_t(n);
+    double* V = At + int64_t(n) * n;
+    build(M, K, s, true, b, At);
+    const Status status = jacobi_svd(At, n, V, kMaxSweeps);
+    // rest = Σ_k (b·V_k)/σ_k U_kᵀ over σ_k > cutoff; row k of At now holds σ_k U_k.
     for (int j = 0; j < K; ++j) w[j] = 0.0;
     for (int k = 0; k < n; ++k) {
       const double* uk = At + int64_t(k) * n;

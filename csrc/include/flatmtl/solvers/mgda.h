@@ -43,9 +43,12 @@ FLATMTL_HD inline Status min_norm_weights(const double* M, int K, int max_iter, 
   }
   w[bi] = 1.0 - best_gamma;
   w[bj] = best_gamma;  // after w[bi], as the reference (matters only when no pair was finite)
+  // M w is updated with each step, M w ← (1−γ) M w + γ M_t (O(K) instead of a product per step); the
+  // running sum drifts from a fresh product by O(steps · eps) relative, the size of the differences
+  // in summation order the reference's own product already has.
   double* Mw = work;
+  matvec(M, K, w, Mw);
   for (int it = 0; it < max_iter; ++it) {
-    matvec(M, K, w, Mw);
     int t = 0;
     for (int k = 1; k < K; ++k) {
       if (Mw[k] < Mw[t]) t = k;  // first minimum, as torch.argmin
@@ -54,7 +57,11 @@ FLATMTL_HD inline Status min_norm_weights(const double* M, int K, int max_iter, 
     double change = 0.0;
     for (int k = 0; k < K; ++k) change += fabs((k == t ? gamma : 0.0) - gamma * w[k]);
     if (change < stop_crit) return {it, 1};
-    for (int k = 0; k < K; ++k) w[k] += (k == t ? gamma : 0.0) - gamma * w[k];
+    const double* mt = M + int64_t(t) * K;
+    for (int k = 0; k < K; ++k) {
+      w[k] += (k == t ? gamma : 0.0) - gamma * w[k];
+      Mw[k] += gamma * (mt[k] - Mw[k]);
+    }
   }
   return {max_iter, 0};
 }

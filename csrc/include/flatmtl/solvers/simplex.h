@@ -1,17 +1,17 @@
 // The simplex problems of CAGrad and IMGrad (reference/_simplex.py: argmin_linear_plus_norm):
 //   w ∈ Δ minimising qᵀw + β √(wᵀMw)   or, squared,   qᵀw + β wᵀMw,
-// by exact inner QPs (with a 1e-11 · tr ridge, which only picks one w where the optimum is not unique)
+// by exact inner QPs (with a relative 1e-11 ridge, which only picks one w where the optimum is not unique)
 // and safeguarded one-dimensional root finding, with the reference's special cases (β = 0, M = 0).
 // Measured objective values are at or below the reference's (CLARABEL, good to ~1e-8).
 #pragma once
 
-#include "flatmtl/solvers/dual_cone.h"
+#include "flatmtl/solvers/active_set.h"
 #include "flatmtl/solvers/mgda.h"
 
 namespace flatmtl::solvers {
 
 constexpr int kRootBudget = 200;   // evaluations per one-dimensional root
-constexpr double kQpRidge = 1e-11;  // relative ridge that makes the inner QPs strictly convex
+constexpr double kQpRidge = 1e-11;  // relative ridge that makes the inner QPs strictly convex (simplex_matrix)
 // ‖g_w‖ at or below this fraction of the largest ‖g_i‖ counts as zero (reference ZERO_GW_RTOL).
 constexpr double kZeroGwRtol = 1e-6;
 
@@ -56,52 +56,49 @@ FLATMTL_HD inline double find_root(F& f, double lo, double flo, double hi, doubl
   return x;
 }
 
-// w ∈ Δ minimising ½wᵀAw + cᵀw for a PSD A with tr(A) > 0. For the multiplier μ of 𝟏ᵀw = 1,
-// x(μ) = argmin_{x ≥ 0} ½xᵀÃx + (c − μ𝟏)ᵀx (Ã = A + kQpRidge·tr(A)·I, so each is an exact, unique
-// nonnegative QP) has a continuous, nondecreasing, piecewise-affine sum s(μ): the secant steps of
-// find_root on 1 − s(μ) are exact once both ends lie on the root's piece.
-// work: 2K² + 6K.
-FLATMTL_HD inline Status simplex_qp(const double* A, int K, const double* c, double* w, double* work) {
-  double* At = work;
-  double* shifted = work + int64_t(K) * K;
-  double* qp_work = shifted + K;
-  const double ridge = kQpRidge * trace(A, K);
-  for (int64_t e = 0; e < int64_t(K) * K; ++e) At[e] = A[e];
-  for (int i = 0; i < K; ++i) At[i * K + i] += ridge;
-  Status status{0, 1};
-  auto gap = [&](double mu) {  // 1 − s(μ), nonincreasing; leaves x(μ) in w
-    for (int i = 0; i < K; ++i) shifted[i] = c[i] - mu;
-    const Status s = nonnegative_qp(At, K, shifted, 4 * K + 16, w, qp_work);
-    status.iterations += s.iterations;
-    status.converged &= s.converged;
-    double sum = 0.0;
-    for (int i = 0; i < K; ++i) sum += w[i];
-    return 1.0 - sum;
-  };
-  // The optimal μ equals (Ãw + c)_k on the support of w ∈ Δ, so it lies within max|Ã_ij| of [min c, max c].
-  double c_min = c[0], c_max = c[0], a_max = 0.0;
-  for (int i = 0; i < K; ++i) {
-    c_min = min2(c_min, c[i]);
-    c_max = max2(c_max, c[i]);
+// w ∈ Δ minimising ½wᵀAw + cᵀw for the positive definite A of qp (see simplex_matrix), by the
+// active-set method, warm-started from the free set and the w of the previous call on the same qp (w
+// must then be unchanged): a sequence of problems that differ only in c needs a few corrections each.
+// A cold start frees every index (the optimum's support, when the gradients barely conflict), or, when
+// A is not positive definite to working precision on it, starts from the best vertex.
+FLATMTL_HD inline Status simplex_qp(ActiveSetQp& qp, const double* c, double* w) {
+  const int K = qp.K;
+  // Every round frees at least one index and lowers the objective; 4K + 16 leaves room for re-freeing.
+  const int budget = 4 * K + 16;
+  if (qp.n_free > 0) return qp.solve(c, w, budget);
+  for (int k = 0; k < K; ++k) qp.is_free[k] = 1.0;
+  if (!qp.start_from(c, w)) {
+    int best = 0;
+    for (int k = 1; k < K; ++k) {
+      const double value = c[k] + 0.5 * qp.A[int64_t(k) * K + k];
+      if (value < c[best] + 0.5 * qp.A[int64_t(best) * K + best]) best = k;
+    }
+    qp.is_free[best] = 1.0;
+    qp.start_from(c, w);
   }
-  for (int64_t e = 0; e < int64_t(K) * K; ++e) a_max = max2(a_max, fabs(At[e]));
-  const double lo = c_min - a_max, hi = c_max + a_max;
-  const double flo = gap(lo), fhi = gap(hi);
-  bool ok = flo >= 0.0 && fhi <= 0.0;
-  if (ok && flo > 0.0 && fhi < 0.0) {
-    const double mu_scale = max2(fabs(c_min), fabs(c_max)) + a_max;
-    find_root(gap, lo, flo, hi, fhi, 4.0 * kDoubleEps * mu_scale, 4.0 * kDoubleEps, &ok);
-  } else if (ok && flo == 0.0) {
-    gap(lo);  // leave x(lo) in w
-  }
-  status.converged &= ok;
-  double sum = 0.0;
-  for (int i = 0; i < K; ++i) sum += w[i];
-  for (int i = 0; i < K; ++i) w[i] = sum > 0.0 ? w[i] / sum : 1.0 / K;  // snap onto Δ
-  return status;
+  return qp.iterate(c, w, budget, true);
 }
 
-// w ∈ Δ minimising qᵀw + β √(wᵀMw) (squared: qᵀw + β wᵀMw), β ≥ 0, M PSD. work: 3K² + 8K.
+// A = scale · M plus a ridge kQpRidge · A_ii on each diagonal entry (kQpRidge · tr(A)/K for a zero
+// row), which makes the inner QPs strictly convex and only picks one w where the optimum is not
+// unique. Relative to each task's own ‖g_i‖², it perturbs every task alike: a ridge relative to tr(A)
+// would swamp the tasks whose ‖g_i‖² is below about kQpRidge · tr(M) (measured: objectives 1e-7 above
+// the reference's when the norms span 1e±3). With A = D^½ (C + kQpRidge I) D^½ for the correlation
+// matrix C, the factorisations are as well conditioned as for unit-norm gradients.
+FLATMTL_HD inline void simplex_matrix(const double* M, int K, double scale, double* A) {
+  for (int64_t e = 0; e < int64_t(K) * K; ++e) A[e] = scale * M[e];
+  const double mean = trace(A, K) / K;
+  for (int i = 0; i < K; ++i) A[i * K + i] += kQpRidge * (A[i * K + i] > 0.0 ? A[i * K + i] : mean);
+}
+
+// Snaps w onto Δ (the active set keeps 𝟏ᵀw = 1 up to rounding).
+FLATMTL_HD inline void normalise_on_simplex(double* w, int K) {
+  double sum = 0.0;
+  for (int i = 0; i < K; ++i) sum += w[i];
+  for (int i = 0; i < K; ++i) w[i] = sum > 0.0 ? w[i] / sum : 1.0 / K;
+}
+
+// w ∈ Δ minimising qᵀw + β √(wᵀMw) (squared: qᵀw + β wᵀMw), β ≥ 0, M PSD. work: 2K² + 8K.
 FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* M, int K, double beta, bool squared,
                                                  double* w, double* work) {
   if (K == 1) {  // Δ is one point
@@ -120,21 +117,24 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
     for (int i = 0; i < K; ++i) w[i] = q[i] == q_min ? 1.0 / ties : 0.0;
     return {0, 1};
   }
+  double* A = work;
+  double* c = work + int64_t(K) * K;
+  double* Mw = c + K;
+  ActiveSetQp qp = ActiveSetQp::on(A, K, true, Mw + K);
   if (squared) {
-    double* A = work;
-    for (int64_t e = 0; e < int64_t(K) * K; ++e) A[e] = 2.0 * beta * M[e];
-    return simplex_qp(A, K, q, w, work + int64_t(K) * K);
+    simplex_matrix(M, K, 2.0 * beta, A);
+    const Status status = simplex_qp(qp, q, w);
+    normalise_on_simplex(w, K);
+    return status;
   }
   // ‖x‖ = min_{ρ>0} ‖x‖²/(2ρ) + ρ/2: with r = ρ/β the minimiser for fixed r is
   // w(r) = argmin_Δ ½wᵀMw + r qᵀw, and the optimal r solves φ(r) = ‖g_w(r)‖/r − β = 0, φ nonincreasing
-  // (the partial minimum over w is convex in ρ).
+  // (the partial minimum over w is convex in ρ). Consecutive evaluations share the active set.
+  simplex_matrix(M, K, 1.0, A);
   Status status{0, 1};
-  double* c = work;
-  double* Mw = work + K;
-  double* inner = work + 2 * K;
   auto phi = [&](double r) {
     for (int i = 0; i < K; ++i) c[i] = r * q[i];
-    const Status s = simplex_qp(M, K, c, w, inner);
+    const Status s = simplex_qp(qp, c, w);
     status.iterations += s.iterations;
     status.converged &= s.converged;
     return clamp_sqrt(quad_form(M, K, w, Mw)) / r - beta;
@@ -146,10 +146,12 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
   // (φ(lo) ≤ 0 leaves w(lo) with ‖g_w‖ ≤ β lo); smaller r would only measure the rounding of wᵀMw.
   const double lo = hi * 0.125 * kZeroGwRtol;
   const double flo = phi(lo);
-  if (!(flo > 0.0)) return status;
-  bool ok = false;
-  find_root(phi, lo, flo, hi, phi(hi), 0.0, 4.0 * kDoubleEps, &ok);
-  status.converged &= ok;
+  if (flo > 0.0) {
+    bool ok = false;
+    find_root(phi, lo, flo, hi, phi(hi), 0.0, 4.0 * kDoubleEps, &ok);
+    status.converged &= ok;
+  }
+  normalise_on_simplex(w, K);
   return status;
 }
 
@@ -180,7 +182,7 @@ struct CAGrad {
   double c;
   int rescale;     // 0: r = 1, 1: r = 1 + c², 2: r = 1 + c
   int sum_scale;   // s = K when set, else 1
-  FLATMTL_HD static int64_t work_size(int K) { return 3 * int64_t(K) * K + 9 * int64_t(K); }
+  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 9 * int64_t(K); }
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
     double* b = work;
     const double radius = c * mean_gradient_products(M, K, b);
@@ -196,7 +198,7 @@ struct CAGrad {
 struct IMGrad {
   double alpha;
   int paper;  // 0: official variant, 1: the paper's Eq. 11
-  FLATMTL_HD static int64_t work_size(int K) { return 3 * int64_t(K) * K + 10 * int64_t(K); }
+  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 10 * int64_t(K); }
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
     double* b = work;
     double* q = work + K;

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "flatmtl/solvers/dual_cone.h"
+#include "flatmtl/solvers/fairgrad.h"
 #include "flatmtl/solvers/imtlg.h"
 #include "flatmtl/solvers/mean_sum.h"
 #include "flatmtl/solvers/mgda.h"

@@ -1,0 +1,123 @@
+// FairGrad (reference/fairgrad.py): w > 0 with M w = w^{-1/α} on the rows with M_ii > 0 (0 on the
+// others), by the reference's Newton iteration with backtracking on
+//   f(w) = ½ wᵀMw − Σ u(w_i),  u(w) = log w (α = 1) or w^{1−1/α} / (1 − 1/α),
+// solved on M/‖M‖_F and rescaled; 𝟏/K when no solution is found (as the reference).
+#pragma once
+
+#include "flatmtl/solvers/common.h"
+
+namespace flatmtl::solvers {
+
+constexpr double kFairTol = 1e-10;   // max_i |w_i^{1/α} (Mw)_i − 1|, as FAIR_TOL
+constexpr int kFairMaxNewton = 100;  // MAX_NEWTON_ITER
+constexpr int kFairHalvings = 40;    // the reference halves t from 1 while t > 1e-12: 2^0 … 2^-39, else 2^-40
+
+struct FairGrad {
+  double alpha;
+
+  // Scratch: the active rows, the sub-Gram and the Newton matrix (n² each, n ≤ K), w, Mw, gradient,
+  // step and a trial point (n each).
+  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 6 * int64_t(K); }
+
+  // f(w) on the n x n M for w > 0 (y: n scratch).
+  FLATMTL_HD double objective(const double* M, int n, const double* w, double* y) const {
+    double utility = 0.0;
+    const double power = 1.0 - 1.0 / alpha;
+    for (int i = 0; i < n; ++i) utility += alpha == 1.0 ? log(w[i]) : pow(w[i], power);
+    return 0.5 * quad_form(M, n, w, y) - (alpha == 1.0 ? utility : utility / power);
+  }
+
+  // Moves w to its best multiple t w along its ray: t^{1+1/α} = Σ w_i^{1−1/α} / wᵀMw (when wᵀMw > 0).
+  FLATMTL_HD void to_ray(const double* M, int n, double* w, double* y) const {
+    const double quadratic = quad_form(M, n, w, y);
+    if (!(quadratic > 0.0)) return;
+    double sum = 0.0;
+    for (int i = 0; i < n; ++i) sum += pow(w[i], 1.0 - 1.0 / alpha);
+    const double t = pow(sum / quadratic, alpha / (alpha + 1.0));
+    for (int i = 0; i < n; ++i) w[i] *= t;
+  }
+
+  // Solves on the n x n M (normalised in place); returns whether a solution was found (then in w).
+  FLATMTL_HD Status solve(double* M, int n, double* w, double* work) const {
+    double* H = work;
+    double* Mw = H + int64_t(n) * n;
+    double* grad = Mw + n;
+    double* step = grad + n;
+    double* trial = step + n;
+    const double scale = frobenius_norm(M, int64_t(n) * n);
+    for (int64_t e = 0; e < int64_t(n) * n; ++e) M[e] /= scale;
+    // Starts: the official 𝟏/n and the exact solution for a diagonal M, each on its ray; the lower f wins.
+    for (int i = 0; i < n; ++i) {
+      w[i] = 1.0 / n;
+      trial[i] = pow(M[i * n + i], -alpha / (alpha + 1.0));
+    }
+    to_ray(M, n, w, Mw);
+    to_ray(M, n, trial, Mw);
+    if (objective(M, n, trial, Mw) < objective(M, n, w, Mw)) {
+      for (int i = 0; i < n; ++i) w[i] = trial[i];
+    }
+    for (int it = 0; it <= kFairMaxNewton; ++it) {
+      matvec(M, n, w, Mw);
+      double residual = 0.0;
+      for (int i = 0; i < n; ++i) residual = max2(residual, fabs(pow(w[i], 1.0 / alpha) * Mw[i] - 1.0));
+      if (residual <= kFairTol) {
+        const double rescale = pow(scale, -alpha / (alpha + 1.0));
+        for (int i = 0; i < n; ++i) w[i] *= rescale;
+        return {it, 1};
+      }
+      // Newton step on f: (M + diag(w^{−1/α−1}/α)) step = −(Mw − w^{−1/α}).
+      for (int i = 0; i < n; ++i) {
+        grad[i] = Mw[i] - pow(w[i], -1.0 / alpha);
+        step[i] = -grad[i];
+        for (int j = 0; j <= i; ++j) H[i * n + j] = M[i * n + j];
+        H[i * n + i] += pow(w[i], -1.0 / alpha - 1.0) / alpha;
+      }
+      // Positive definite in exact arithmetic: a failure means w ran off along a null direction of M.
+      if (!cholesky(H, n, n)) return {it, 0};
+      cholesky_solve(H, n, n, step);
+      // Backtracking: stay in w > 0 and ask for Armijo's decrease only while the Newton decrement²
+      // (−slope) is not tiny (near the root f's change is below its rounding; full steps converge there).
+      const double f0 = objective(M, n, w, Mw);
+      const double slope = dot(grad, step, n);
+      double t = 1.0;
+      for (int h = 0; h < kFairHalvings; ++h, t *= 0.5) {
+        bool positive = true;
+        for (int i = 0; i < n; ++i) {
+          trial[i] = w[i] + t * step[i];
+          positive = positive && trial[i] > 0.0;
+        }
+        if (positive && (-slope <= 1e-10 || objective(M, n, trial, Mw) <= f0 + 1e-4 * t * slope)) break;
+      }
+      bool finite = true;
+      for (int i = 0; i < n; ++i) {
+        w[i] += t * step[i];
+        finite = finite && isfinite(w[i]);
+      }
+      if (!finite) return {it + 1, 0};
+    }
+    return {kFairMaxNewton + 1, 0};
+  }
+
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+    double* index = work;  // active rows (M_ii > 0), as doubles
+    int n = 0;
+    for (int i = 0; i < K; ++i) {
+      if (M[i * K + i] > 0.0) index[n++] = i;
+    }
+    for (int i = 0; i < K; ++i) w[i] = 0.0;
+    if (n == 0) return {0, 1};
+    double* sub = index + K;
+    double* solution = sub + int64_t(n) * n;
+    for (int a = 0; a < n; ++a) {
+      for (int b = 0; b < n; ++b) sub[a * n + b] = M[int(index[a]) * K + int(index[b])];
+    }
+    const Status status = solve(sub, n, solution, solution + n);
+    for (int a = 0; a < n; ++a) w[int(index[a])] = status.converged ? solution[a] : 0.0;
+    if (!status.converged) {
+      for (int i = 0; i < K; ++i) w[i] = 1.0 / K;
+    }
+    return status;
+  }
+};
+
+}  // namespace flatmtl::solvers
