@@ -118,6 +118,13 @@ FLATMTL_HD inline double frobenius_norm(const double* A, int64_t n) {
   return largest * sqrt(sum);
 }
 
+// Divides the n x n M by ‖M‖_F in place (Nash-MTL and FairGrad solve on the normalised Gram); returns ‖M‖_F.
+FLATMTL_HD inline double normalize_frobenius(double* M, int n) {
+  const double scale = frobenius_norm(M, int64_t(n) * n);
+  for (int64_t e = 0; e < int64_t(n) * n; ++e) M[e] /= scale;
+  return scale;
+}
+
 FLATMTL_HD inline double trace(const double* M, int K) {
   double s = 0.0;
   for (int i = 0; i < K; ++i) s += M[i * K + i];

@@ -45,6 +45,18 @@ FLATMTL_HD inline int64_t dual_cone_work_size(int K) {
   return int64_t(K) * K + 5 * int64_t(K) + ActiveSetQp::work_size(K);
 }
 
+// The workspace of UPGrad and DualProj laid out in `work`, with P and 1/diag(P) formed from M.
+struct DualConeWork {
+  double* P;
+  double* inv_diag;
+  double* q;
+  double* x;
+  FLATMTL_HD DualConeWork(const double* M, int K, double norm_eps, double reg_eps, double* work)
+      : P(work), inv_diag(work + int64_t(K) * K), q(inv_diag + K), x(q + K) {
+    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
+  }
+};
+
 // UPGrad: w = Σ_i argmin_{v ≥ p_i e_i} vᵀPv (p = pref, or 𝟏/K when pref is null).
 struct UPGrad {
   const double* pref;
@@ -52,20 +64,16 @@ struct UPGrad {
   double reg_eps;
   FLATMTL_HD static int64_t work_size(int K) { return dual_cone_work_size(K); }
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    double* P = work;
-    double* inv_diag = work + int64_t(K) * K;
-    double* q = inv_diag + K;
-    double* x = q + K;
-    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
+    const DualConeWork ws(M, K, norm_eps, reg_eps, work);
     Status total{0, 1};
     for (int k = 0; k < K; ++k) w[k] = 0.0;
     for (int i = 0; i < K; ++i) {
       // u = u_i e_i, q = P u (row i of the symmetric P, scaled).
       const double ui = pref ? pref[i] : 1.0 / K;
-      for (int k = 0; k < K; ++k) q[k] = P[int64_t(i) * K + k] * ui;
-      const Status s = nonnegative_qp(P, K, q, inv_diag, x, x + K);
+      for (int k = 0; k < K; ++k) ws.q[k] = ws.P[int64_t(i) * K + k] * ui;
+      const Status s = nonnegative_qp(ws.P, K, ws.q, ws.inv_diag, ws.x, ws.x + K);
       w[i] += ui;
-      axpy(1.0, x, w, K);
+      axpy(1.0, ws.x, w, K);
       total.iterations += s.iterations;
       total.converged &= s.converged;
     }
@@ -80,15 +88,11 @@ struct DualProj {
   double reg_eps;
   FLATMTL_HD static int64_t work_size(int K) { return dual_cone_work_size(K); }
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    double* P = work;
-    double* inv_diag = work + int64_t(K) * K;
-    double* q = inv_diag + K;
-    double* x = q + K;
-    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
+    const DualConeWork ws(M, K, norm_eps, reg_eps, work);
     for (int k = 0; k < K; ++k) w[k] = pref ? pref[k] : 1.0 / K;  // u
-    matvec(P, K, w, q);
-    const Status status = nonnegative_qp(P, K, q, inv_diag, x, x + K);
-    axpy(1.0, x, w, K);
+    matvec(ws.P, K, w, ws.q);
+    const Status status = nonnegative_qp(ws.P, K, ws.q, ws.inv_diag, ws.x, ws.x + K);
+    axpy(1.0, ws.x, w, K);
     return status;
   }
 };

@@ -44,8 +44,7 @@ struct FairGrad {
     double* grad = Mw + n;
     double* step = grad + n;
     double* trial = step + n;
-    const double scale = frobenius_norm(M, int64_t(n) * n);
-    for (int64_t e = 0; e < int64_t(n) * n; ++e) M[e] /= scale;
+    const double scale = normalize_frobenius(M, n);
     // Starts: the official 𝟏/n and the exact solution for a diagonal M, each on its ray; the lower f wins.
     for (int i = 0; i < n; ++i) {
       w[i] = 1.0 / n;

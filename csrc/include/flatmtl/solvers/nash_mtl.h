@@ -34,8 +34,7 @@ FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_i
   double* grad = Ma + n;
   double* step = grad + n;
   double* other = step + n;
-  const double scale = frobenius_norm(M, int64_t(n) * n);
-  for (int64_t e = 0; e < int64_t(n) * n; ++e) M[e] /= scale;
+  const double scale = normalize_frobenius(M, n);
   // Two starts: the warm start and the exact solution for a diagonal M; keep the lower f.
   for (int i = 0; i < n; ++i) {
     alpha[i] = start[i] * sqrt(scale);
