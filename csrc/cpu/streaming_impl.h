@@ -6,6 +6,9 @@
 #pragma once
 
 #include <omp.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -417,40 +420,70 @@ inline void perturb(const void* base, const void* direction, DType direction_dty
 typedef uint64_t vq __attribute__((vector_size(FLATMTL_VEC_BYTES)));  // kLanes / 2 lanes
 typedef double vd __attribute__((vector_size(FLATMTL_VEC_BYTES)));
 typedef int64_t vl __attribute__((vector_size(FLATMTL_VEC_BYTES)));
+typedef float vhf __attribute__((vector_size(FLATMTL_VEC_BYTES / 2)));  // kWide float32 lanes
 constexpr int kWide = kLanes / 2;                // float64 / uint64 lanes per register
+constexpr int kPhiloxStreams = 4;                // independent registers in flight: hides the multiply latency
+constexpr int kPhiloxBlock = kPhiloxStreams * kWide;
 constexpr int64_t kDropChunk = 512;              // columns whose K rows stay in L1 across the two passes
+static_assert(kDropChunk % kPhiloxBlock == 0, "a GradDrop chunk holds whole Philox blocks");
 
-// Triton's tl.rand(seed, offset) for kWide consecutive int64 offsets (Philox-4x32-10, first output word,
-// then int32 bitcast, ~x where negative, float32(x) * 4.6566127342e-10f): see reference/_philox.py.
-// 32-bit words live in 64-bit lanes so one multiply gives both halves of the 32 x 32 -> 64 product.
+// Low 32 bits of each 64-bit lane of a times those of b, as a full 64-bit product. GCC lowers the
+// generic form to a 64 x 64 multiply (vpmullq, or three multiplies on AVX2), 3-7x slower than pmuludq.
+inline vq mul_low32(vq a, vq b) {
+#if defined(__AVX512F__) && FLATMTL_VEC_BYTES == 64
+  return (vq)_mm512_mul_epu32((__m512i)a, (__m512i)b);
+#elif defined(__AVX2__) && FLATMTL_VEC_BYTES == 32
+  return (vq)_mm256_mul_epu32((__m256i)a, (__m256i)b);
+#elif defined(__SSE2__) && FLATMTL_VEC_BYTES == 16
+  return (vq)_mm_mul_epu32((__m128i)a, (__m128i)b);
+#else
+  return (a & 0xFFFFFFFFu) * (b & 0xFFFFFFFFu);
+#endif
+}
+
+// Triton's tl.rand(seed, offset) for the kPhiloxBlock consecutive int64 offsets from `first`
+// (Philox-4x32-10, first output word, then int32 bitcast, ~x where negative, float32(x) * 4.6566127342e-10f):
+// see reference/_philox.py. 32-bit words live in 64-bit lanes so one multiply gives both halves of the
+// 32 x 32 -> 64 product; only the low 32 bits of a lane are meaningful (mul_low32 ignores the rest).
 inline void philox_uniform(uint64_t seed, int64_t first, float* u) {
   constexpr uint64_t kMask = 0xFFFFFFFFu;
-  vq offsets;
-  for (int l = 0; l < kWide; ++l) offsets[l] = uint64_t(first + l);
-  vq c0 = offsets & kMask, c1 = offsets >> 32, c2 = vq{}, c3 = vq{};
+  vq c0[kPhiloxStreams], c1[kPhiloxStreams], c2[kPhiloxStreams], c3[kPhiloxStreams];
+  for (int s = 0; s < kPhiloxStreams; ++s) {
+    vq offsets;
+    for (int l = 0; l < kWide; ++l) offsets[l] = uint64_t(first + s * kWide + l);
+    c0[s] = offsets;
+    c1[s] = offsets >> 32;
+    c2[s] = c3[s] = vq{};
+  }
   uint64_t k0 = seed & kMask, k1 = seed >> 32;
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    const vq pb = c2 * uint64_t(0xCD9E8D57u);
-    const vq pa = c0 * uint64_t(0xD2511F53u);
-    c0 = (pb >> 32) ^ c1 ^ k0;
-    c2 = (pa >> 32) ^ c3 ^ k1;
-    c1 = pb & kMask;
-    c3 = pa & kMask;
+#pragma GCC unroll 8
+    for (int s = 0; s < kPhiloxStreams; ++s) {
+      const vq pb = mul_low32(c2[s], vq{} + 0xCD9E8D57u);
+      const vq pa = mul_low32(c0[s], vq{} + 0xD2511F53u);
+      c0[s] = (pb >> 32) ^ c1[s] ^ k0;
+      c2[s] = (pa >> 32) ^ c3[s] ^ k1;
+      c1[s] = pb;
+      c3[s] = pa;
+    }
     k0 = (k0 + 0x9E3779B9u) & kMask;
     k1 = (k1 + 0xBB67AE85u) & kMask;
   }
-  for (int l = 0; l < kWide; ++l) {
-    const uint32_t x = uint32_t(c0[l]);
-    const int32_t positive = x >= 0x80000000u ? int32_t(~x) : int32_t(x);
-    u[l] = float(positive) * 4.6566127342e-10f;
+  for (int s = 0; s < kPhiloxStreams; ++s) {
+    const vq x = c0[s] & kMask;
+    const vq positive = (x >= 0x80000000u) ? (~x & kMask) : x;
+    // int -> double exactly (x < 2^52) without an int64 conversion, which AVX2 lacks: (2^52 + x) - 2^52
+    const vd exact = (vd)(positive | 0x4330000000000000u) - 0x1p52;
+    const vhf v = __builtin_convertvector(exact, vhf) * 4.6566127342e-10f;
+    std::memcpy(u + s * kWide, &v, sizeof v);
   }
 }
 
 inline vd widen(const float* p) {
-  vd v;
-  for (int l = 0; l < kWide; ++l) v[l] = double(p[l]);
-  return v;
+  vhf h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vd);
 }
 inline vd widen(const uint16_t* p) {
   vd v;
@@ -458,32 +491,40 @@ inline vd widen(const uint16_t* p) {
   return v;
 }
 
-// d[c] = sum_k (leak_k + (1 - leak_k) keep_k[c]) g_k[c] for the kWide columns starting at rows[k] + at,
-// whose global column index (the Philox offset) is `column`; decided and summed in float64 in the
-// reference's order (reference/graddrop.py), so the result matches it bit for bit.
+// d[c] = sum_k (leak_k + (1 - leak_k) keep_k[c]) g_k[c] for the kPhiloxBlock columns starting at rows[k] + at,
+// with uniforms u; decided and summed in float64 in the reference's order (reference/graddrop.py), so the
+// result matches it bit for bit. kPhiloxStreams registers per sum keep the adds off one dependency chain.
 template <typename T>
-inline void graddrop_group(const T* const* rows, int64_t at, const double* leak, int64_t K, int64_t column,
-                           uint64_t seed, double* d) {
-  vd total{}, magnitude{};
+inline void graddrop_block(const T* const* rows, int64_t at, const double* leak, int64_t K, const float* u,
+                           double* d) {
+  constexpr int S = kPhiloxStreams;
+  vd total[S] = {}, magnitude[S] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const vd g = widen(rows[k] + at);
-    total += g;
-    magnitude += (g < 0) ? -g : g;
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const vd g = widen(rows[k] + at + s * kWide);
+      total[s] += g;
+      magnitude[s] += (g < 0) ? -g : g;
+    }
   }
-  float u32[kWide];
-  philox_uniform(seed, column, u32);
-  vd u;
-  for (int l = 0; l < kWide; ++l) u[l] = double(u32[l]);
-  const vd p = 0.5 * (1.0 + total / ((magnitude > 0) ? magnitude : vd{} + 1.0));
-  const vl above = p > u, below = p < u;
-  vd sum{};
+  vl above[S], below[S];
+  for (int s = 0; s < S; ++s) {
+    const vd p = 0.5 * (1.0 + total[s] / ((magnitude[s] > 0) ? magnitude[s] : vd{} + 1.0));
+    const vd u_s = widen(u + s * kWide);
+    above[s] = p > u_s;
+    below[s] = p < u_s;
+  }
+  vd sum[S] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const vd g = widen(rows[k] + at);
-    const vl keep = (above & (g > 0)) | (below & (g < 0));
-    const vd kept = keep ? vd{} + 1.0 : vd{};
-    sum += (leak[k] + (1.0 - leak[k]) * kept) * g;
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const vd g = widen(rows[k] + at + s * kWide);
+      const vl keep = (above[s] & (g > 0)) | (below[s] & (g < 0));
+      const vd kept = keep ? vd{} + 1.0 : vd{};
+      sum[s] += (leak[k] + (1.0 - leak[k]) * kept) * g;
+    }
   }
-  std::memcpy(d, &sum, sizeof sum);
+  std::memcpy(d, sum, sizeof sum);
 }
 
 template <typename T, typename O>
@@ -493,25 +534,27 @@ void graddrop_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, con
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<const T*> rows(static_cast<size_t>(K)), padded_rows(static_cast<size_t>(K));
-    std::vector<T> padded(size_t(K * kWide));  // the last partial group, zero-filled to a full vector
+    std::vector<T> padded(size_t(K * kPhiloxBlock));  // the last partial block, zero-filled
     for (int64_t k = 0; k < K; ++k) {
       rows[size_t(k)] = base + k * row_stride;
-      padded_rows[size_t(k)] = padded.data() + k * kWide;
+      padded_rows[size_t(k)] = padded.data() + k * kPhiloxBlock;
     }
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t c_end = std::min(N, (ch + 1) * kDropChunk);
-      for (int64_t c0 = ch * kDropChunk; c0 < c_end; c0 += kWide) {
-        double d[kWide];
-        const int64_t valid = std::min<int64_t>(kWide, c_end - c0);
-        if (valid == kWide) {
-          graddrop_group(rows.data(), c0, leak, K, c0, seed, d);
+      for (int64_t c0 = ch * kDropChunk; c0 < c_end; c0 += kPhiloxBlock) {
+        float u[kPhiloxBlock];
+        double d[kPhiloxBlock];
+        philox_uniform(seed, c0, u);
+        const int64_t valid = std::min<int64_t>(kPhiloxBlock, c_end - c0);
+        if (valid == kPhiloxBlock) {
+          graddrop_block(rows.data(), c0, leak, K, u, d);
         } else {
           std::fill(padded.begin(), padded.end(), T(0));
           for (int64_t k = 0; k < K; ++k) {
-            std::copy(rows[size_t(k)] + c0, rows[size_t(k)] + c0 + valid, padded.begin() + k * kWide);
+            std::copy(rows[size_t(k)] + c0, rows[size_t(k)] + c0 + valid, padded.begin() + k * kPhiloxBlock);
           }
-          graddrop_group(padded_rows.data(), 0, leak, K, c0, seed, d);
+          graddrop_block(padded_rows.data(), 0, leak, K, u, d);
         }
         for (int64_t l = 0; l < valid; ++l) store_scalar(out + c0 + l, float(d[l]));
       }
