@@ -141,17 +141,29 @@ def print_table(rows: list[Row]) -> None:
 
 
 def write_results(suite: str, device: torch.device, ceilings: Ceilings, rows: list[Row], config: dict) -> Path:
-    """Merge this suite's rows into bench/results/<device>.json (other suites' entries are kept)."""
+    """Merge this run's rows into bench/results/<device>.json: a row replaces the earlier row of the same
+    case (suite, op, impl, K, N, dtype), other rows and suites are kept, so partial runs (one method, one K)
+    add to the record instead of erasing it. Each row keeps the time it was measured; the suite keeps the
+    latest run's configuration and ceilings."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{device_name(device)}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    for r in rows:
+        r.extra.setdefault("when", now)
+
+    def case(row: dict) -> tuple:
+        return tuple(row[k] for k in ("suite", "op", "impl", "K", "N", "dtype"))
+
+    merged = {case(row): row for row in data.get(suite, {}).get("rows", [])}
+    merged.update({case(row): row for row in map(asdict, rows)})
     data["device"] = device_name(device)
     data["torch"] = torch.__version__
     data[suite] = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "when": now,
         "config": config,
         "ceilings_GBps": {"copy": ceilings.copy_bandwidth / 1e9, "read": ceilings.read_bandwidth / 1e9},
-        "rows": [asdict(r) for r in rows],
+        "rows": list(merged.values()),
     }
     path.write_text(json.dumps(data, indent=1))
     return path
