@@ -2,8 +2,9 @@
 beside the reference backend and torchjd's aggregator of the same method, on the same matrix.
 
 Bytes counted for the fused step: the two-read floor (G read by gram, G read again by combine, d
-written once). Peak extra memory is measured separately, in a fresh process per case (see
-``peak_extra_memory``), because the CPU allocator offers no resettable high-water mark.
+written once). Peak extra memory: on CUDA from the caching allocator's high-water mark around one step;
+on the CPU separately, in a fresh process per case (see ``peak_extra_memory``), because the CPU allocator
+offers no resettable high-water mark.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 import flatmtl_fast
 
-from .common import Row, median_time, rotation
+from .common import Row, cuda_peak_extra_bytes, median_time, rotation
 
 SUITE = "aggregators"
 
@@ -64,20 +65,25 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
     two_reads = 2 * G.numel() * G.element_size() + N * 4
     rows: list[Row] = []
 
-    def add(op: str, impl: str, seconds: float, nbytes: int) -> None:
-        rows.append(Row(SUITE, f"{name}:{op}", impl, K, N, "float32", seconds, nbytes))
+    def add(op: str, impl: str, fn: Callable, step_inputs: list, nbytes: int, repeat: int = repeat) -> None:
+        row = Row(
+            SUITE, f"{name}:{op}", impl, K, N, "float32", median_time(fn, device, step_inputs, repeat=repeat), nbytes
+        )
+        if device.type == "cuda" and op == "step":
+            row.extra["peak_extra_MB"] = cuda_peak_extra_bytes(lambda: fn(*inputs[0]), device) / 1e6
+        rows.append(row)
 
     fused = _ours(name, "fused")
-    add("step", "flatmtl", median_time(lambda g, o: fused(g, losses, out=o), device, inputs, repeat=repeat), two_reads)
+    add("step", "flatmtl", lambda g, o: fused(g, losses, out=o), inputs, two_reads)
     if hasattr(fused, "weights"):
         M = flatmtl_fast.gram(G, dtype=torch.float64)
-        add("solve", "flatmtl", median_time(lambda: fused.weights(M, losses), device, repeat=repeat), M.numel() * 8)
+        add("solve", "flatmtl", lambda: fused.weights(M, losses), [()], M.numel() * 8)
     reference = _ours(name, "reference")
-    add("step", "reference", median_time(lambda g, o: reference(g, losses), device, inputs[:2], repeat=3), two_reads)
+    add("step", "reference", lambda g, o: reference(g, losses), inputs[:2], two_reads, repeat=3)
     peer = TORCHJD_PEERS.get(name)
     if peer is not None and torchjd_available():
         jd = peer(K)
-        add("step", "torchjd", median_time(lambda g, o: jd(g), device, inputs, repeat=repeat), two_reads)
+        add("step", "torchjd", lambda g, o: jd(g), inputs, two_reads)
     flat = next(r for r in rows if r.impl == "flatmtl" and r.op.endswith("step")).seconds
     for r in rows:
         if r.op.endswith("step") and r.impl != "flatmtl":
