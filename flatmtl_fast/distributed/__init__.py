@@ -5,13 +5,14 @@ forms the partial Gram of its own columns, and the ranks exchange K × K numbers
 
 **Replicated layout** (DDP-style: every rank holds all N shared parameters and its own batch), per step:
 
-1. consistency check: one all-gather of 7 integers per rank (K, N, dtype, layout, aggregator, …); ranks that
+1. consistency check: one all-gather of 8 integers per rank (K, N, dtype, layout, aggregator, …); ranks that
    disagree all raise :class:`DistributedStepError` instead of running mismatched collectives (which hang);
 2. all-reduce of the K losses (their mean: loss-based methods see the global losses), and of the
    task-specific parameters' gradients (their mean);
 3. reduce-scatter of the K × N task gradients, one row at a time (sum, then ÷ P): rank r receives columns
    [r S, (r + 1) S) of the mean over ranks, S = ⌈N / P⌉ (N is zero-padded to P S when P does not divide it:
-   then each row goes through one staging row; otherwise nothing is copied);
+   then each row goes through one staging row; otherwise nothing is copied). Rows that every rank already
+   holds averaged (``averaged_rows``: F-MTL's clean g_i) are sliced locally instead, with no communication;
 4. partial Gram of the K × S shard in float64, all-reduced (K² · 8 bytes);
 5. every rank solves (so stateful aggregators stay in step) and rank 0's weights are broadcast (K numbers):
    the weights are identical bit for bit on every rank, whatever the reductions' rounding on each device;
@@ -44,6 +45,12 @@ all-reduced (8 K bytes) and the shard is recombined, so DB-MTL equals the single
 not run, the per-task gradients stay per-rank, and the step's reduce-scatter does the averaging. Outside
 ``no_sync`` DDP's reducer would all-reduce during the K task backward passes (it expects one backward per
 forward) — the gradients would be averaged twice, at K times the traffic.
+
+**F-MTL** (``FMTL(..., process_group=...)``, replicated): every rank must perturb by the ε_i of the whole batch,
+so the clean g_i are all-reduced (K N b) before the perturbed passes; the step then takes the 2K rows [g; h] with
+``averaged_rows=K``: only the K rows h_i are reduce-scattered, the g rows' shard is a local slice. One rank sends
+≈ (P−1)/P · (3K + 1) N b per step (ring), against (P−1)/P · 4K N b for an all-reduce of [g; h] (and
+(4K + 1) N b if the averaged g rows were reduce-scattered again). The FMTL docstring lists every term.
 
 Timeouts: a rank that raises or exits mid-step leaves the others waiting in a collective until the process
 group's timeout (``init_process_group(timeout=...)``); gloo then raises, turned into a

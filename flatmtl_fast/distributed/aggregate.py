@@ -21,7 +21,9 @@ from .traffic import DistributedStepError, Traffic, run_collective
 Layout = Literal["replicated", "sharded"]
 LAYOUTS: tuple[Layout, ...] = ("replicated", "sharded")
 #: What every rank must agree on before the heavy collectives run (N only in the replicated layout).
-_AGREEMENT_FIELDS = ("K", "N", "dtype", "layout", "aggregator", "losses given", "task-parameter scalars")
+_AGREEMENT_FIELDS = (
+    "K", "N", "dtype", "layout", "aggregator", "losses given", "task-parameter scalars", "averaged rows"
+)  # fmt: skip
 _DTYPES = primitive_checks.G_DTYPES
 
 
@@ -41,8 +43,9 @@ class DistributedStep:
 
     Construction validates the inputs, checks that every rank runs the same step (unless
     ``check=False``), all-reduces the losses to their mean, and — in the replicated layout — averages
-    the task-specific parameters' gradients and reduce-scatters G. Then, for a Gramian aggregator:
-    :meth:`gram` → :meth:`weights` → :meth:`combine`; for GradDrop and DB-MTL: :meth:`apply`.
+    the task-specific parameters' gradients and reduce-scatters the rows of G not averaged yet. Then,
+    for a Gramian aggregator: :meth:`gram` → :meth:`weights` → :meth:`combine`; for GradDrop and DB-MTL:
+    :meth:`apply`.
     :func:`aggregate` runs these in order; ``flatmtl_fast.backward(process_group=...)`` runs them with its
     non-finite policy in between. Every rank must construct the step and call the same stages.
 
@@ -58,6 +61,10 @@ class DistributedStep:
         task_params: task-specific parameters whose ``.grad`` is averaged over ranks (replicated layout;
             a missing ``.grad`` counts as zero, so every rank ends with one).
         check: run the consistency check (one all-gather of a few integers and one host synchronisation).
+        averaged_rows: how many leading rows of G already hold the mean over ranks, identical on every
+            rank (F-MTL's clean g_i, all-reduced before its perturbations). In the replicated layout their
+            shard is sliced locally instead of reduce-scattered (P ⌈N / P⌉ · itemsize bytes saved a row);
+            the sharded layout already treats every row so.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class DistributedStep:
         layout: Layout = "replicated",
         task_params: Iterable[Tensor] = (),
         check: bool = True,
+        averaged_rows: int = 0,
     ) -> None:
         if not isinstance(aggregator, Aggregator):
             raise TypeError(
@@ -83,6 +91,8 @@ class DistributedStep:
         if layout not in LAYOUTS:
             raise ValueError(f"distributed: layout must be 'replicated' or 'sharded', got {layout!r}")
         K, N, _ = primitive_checks.check_G(G, "distributed")
+        if isinstance(averaged_rows, bool) or not isinstance(averaged_rows, int) or not 0 <= averaged_rows <= K:
+            raise ValueError(f"distributed: averaged_rows must be an integer in [0, K = {K}], got {averaged_rows!r}")
         name = type(aggregator).__name__
         check_losses(losses, K, G.device, required=aggregator.needs_losses, owner=f"distributed {name}")
         self.group = _resolve(group)
@@ -94,14 +104,14 @@ class DistributedStep:
         self._gram: Tensor | None = None
         task_params = list(task_params)
         if check:
-            self._check_agreement(G, losses is not None, sum(p.numel() for p in task_params))
+            self._check_agreement(G, losses is not None, sum(p.numel() for p in task_params), averaged_rows)
         #: The losses averaged over ranks (float64), or None.
         self.losses = None if losses is None else self._mean(losses.detach().to(torch.float64), "the losses")
         replicated = layout == "replicated" and self.world_size > 1
         if replicated:
             self._average_gradients(task_params, G.device)
         #: This rank's columns of the task gradients averaged over ranks (K × S).
-        self.shard = self._reduce_scatter(G) if replicated else G
+        self.shard = self._reduce_scatter(G, averaged_rows) if replicated else G
 
     def gram(self) -> Tensor:
         """The K × K float64 Gram of the gradients averaged over ranks (partial Grams, all-reduced)."""
@@ -168,14 +178,15 @@ class DistributedStep:
             kind, what, self.traffic, whole.numel() * whole.element_size(), self.group, tensor, *args, **kwargs
         )
 
-    def _check_agreement(self, G: Tensor, has_losses: bool, task_numel: int) -> None:
+    def _check_agreement(self, G: Tensor, has_losses: bool, task_numel: int, averaged_rows: int) -> None:
         """One all-gather of a few integers: ranks that would run different collectives all raise here instead."""
         K, N = G.shape
         # The class decides the sequence of collectives. Not the repr: tensors in it name each rank's device,
         # and differing hyperparameters cannot hang a step (every rank uses rank 0's weights).
         cls = type(self.aggregator)
         fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode())
-        values = [K, N, _DTYPES.index(G.dtype), LAYOUTS.index(self.layout), fingerprint, int(has_losses), task_numel]
+        layout, dtype = LAYOUTS.index(self.layout), _DTYPES.index(G.dtype)
+        values = [K, N, dtype, layout, fingerprint, int(has_losses), task_numel, averaged_rows]
         mine = torch.tensor(values, dtype=torch.int64, device=G.device)
         everyone = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=G.device)
         self._collective("check", "consistency check", everyone, mine)
@@ -193,7 +204,7 @@ class DistributedStep:
             )
             raise DistributedStepError(
                 f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
-                "same K, dtype, layout, aggregator class, losses or none, task parameters and, "
+                "same K, dtype, layout, aggregator class, losses or none, task parameters, averaged rows and, "
                 f"in the replicated layout, N (this rank's aggregator: {self.aggregator!r}). Nothing was "
                 "communicated beyond this check"
             )
@@ -215,26 +226,33 @@ class DistributedStep:
             else:
                 p.grad.copy_(piece)
 
-    def _reduce_scatter(self, G: Tensor) -> Tensor:
-        """Rank r's columns [r S, (r + 1) S) of the mean of G over ranks, S = ⌈N / P⌉, one collective per row.
+    def _reduce_scatter(self, G: Tensor, averaged_rows: int) -> Tensor:
+        """Rank r's columns [r S, (r + 1) S) of the mean of G over ranks, S = ⌈N / P⌉, zero-padded past N.
 
-        A row of G is contiguous, so it is reduce-scattered in place when P divides N; otherwise it goes
-        through one zero-padded staging row (the padding contributes nothing to the Gram or to d). Row by
-        row rather than one (P, K, S) collective: that layout would need a copy of all of G.
+        The first ``averaged_rows`` rows already are that mean: their columns are copied locally. The others
+        are reduce-scattered, one collective per row. A row of G is contiguous, so it is reduce-scattered in
+        place when P divides N; otherwise it goes through one zero-padded staging row (the padding contributes
+        nothing to the Gram or to d). Row by row rather than one (P, K, S) collective: that layout would need
+        a copy of all of G.
         """
         K, N = G.shape
         P = self.world_size
         S = -(-N // P)
         shard = torch.empty(K, S, dtype=G.dtype, device=G.device)
+        start = dist.get_rank(self.group) * S
+        width = max(0, min(S, N - start))  # the last ranks' columns may run past N (or start past it)
+        shard[:averaged_rows, :width].copy_(G[:averaged_rows, start : start + width])
+        shard[:averaged_rows, width:].zero_()
         padded = None if S * P == N else torch.zeros(S * P, dtype=G.dtype, device=G.device)
-        for k in range(K):
+        for k in range(averaged_rows, K):
             row = G[k]
             if padded is not None:
                 # Reused for every row: the collectives are synchronous, so the previous one has read it.
                 padded[:N].copy_(row)
                 row = padded
             self._collective("reduce_scatter", f"reduce-scatter of task gradient {k}", shard[k], row)
-        return shard.div_(P)
+        shard[averaged_rows:].div_(P)
+        return shard
 
     def _rebalance(self, buffer: Tensor) -> Tensor:
         """DB-MTL's d = αᵀB over this rank's columns of B, with α from the norms of the whole buffer."""
@@ -283,6 +301,7 @@ def aggregate(
     layout: Layout = "replicated",
     out: Tensor | None = None,
     check: bool = True,
+    averaged_rows: int = 0,
 ) -> Aggregation:
     """Aggregate the task gradients of all ranks of ``group``: every rank calls it with its own G.
 
@@ -291,7 +310,7 @@ def aggregate(
     rank. Sharded layout: G holds this rank's columns of the averaged gradients, ``out`` receives the
     same columns of the direction. See :class:`DistributedStep` for the arguments and the stages.
     """
-    step = DistributedStep(G, aggregator, losses, group=group, layout=layout, check=check)
+    step = DistributedStep(G, aggregator, losses, group=group, layout=layout, check=check, averaged_rows=averaged_rows)
     if isinstance(aggregator, GramianAggregator):
         w = step.weights()
         return Aggregation(step.combine(w, out), w, step.traffic)

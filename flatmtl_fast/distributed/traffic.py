@@ -40,6 +40,10 @@ class Traffic:
     broadcast: int = 0
     check: int = 0
 
+    def __add__(self, other: Traffic) -> Traffic:
+        """The bytes of both, kind by kind (e.g. F-MTL's own collectives and its aggregation step's)."""
+        return Traffic(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
     @property
     def total(self) -> int:
         """The sum over all kinds."""

@@ -15,6 +15,7 @@ SEED = 7
 #: Aggregators whose distributed result must equal the single-process result on the averaged gradients.
 EXACT = ("MGDA", "PCGrad", "CAGrad", "NashMTL", "UPGrad", "IMGrad", "DBMTL")
 RANDOMISED = ("PCGrad", "GradDrop")
+AVERAGED = 2  # leading rows of G already averaged over ranks in the ``averaged_rows`` cases
 BATCH = 12  # divisible by 1, 2 and 3: every rank gets an equal slice
 HIDDEN = 12  # the tensor-parallel layer's width, split evenly over 1, 2 or 3 ranks
 

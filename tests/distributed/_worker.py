@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from distributed._cases import (
+    AVERAGED,
     EXACT,
     HIDDEN,
     N_VALUES,
@@ -83,6 +84,17 @@ def counting() -> Iterator[list[tuple[str, list[int]]]]:
         _log = None
 
 
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Leave the model's own communication (tensor parallelism's gathers) out of an active count."""
+    global _log
+    saved, _log = _log, None
+    try:
+        yield
+    finally:
+        _log = saved
+
+
 def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
@@ -91,10 +103,12 @@ def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
     results: dict[str, Any] = {"errors": {}}
     scenarios = {
         "aggregate": lambda: _aggregate_cases(rank, groups),
+        "averaged_rows": lambda: _averaged_rows(rank, groups),
         "mismatch": lambda: _mismatch(rank),
         "backward_ddp": lambda: _backward_ddp(rank, groups),
         "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
         "fmtl": lambda: _fmtl(rank, groups),
+        "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
         "nonfinite": lambda: _nonfinite(rank),
         "raises_mid_step": lambda: _raises_mid_step(rank, store),  # last: it leaves its subgroup broken
     }
@@ -128,6 +142,22 @@ def _aggregate_cases(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tu
                             "traffic": asdict(result.traffic),
                             "calls": calls,
                         }
+    return out
+
+
+def _averaged_rows(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """``aggregate(averaged_rows=AVERAGED)``: the leading rows are already the mean (identical on every rank),
+    the others this rank's own; only the latter are reduce-scattered."""
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for N in N_VALUES:
+            G, losses = rank_inputs(P, rank, N, 0)
+            G[:AVERAGED] = mean_inputs(P, N, 0)[0][:AVERAGED]
+            with counting() as calls:
+                result = aggregate(G, make("UPGrad"), losses=losses, group=group, averaged_rows=AVERAGED)
+            out[P, N] = {"direction": result.direction, "traffic": asdict(result.traffic), "calls": calls}
     return out
 
 
@@ -250,12 +280,49 @@ def _fmtl(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[s
             fmtl = flatmtl_fast.FMTL(
                 shared, make(name), rho=0.5, variant=variant, task_params=list(net.heads), process_group=group
             )
-            fmtl.step(lambda net=net, P=P: net(x.chunk(P)[rank], y.chunk(P)[rank]))
+            with counting() as calls:
+                fmtl.step(lambda net=net, P=P: net(x.chunk(P)[rank], y.chunk(P)[rank]))
             out[P, name, variant] = {
                 "shared": shared.grad.clone(),
                 "heads": [p.grad.clone() for p in net.heads.parameters()],
                 "weights": [p.detach().clone() for p in net.parameters()],
+                "traffic": asdict(fmtl.traffic),
+                "calls": calls,
             }
+    return out
+
+
+def _fmtl_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[int, dict[str, Any]]:
+    """``FMTL(layout="sharded")``: each rank owns rows of the wide layer (and perturbs only those), all ranks
+    see the whole batch, the perturbation norms are summed over the slices."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        net = WideNet()
+        rows = torch.arange(HIDDEN).chunk(P)[rank]
+        weight = nn.Parameter(net.layer.weight.detach()[rows].clone())
+        bias = nn.Parameter(net.layer.bias.detach()[rows].clone())
+        shared = flatmtl_fast.FlatParameters([weight, bias])
+        fmtl = flatmtl_fast.FMTL(
+            shared, make("UPGrad"), rho=0.5, task_params=list(net.heads), process_group=group, layout="sharded"
+        )
+
+        def closure(net: WideNet = net, weight: Tensor = weight, bias: Tensor = bias, group=group) -> Tensor:
+            with uncounted():
+                z = GatherFeatures.apply(torch.tanh(nn.functional.linear(x, weight, bias)), group)
+            return task_losses(net.heads, z, y)
+
+        with counting() as calls:
+            fmtl.step(closure)
+        out[P] = {
+            "weight": weight.grad.clone(),
+            "bias": bias.grad.clone(),
+            "heads": [p.grad.clone() for p in net.heads.parameters()],
+            "traffic": asdict(fmtl.traffic),
+            "calls": calls,
+        }
     return out
 
 

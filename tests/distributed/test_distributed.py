@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from distributed import _worker
 from distributed._cases import (
+    AVERAGED,
     EXACT,
     HIDDEN,
     N_VALUES,
@@ -38,7 +39,7 @@ from flatmtl_fast.distributed import LAYOUTS, Traffic, aggregate
 WORLD = 3
 #: Bound on the whole launch: the scenarios take ~40 s on two busy cores; a hang is killed here.
 LAUNCH_TIMEOUT = 240
-CHECK_FIELDS = 7  # integers per rank in the consistency all-gather
+CHECK_FIELDS = 8  # integers per rank in the consistency all-gather
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,12 @@ def _counted_bytes(calls: list[tuple[str, list[int]]]) -> dict[str, int]:
     return counted
 
 
+def _as_counted(design: dict[str, int]) -> dict[str, int]:
+    """The designed bytes as :func:`_counted_bytes` sees them: the consistency check is an all-gather too."""
+    kinds = ("reduce_scatter", "all_gather", "all_reduce", "broadcast")
+    return {kind: design[kind] + (design["check"] if kind == "all_gather" else 0) for kind in kinds}
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("N", N_VALUES)
 @pytest.mark.parametrize("P", [1, 2, 3])
@@ -172,19 +179,31 @@ def test_bytes_communicated_are_the_designed_ones(ranks, P, N, layout):
             weights = entry["weights"]
             design = _design_bytes(P, N, name, layout, 0 if weights is None else weights.element_size())
             assert entry["traffic"] == design, name
-            counted = _counted_bytes(entry["calls"])
-            assert counted == {
-                "reduce_scatter": design["reduce_scatter"],
-                "all_gather": design["all_gather"] + design["check"],  # the check is an all-gather too
-                "all_reduce": design["all_reduce"],
-                "broadcast": design["broadcast"],
-            }, name
+            assert _counted_bytes(entry["calls"]) == _as_counted(design), name
             reduce_scatters = sum(function.startswith("reduce_scatter") for function, _ in entry["calls"])
             assert reduce_scatters == (K if design["reduce_scatter"] else 0)  # one per row of G, no copy of G
             if layout == "replicated" and P > 1:
                 # vs the naive all-reduce of the K × N gradients: 2 (P−1)/P · K N · 4 bytes sent per rank
                 naive = 2 * (P - 1) / P * K * N * 4
                 assert Traffic(**entry["traffic"]).wire_bytes(P) < 0.75 * naive  # (K + 1)/(2K) = 2/3, + O(K²)
+
+
+@pytest.mark.parametrize("N", N_VALUES)
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_averaged_rows_are_sliced_not_reduce_scattered(ranks, P, N):
+    """Rows that every rank already holds averaged give the same step with fewer bytes: only the others are
+    reduce-scattered (N = 1001: the sliced shard of the last rank is zero-padded like the scattered rows)."""
+    results = _scenario(ranks, "averaged_rows", P)
+    G, losses = mean_inputs(P, N, 0)
+    _, expected = _single_process("UPGrad", G, losses, make("UPGrad"))
+    scattered = K - AVERAGED if P > 1 else 0
+    design = _design_bytes(P, N, "UPGrad", "replicated", 8)
+    for result in results:
+        entry = result[P, N]
+        # Bit-identical G and Gram as in test_aggregate_equals_single_process: a few float32 ulp in d.
+        torch.testing.assert_close(entry["direction"], expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+        assert entry["traffic"] == {**design, "reduce_scatter": scattered * -(-N // P) * P * 4}
+        assert sum(function.startswith("reduce_scatter") for function, _ in entry["calls"]) == scattered
 
 
 @pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "DBMTL"])
@@ -233,6 +252,62 @@ def test_fmtl_step_equals_single_process(ranks, P, name, variant):
         for got, want in zip(entry["weights"], initial, strict=True):  # restored exactly on every rank
             assert torch.equal(got, want)
         assert torch.equal(entry["shared"], results[0][P, name, variant]["shared"])
+
+
+def _fmtl_design_bytes(P: int, N: int, head_numel: int, layout: str) -> dict[str, int]:
+    """The bytes of one F-MTL step (float32 gradients; losses, norms, Gram and weights float64). Replicated: the
+    clean g rows and the heads' clean gradients are all-reduced once, then only the K rows h are reduce-scattered
+    (the g rows' shard is a slice) and d is all-gathered. Sharded: nothing of size N."""
+    spread = layout == "replicated" and P > 1
+    padded_N = -(-N // P) * P
+    per_task = 8 * K + 8 * 2 * K + (8 * K if layout == "sharded" else 0)  # losses, the step's row losses, norms
+    return {
+        "reduce_scatter": K * padded_N * 4 if spread else 0,
+        "all_gather": padded_N * 4 if spread else 0,
+        "all_reduce": per_task + 8 * (2 * K) ** 2 + ((K * N + 2 * head_numel) * 4 if spread else 0),
+        "broadcast": 2 * K * 8,  # the weights [a; b]
+        "check": P * CHECK_FIELDS * 8,
+    }
+
+
+def _assert_fmtl_bytes(entry: dict[str, Any], design: dict[str, int]) -> None:
+    """FMTL.traffic and the harness's own count of the torch.distributed calls both equal the design."""
+    assert entry["traffic"] == design
+    assert _counted_bytes(entry["calls"]) == _as_counted(design)
+    reduce_scatters = sum(function.startswith("reduce_scatter") for function, _ in entry["calls"])
+    assert reduce_scatters == (K if design["reduce_scatter"] else 0)  # the h rows, never the g rows
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize(("name", "variant"), [("UPGrad", "flat"), ("MGDA", "flat"), ("UPGrad", "a")])
+def test_fmtl_bytes_are_the_designed_ones(ranks, P, name, variant):
+    results = _scenario(ranks, "fmtl", P)
+    net = Net()
+    N = sum(p.numel() for p in net.trunk.parameters())
+    design = _fmtl_design_bytes(P, N, sum(p.numel() for p in net.heads.parameters()), "replicated")
+    for result in results:
+        _assert_fmtl_bytes(result[P, name, variant], design)
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_fmtl_sharded_layout_tensor_parallel(ranks, P):
+    """F-MTL with each rank owning rows of the wide layer equals one process's F-MTL step; nothing of size N moves."""
+    results = _scenario(ranks, "fmtl_tensor_parallel", P)
+    net = WideNet()
+    shared = flatmtl_fast.FlatParameters(net.layer)
+    x, y = batch()
+    fmtl = flatmtl_fast.FMTL(shared, make("UPGrad"), rho=0.5, task_params=list(net.heads))
+    fmtl.step(lambda: task_losses(net.heads, torch.tanh(net.layer(x)), y))
+    for rank, result in enumerate(results):
+        entry = result[P]
+        rows = torch.arange(HIDDEN).chunk(P)[rank]
+        # As for the replicated F-MTL step: float32 sums in other groupings, solver tolerances: 1e-4 of ‖d‖.
+        got = torch.cat([entry["weight"].flatten(), entry["bias"]])
+        want = torch.cat([net.layer.weight.grad[rows].flatten(), net.layer.bias.grad[rows]])
+        assert float((got - want).norm()) <= 1e-4 * float(shared.grad.norm())
+        for got_head, p in zip(entry["heads"], net.heads.parameters(), strict=True):
+            torch.testing.assert_close(got_head, p.grad, rtol=1e-4, atol=1e-6)
+        _assert_fmtl_bytes(entry, _fmtl_design_bytes(P, 0, 0, "sharded"))
 
 
 @pytest.mark.parametrize("P", [1, 2, 3])
@@ -313,6 +388,8 @@ def test_bad_arguments_raise_before_any_communication():
         aggregate(G, make("DBMTL"))
     with pytest.raises(TypeError, match="G must have dtype"):
         aggregate(G.double(), make("UPGrad"))
+    with pytest.raises(ValueError, match="averaged_rows must be"):
+        aggregate(G, make("UPGrad"), averaged_rows=K + 1)
     with pytest.raises(ValueError, match="world_size"):
         Traffic().wire_bytes(0)
     net = Net()
