@@ -3,7 +3,9 @@
 Suites: ``primitives`` (gram, combine, row_norms and perturb vs torch; the default), ``aggregators`` (every method's
 full step and solve vs the reference backend and torchjd, plus peak extra memory on the CPU) and
 ``solvers`` (weights(M) alone per method and K) and ``training`` (a whole step of a 4.7 M-parameter
-MLP with K heads vs torchjd's mtl_backward, and F-MTL steps vs the official code's loop).
+MLP or a ViT-B-sized trunk with K heads vs torchjd's mtl_backward, and F-MTL steps vs the official code's loop)
+and ``distributed`` (the MLP's training step and the aggregation alone through a process group of one rank,
+both layouts, against the plain path: issue 7's world-size-1 overhead).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 
 import torch
 
-from . import aggregators, primitives, solvers, training
+from . import aggregators, distributed, primitives, solvers, training
 from .common import Ceilings, Row, print_table, write_results
 
 METHODS = list(aggregators.TORCHJD_PEERS)
@@ -20,9 +22,8 @@ METHODS = list(aggregators.TORCHJD_PEERS)
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument(
-        "--suite", nargs="+", default=["primitives"], choices=["primitives", "aggregators", "solvers", "training"]
-    )
+    suites = ["primitives", "aggregators", "solvers", "training", "distributed"]
+    parser.add_argument("--suite", nargs="+", default=["primitives"], choices=suites)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes only (N = 1e6), fewer repeats")
     parser.add_argument("--K", type=int, nargs="+", default=[2, 3, 10, 40])
@@ -35,7 +36,20 @@ def main() -> None:
     parser.add_argument("--solve-K", type=int, nargs="+", default=[10, 64, 128], help="solvers suite: K values")
     parser.add_argument("--train-method", default="UPGrad", help="training suite: the aggregator")
     parser.add_argument("--train-K", type=int, nargs="+", default=[3], help="training suite: numbers of tasks")
-    parser.add_argument("--batch", type=int, default=64, help="training suite: batch size")
+    parser.add_argument(
+        "--batch", type=int, help="training suite: batch size (default per model: mlp 64, vit-b 32 images)"
+    )
+    parser.add_argument(
+        "--train-model", nargs="+", default=["mlp"], choices=list(training.MODELS), help="training suite: trunks"
+    )
+    parser.add_argument(
+        "--train-impls", nargs="+", choices=training.IMPLS, help="training suite: steps to run (default: all available)"
+    )
+    parser.add_argument("--train-bf16", action="store_true", help="training suite: forward passes under bf16 autocast")
+    parser.add_argument("--dist-method", default="UPGrad", help="distributed suite: the aggregator")
+    parser.add_argument(
+        "--dist-K", type=int, nargs="+", default=[3, 10], help="distributed suite: K of the aggregation rows"
+    )  # its training-step rows take --train-K and --batch
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -74,8 +88,9 @@ def main() -> None:
                     for r in rows:
                         if r.op == f"{name}:step" and r.impl == impl and (r.K, r.N) == (K_mem, N_mem):
                             r.extra["peak_extra_MB"] = extra / 1e6 if extra >= 0 else -1.0
+            # after each method (rows merge by case): a run cut short by a time limit keeps what it measured
+            path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
         print_table(rows)
-        path = write_results(aggregators.SUITE, device, ceilings, rows, {**config, "methods": args.methods})
         print(f"\nwrote {path}")
 
     if "solvers" in args.suite:
@@ -84,9 +99,25 @@ def main() -> None:
         print(f"\nwrote {write_results(solvers.SUITE, device, ceilings, rows, {'K': args.solve_K})}")
 
     if "training" in args.suite:
-        rows = [r.finish(ceilings) for r in training.run(device, args.train_method, args.train_K, args.batch, repeat)]
+        rows, batches = [], {}
+        for model in args.train_model:
+            batch = batches[model] = args.batch or training.DEFAULT_BATCH[model]
+            options = {"model": model, "impls": args.train_impls, "amp": args.train_bf16}
+            rows += training.run(device, args.train_method, args.train_K, batch, repeat, **options)
+        rows = [r.finish(ceilings) for r in rows]
         print_table(rows)
-        path = write_results(training.SUITE, device, ceilings, rows, {**config, "batch": args.batch})
+        train_config = {**config, "batch": batches, "bf16": args.train_bf16}
+        path = write_results(training.SUITE, device, ceilings, rows, train_config)
+        print(f"\nwrote {path}")
+
+    if "distributed" in args.suite:
+        batch = args.batch or training.DEFAULT_BATCH["mlp"]
+        rows = distributed.run(device, args.dist_method, args.train_K, batch, args.dist_K, Ns, repeat)
+        rows = [r.finish(ceilings) for r in rows]
+        print_table(rows)
+        print(distributed.summary(rows))
+        dist_config = {"method": args.dist_method, "train_K": args.train_K, "batch": batch, "K": args.dist_K}
+        path = write_results(distributed.SUITE, device, ceilings, rows, {**dist_config, "N": Ns, "repeat": repeat})
         print(f"\nwrote {path}")
 
 

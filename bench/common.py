@@ -135,7 +135,7 @@ class Row:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'op':<18}{'impl':<12}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
+        f"{'op':<22}{'impl':<12}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
         f"{'speedup':>9}{'extra MB':>10}"
     )
     print(header)
@@ -147,7 +147,7 @@ def print_table(rows: list[Row]) -> None:
         speedup = f"{ratio:.1f}x" if ratio is not None else ""
         memory = "" if "peak_extra_MB" not in e else "n/a" if e["peak_extra_MB"] < 0 else f"{e['peak_extra_MB']:.1f}"
         print(
-            f"{r.op:<18}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
+            f"{r.op:<22}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
             f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}{memory:>10}"
         )
 

@@ -1,22 +1,30 @@
-"""Benchmark of a whole training step: a 4.7 M-parameter MLP trunk with K heads (issue 5's model).
+"""Benchmark of a whole training step: a shared trunk with K linear heads on its feature, MSE targets.
+
+Models (``--train-model``): ``mlp``, issue 5's 4.7 M-parameter MLP trunk (batch 64 by default), and
+``vit-b``, a ViT-B/16-sized transformer trunk (86 M shared parameters, 3 × 224 × 224 images, batch 32 by
+default: a common per-GPU batch for ViT-B, whose float32 activations, kept for the K backward passes,
+take a few GB).
 
 Per step (median): plain summed backward; ``flatmtl_fast.backward`` with a fused aggregator, with
 its breakdown (forward, the K backward passes, gram + solve + combine); torchjd's ``mtl_backward``
 + ``jac_to_grad``; a plain loop of K ``autograd.grad`` calls + torchjd's aggregator. F-MTL steps
 (K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official code's loop with torchjd's
-aggregator called on g and on h. Peak extra
-memory of each (above the model and one step's activations) in a fresh process on the CPU.
+aggregator called on g and on h. Peak extra memory of each step above a plain summed-backward step of
+the same model: in a fresh process on the CPU (VmHWM), from the caching allocator's high-water mark on
+CUDA; both include the buffers kept between steps (our K × N task-gradient buffer, optimizer state).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import flatmtl_fast
 
@@ -24,43 +32,149 @@ from .common import Row, median_time
 
 SUITE = "training"
 TORCHJD_NAMES = {"UPGrad": "UPGrad", "MGDA": "MGDA", "PCGrad": "PCGrad", "Mean": "Mean"}
+IMPLS = ("plain", "flatmtl", "torchjd", "autograd-loop", "fmtl", "fmtl-loop")
+PEER_IMPLS = ("torchjd", "autograd-loop", "fmtl-loop")  # need torchjd's aggregators
+
+Forward = Callable[[], tuple[Tensor, list[Tensor]]]
 
 
-class Model(nn.Module):
-    """MLP trunk 1024 → 1536 → 1536 → 512 (4.7 M parameters) and K linear heads."""
+class MultiTaskModel(nn.Module):
+    """A shared ``trunk`` (the parameters to flatten) and K linear heads on its feature z, MSE targets."""
 
-    def __init__(self, K: int, width: int = 1536, d_in: int = 1024, d_out: int = 512) -> None:
+    def __init__(self, trunk: nn.Module, feature: int, K: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out), nn.ReLU()
-        )
-        self.heads = nn.ModuleList(nn.Linear(d_out, 1) for _ in range(K))
+        self.trunk = trunk
+        self.heads = nn.ModuleList(nn.Linear(feature, 1) for _ in range(K))
+        self.input_shape = input_shape
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def inputs(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """A random batch: inputs and one regression target per task."""
+        return torch.randn(batch, *self.input_shape, device=device), torch.randn(batch, len(self.heads), device=device)
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The shared feature z (for torchjd's ``mtl_backward(losses, features=z)``) and the K losses."""
         z = self.trunk(x)
         return z, [((head(z).squeeze(1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]
 
 
-def make_step(impl: str, method: str, K: int, batch: int, device: torch.device):
-    """Build the model and a closure running one training step with ``impl``."""
+class Model(MultiTaskModel):
+    """MLP trunk 1024 → 1536 → 1536 → 512 (4.7 M parameters) and K linear heads."""
+
+    def __init__(self, K: int, width: int = 1536, d_in: int = 1024, d_out: int = 512) -> None:
+        trunk = nn.Sequential(
+            nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d_out), nn.ReLU()
+        )
+        super().__init__(trunk, d_out, K, (d_in,))
+
+
+class ViTTrunk(nn.Module):
+    """A ViT encoder in plain torch: patch embedding, class token, learned positions, pre-norm layers, final
+    LayerNorm; returns the class token's feature. The defaults are ViT-B/16 (85.8 M parameters)."""
+
+    def __init__(
+        self, image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp: int = 3072
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(0.02 * torch.randn(1, (image // patch) ** 2 + 1, dim))
+        # Independent layers (nn.TransformerEncoder would deep-copy one, giving 12 identical initialisations).
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim,
+                num_heads,
+                mlp,
+                dropout=0.0,
+                activation="gelu",
+                layer_norm_eps=1e-6,
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.embed(images).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(images), -1, -1), tokens], dim=1) + self.position
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return self.norm(tokens[:, 0])  # only the class token feeds the heads
+
+
+class ViT(MultiTaskModel):
+    """ViT-B/16-sized trunk (86 M shared parameters by default; smaller with the keyword arguments) and K heads."""
+
+    def __init__(
+        self,
+        K: int,
+        image: int = 224,
+        patch: int = 16,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp: int = 3072,
+    ) -> None:
+        super().__init__(ViTTrunk(image, patch, dim, depth, num_heads, mlp), dim, K, (3, image, image))
+
+
+MODELS: dict[str, type[MultiTaskModel]] = {"mlp": Model, "vit-b": ViT}
+DEFAULT_BATCH = {"mlp": 64, "vit-b": 32}
+
+
+def available_impls(method: str) -> list[str]:
+    """Every implementation this machine can run for ``method`` (torchjd's only when it is installed)."""
+    peers = importlib.util.find_spec("torchjd") is not None and method in TORCHJD_NAMES
+    return [impl for impl in IMPLS if peers or impl not in PEER_IMPLS]
+
+
+def build(
+    model: str, K: int, batch: int, device: torch.device, config: dict | None = None, amp: bool = False
+) -> tuple[MultiTaskModel, Forward]:
+    """The seeded model and ``forward()``, its (z, losses) on a fixed random batch (bf16 autocast if ``amp``)."""
     torch.manual_seed(0)
-    model = Model(K).to(device)
-    x, y = torch.randn(batch, 1024, device=device), torch.randn(batch, K, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with device:  # initialised where it runs: an 86 M-parameter CPU init and copy per case is slow
+        net = MODELS[model](K, **(config or {}))
+    x, y = net.inputs(batch, device)
+
+    def forward() -> tuple[Tensor, list[Tensor]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return net.losses(x, y)
+
+    return net, forward
+
+
+def make_step(
+    impl: str,
+    method: str,
+    K: int,
+    batch: int,
+    device: torch.device,
+    model: str = "mlp",
+    config: dict | None = None,
+    amp: bool = False,
+) -> tuple[MultiTaskModel, Callable[[], None]]:
+    """Build the model and a closure running one training step (SGD) with ``impl``.
+
+    ``model`` names an entry of :data:`MODELS`, ``config`` holds keyword arguments of its constructor (a
+    tiny ViT for tests), ``amp`` runs every forward pass under bf16 autocast.
+    """
+    net, forward = build(model, K, batch, device, config, amp)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     if impl == "plain":
 
         def step():
             optimizer.zero_grad()
-            sum(model.losses(x, y)[1]).backward()
+            sum(forward()[1]).backward()
             optimizer.step()
 
     elif impl == "flatmtl":
-        shared = flatmtl_fast.FlatParameters(model.trunk)
+        shared = flatmtl_fast.FlatParameters(net.trunk)
         agg = getattr(flatmtl_fast, method)()
 
         def step():
             optimizer.zero_grad()
-            flatmtl_fast.backward(model.losses(x, y)[1], shared, agg, task_params=model.heads.parameters())
+            flatmtl_fast.backward(forward()[1], shared, agg, task_params=net.heads.parameters())
             optimizer.step()
 
     elif impl == "torchjd":
@@ -68,11 +182,11 @@ def make_step(impl: str, method: str, K: int, batch: int, device: torch.device):
         from torchjd.autojac import jac_to_grad, mtl_backward
 
         agg = aggregations[TORCHJD_NAMES[method]]()
-        shared_params = list(model.trunk.parameters())
+        shared_params = list(net.trunk.parameters())
 
         def step():
             optimizer.zero_grad()
-            z, losses = model.losses(x, y)
+            z, losses = forward()
             mtl_backward(losses, features=z)
             jac_to_grad(shared_params, agg)
             optimizer.step()
@@ -81,12 +195,12 @@ def make_step(impl: str, method: str, K: int, batch: int, device: torch.device):
         from torchjd.aggregation import __dict__ as aggregations
 
         agg = aggregations[TORCHJD_NAMES[method]]()
-        shared_params = list(model.trunk.parameters())
-        head_params = list(model.heads.parameters())
+        shared_params = list(net.trunk.parameters())
+        head_params = list(net.heads.parameters())
 
         def step():
             optimizer.zero_grad()
-            _, losses = model.losses(x, y)
+            _, losses = forward()
             rows = [torch.autograd.grad(loss, shared_params, retain_graph=True) for loss in losses]
             J = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
             d = agg(J)
@@ -99,36 +213,36 @@ def make_step(impl: str, method: str, K: int, batch: int, device: torch.device):
             optimizer.step()
 
     elif impl == "fmtl":
-        shared = flatmtl_fast.FlatParameters(model.trunk)
-        fmtl = flatmtl_fast.FMTL(shared, getattr(flatmtl_fast, method)(), rho=0.05, task_params=list(model.heads))
+        shared = flatmtl_fast.FlatParameters(net.trunk)
+        fmtl = flatmtl_fast.FMTL(shared, getattr(flatmtl_fast, method)(), rho=0.05, task_params=list(net.heads))
 
         def step():
             optimizer.zero_grad()
-            fmtl.step(lambda: model.losses(x, y)[1])
+            fmtl.step(lambda: forward()[1])
             optimizer.step()
 
     elif impl == "fmtl-loop":
-        step = _literal_fmtl_step(model, x, y, optimizer, method)
+        step = _literal_fmtl_step(net, forward, optimizer, method)
     else:
         raise ValueError(impl)
-    return model, step
+    return net, step
 
 
-def _literal_fmtl_step(model: Model, x: torch.Tensor, y: torch.Tensor, optimizer, method: str):
+def _literal_fmtl_step(net: MultiTaskModel, forward: Forward, optimizer, method: str) -> Callable[[], None]:
     """F-MTL as the official code runs it: autograd.grad per task, a Python perturbation per parameter,
     explicit h_i = s_i − g_i and two calls of torchjd's aggregator (ρ = 0.05, separate norms)."""
     from torchjd.aggregation import __dict__ as aggregations
 
     agg, flat_agg = aggregations[TORCHJD_NAMES[method]](), aggregations[TORCHJD_NAMES[method]]()
-    shared = list(model.trunk.parameters())
+    shared = list(net.trunk.parameters())
 
     def flat(grads) -> torch.Tensor:
         return torch.cat([g.flatten() for g in grads])
 
     def step():
         optimizer.zero_grad()
-        losses = model.losses(x, y)[1]
-        heads = [list(h.parameters()) for h in model.heads]
+        losses = forward()[1]
+        heads = [list(h.parameters()) for h in net.heads]
         pairs = zip(losses, heads, strict=True)
         clean = [torch.autograd.grad(loss, shared + head, retain_graph=True) for loss, head in pairs]
         g_rows, s_rows = [], []
@@ -140,7 +254,7 @@ def _literal_fmtl_step(model: Model, x: torch.Tensor, y: torch.Tensor, optimizer
                     radius = 0.05 / float(flat(part).norm() + 1e-12)  # a host sync per task, as the official code
                     for p, g in zip(params, part, strict=True):
                         p.add_(g, alpha=radius)
-            sam = torch.autograd.grad(model.losses(x, y)[1][i], shared + heads[i])
+            sam = torch.autograd.grad(forward()[1][i], shared + heads[i])
             s_rows.append(flat(sam[: len(shared)]))
             with torch.no_grad():
                 for p, v in zip(shared + heads[i], saved, strict=True):
@@ -158,24 +272,45 @@ def _literal_fmtl_step(model: Model, x: torch.Tensor, y: torch.Tensor, optimizer
     return step
 
 
-def breakdown(method: str, K: int, batch: int, device: torch.device, repeat: int) -> dict[str, float]:
+def breakdown(
+    method: str,
+    K: int,
+    batch: int,
+    device: torch.device,
+    repeat: int,
+    model: str = "mlp",
+    config: dict | None = None,
+    amp: bool = False,
+) -> dict[str, float]:
     """Seconds of the parts of flatmtl_fast.backward: forward, K backward passes, gram + solve + combine."""
-    model, _ = make_step("plain", method, K, batch, device)
-    x, y = torch.randn(batch, 1024, device=device), torch.randn(batch, K, device=device)
-    shared = flatmtl_fast.FlatParameters(model.trunk)
+    net, forward = build(model, K, batch, device, config, amp)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
     agg = getattr(flatmtl_fast, method)()
     capture = flatmtl_fast.TaskGradients(shared, K)
-    forward = median_time(lambda: model.losses(x, y), device, repeat=repeat)
-    with_backward = median_time(lambda: capture.capture(model.losses(x, y)[1]), device, repeat=repeat)
+    forward_seconds = median_time(forward, device, repeat=repeat)
+    with_backward = median_time(lambda: capture.capture(forward()[1]), device, repeat=repeat)
     G = capture.buffer
     aggregate = median_time(lambda: agg(G, out=shared.grad), device, repeat=repeat)
     capture.close()
-    return {"forward": forward, "K_backward": with_backward - forward, "aggregate": aggregate}
+    return {"forward": forward_seconds, "K_backward": with_backward - forward_seconds, "aggregate": aggregate}
 
 
-def peak_extra_memory(impl: str, method: str, K: int, batch: int) -> int:
-    """Peak bytes a step needs above a plain summed-backward step of the same model (fresh CPU process;
-    VmHWM, see aggregators.py). Includes buffers kept between steps (our K × N task-gradient buffer)."""
+def peak_extra_memory(
+    impl: str,
+    method: str,
+    K: int,
+    batch: int,
+    device: torch.device,
+    model: str = "mlp",
+    config: dict | None = None,
+    amp: bool = False,
+) -> int:
+    """Peak bytes a step needs above a plain summed-backward step of the same model, including buffers kept
+    between steps (our K × N task-gradient buffer). CPU: in a fresh process (VmHWM, see aggregators.py);
+    CUDA: the caching allocator's high-water mark of a warmed-up step; -1 if the measurement failed."""
+    args = (method, K, batch, device, model, config, amp)
+    if device.type == "cuda":
+        return _cuda_step_peak(impl, *args) - _cuda_step_peak("plain", *args)
     code = f"""
 import re, torch
 from bench.training import make_step
@@ -183,14 +318,15 @@ from bench.training import make_step
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
+cpu = torch.device("cpu")
 torch.manual_seed(0)
-model, plain = make_step("plain", {method!r}, {K}, {batch}, torch.device("cpu"))
+model, plain = make_step("plain", {method!r}, {K}, {batch}, cpu, {model!r}, {config!r}, {amp!r})
 plain(); plain()
 open("/proc/self/clear_refs", "w").write("5")
 plain()
 base = status("VmHWM")  # peak of a plain step: model, grads, activations
 del model, plain
-model, step = make_step({impl!r}, {method!r}, {K}, {batch}, torch.device("cpu"))
+model, step = make_step({impl!r}, {method!r}, {K}, {batch}, cpu, {model!r}, {config!r}, {amp!r})
 open("/proc/self/clear_refs", "w").write("5")
 step(); step()
 print(status("VmHWM") - base)
@@ -199,26 +335,52 @@ print(status("VmHWM") - base)
     return int(json.loads(result.stdout.strip().splitlines()[-1])) if result.returncode == 0 else -1
 
 
-def run(device: torch.device, method: str, Ks: list[int], batch: int, repeat: int) -> list[Row]:
+def _cuda_step_peak(impl: str, method: str, K: int, batch: int, device: torch.device, *model_args) -> int:
+    """Bytes allocated at the peak of a warmed-up step: model, optimizer state, kept buffers, activations."""
+    gc.collect()  # the previous case's model (kept alive by hook reference cycles) must not count
+    torch.cuda.empty_cache()
+    _, step = make_step(impl, method, K, batch, device, *model_args)
+    step()
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def run(
+    device: torch.device,
+    method: str,
+    Ks: list[int],
+    batch: int,
+    repeat: int,
+    model: str = "mlp",
+    impls: list[str] | None = None,
+    amp: bool = False,
+    config: dict | None = None,
+) -> list[Row]:
+    """Time a step of every implementation in ``impls`` (default: every available one) at each K, with its
+    peak extra memory, and the parts of ``flatmtl_fast.backward`` (when "flatmtl" is among them)."""
+    available = available_impls(method)
+    if skipped := [impl for impl in impls or () if impl not in available]:
+        print(f"training: skipping {skipped} (torchjd is not installed or has no {method})")
+    impls = available if impls is None else [impl for impl in impls if impl in available]
+    # The MLP keeps its original row names; other models prefix theirs.
+    prefix = "" if model == "mlp" else f"{model}:"
+    dtype = "bfloat16" if amp else "float32"
     rows: list[Row] = []
-    peers = importlib.util.find_spec("torchjd") and method in TORCHJD_NAMES
-    impls = (
-        ["plain", "flatmtl"]
-        + (["torchjd", "autograd-loop"] if peers else [])
-        + ["fmtl"]
-        + (["fmtl-loop"] if peers else [])
-    )
     for K in Ks:
         for impl in impls:
-            model, step = make_step(impl, method, K, batch, device)
-            n_shared = sum(p.numel() for p in model.trunk.parameters())
-            row = Row(
-                SUITE, f"step:{method}", impl, K, n_shared, "float32", median_time(step, device, repeat=repeat), 0
-            )
-            if device.type == "cpu":
-                row.extra["peak_extra_MB"] = peak_extra_memory(impl, method, K, batch) / 1e6
+            net, step = make_step(impl, method, K, batch, device, model, config, amp)
+            n_shared = sum(p.numel() for p in net.trunk.parameters())
+            seconds = median_time(step, device, repeat=repeat)
+            del net, step  # before the memory measurement builds its own
+            row = Row(SUITE, f"{prefix}step:{method}", impl, K, n_shared, dtype, seconds, 0)
+            peak = peak_extra_memory(impl, method, K, batch, device, model, config, amp)
+            row.extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
             rows.append(row)
-        parts = breakdown(method, K, batch, device, repeat)
-        for part, seconds in parts.items():
-            rows.append(Row(SUITE, f"part:{part}", "flatmtl", K, n_shared, "float32", seconds, 0))
+        if "flatmtl" in impls:
+            for part, seconds in breakdown(method, K, batch, device, repeat, model, config, amp).items():
+                rows.append(Row(SUITE, f"{prefix}part:{part}", "flatmtl", K, n_shared, dtype, seconds, 0))
     return rows

@@ -202,6 +202,8 @@ class FMTL:
             shared_scale = self.rho / (shared_norms + self.eps)
             head_scale = self.rho_task / (head_norms + self.eps)
 
+        if self._theta.device != shared.data.device or self._theta.dtype != shared.data.dtype:
+            self._theta = torch.empty_like(shared.data)  # on the weights' device: the backup never leaves the GPU
         self._theta.resize_(shared.numel).copy_(shared.data)
         try:
             for i in range(K):  # SAM gradient of task i at θ + ε_i: row K + i holds h_i = s_i − g_i (or s_i)

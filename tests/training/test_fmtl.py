@@ -153,11 +153,12 @@ def test_flat_part_is_not_the_plain_direction() -> None:
     assert (shared.grad - plain_shared.grad).norm() > 1e-3 * plain_shared.grad.norm()
 
 
-def test_restore_is_bit_exact_and_batchnorm_sees_only_the_clean_pass() -> None:
-    x, y = _data()
-    model = Net()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_restore_is_bit_exact_and_batchnorm_sees_only_the_clean_pass(dtype: torch.dtype) -> None:
+    x, y = (t.to(dtype) for t in _data())
+    model = Net().to(dtype)  # bf16: the weight backup must keep the weights' dtype to restore them exactly
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference_model = Net()
+    reference_model = Net().to(dtype)
     reference_model.losses(x, y)  # one clean training forward: what BatchNorm may see
     _fmtl_step(model, x, y, flatmtl_fast.UPGrad(), rho=1.0, adaptive=True)
     after = model.state_dict()
