@@ -32,8 +32,10 @@ class IMGrad(GramianAggregator):
     uses ``MinNormSolver.find_min_norm_element`` (projected gradient) for the same min-norm point.
     Solver: CLARABEL via cvxpy in place of SciPy SLSQP. Deviations, as in :class:`CAGrad`: the official
     ``+1e-8`` terms are dropped, cos θ is exact (torch's ``cosine_similarity`` clamps ‖g₀‖‖g_m‖ at 1e-8, which
-    zeroes cos θ at small gradient scales) and 0 when g_m = 0, and a g_w with ‖g_w‖ ≤ 1e-6 · max‖g_i‖ drops
-    the g_w term. The official code hard-codes K = 3; any K works here.
+    zeroes cos θ at small gradient scales) and 0 when g_m counts as zero, and a g_w with ‖g_w‖ ≤ 1e-6 · max‖g_i‖
+    drops the g_w term. g_m counts as zero by the same rule as g_w: when 0 lies in the hull, Frank–Wolfe can
+    end on it up to rounding (e.g. N = 1, where any g_m ≠ 0 has cos θ = ±1), and the direction of that
+    rounding is noise. The official code hard-codes K = 3; any K works here.
     """
 
     def __init__(self, alpha: float = 0.8, variant: Literal["official", "paper"] = "official") -> None:
@@ -48,10 +50,13 @@ class IMGrad(GramianAggregator):
     def _hyperparameters(self) -> dict[str, object]:
         return {"alpha": self.alpha, "variant": self.variant}
 
-    def _weights(self, M: Tensor, cos: float) -> Tensor:
-        """Weights on the raw rows from the float64 Gram M and cos θ."""
+    def _weights(self, M: Tensor, g0_gm: float, g0_norm: float, gm_norm: float) -> Tensor:
+        """Weights on the raw rows from the float64 Gram M and g₀·g_m, ‖g₀‖, ‖g_m‖ (for cos θ)."""
         K = M.shape[0]
-        cos = min(max(cos, 0.0), 1.0)  # g₀·g_m ≥ ‖g_m‖² ≥ 0 (g_m is the min-norm point): clip round-off
+        largest = float(M.diagonal().max().clamp(min=0)) ** 0.5
+        defined = g0_norm * gm_norm > 0 and gm_norm > ZERO_GW_RTOL * largest
+        # g₀·g_m ≥ ‖g_m‖² ≥ 0 (g_m is the min-norm point): clip round-off.
+        cos = min(max(g0_gm / (g0_norm * gm_norm), 0.0), 1.0) if defined else 0.0
         b = M.sum(dim=1) / K  # (M𝟏/K)_i = g_i · g₀
         radius = self.alpha * max(float(b.sum()) / K, 0.0) ** 0.5  # c = √φ = α‖g₀‖
         if self.variant == "official":
@@ -61,7 +66,6 @@ class IMGrad(GramianAggregator):
             w = argmin_linear_plus_norm((1.0 - cos) * b, M, cos * radius, squared=True)
             factor = 1.0
         gw_norm = max(float(w @ M @ w), 0.0) ** 0.5
-        largest = float(M.diagonal().max().clamp(min=0)) ** 0.5
         lam = radius / gw_norm if gw_norm > ZERO_GW_RTOL * largest else 0.0
         return factor * (1.0 / K + lam * w)
 
@@ -70,9 +74,7 @@ class IMGrad(GramianAggregator):
         check_losses(losses, K, G.device, required=False, owner="IMGrad")
         G64 = G.double()
         g0, gm = G64.mean(dim=0), self._mgda(G64)
-        norms = float(g0.norm() * gm.norm())
-        cos = float(g0 @ gm) / norms if norms > 0 else 0.0
-        return (self._weights(G64 @ G64.T, cos) @ G64).to(G.dtype)
+        return (self._weights(G64 @ G64.T, float(g0 @ gm), float(g0.norm()), float(gm.norm())) @ G64).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 weights: factor · (1/K + λ w*), λ = α‖g₀‖/‖g_w‖ (factor K/(1+α²) official, 1 paper)."""
@@ -81,6 +83,6 @@ class IMGrad(GramianAggregator):
         M64 = M.double()
         wm = self._mgda.weights(M64)
         # g₀·g_m = 𝟏ᵀM w_m / K, ‖g₀‖² = 𝟏ᵀM𝟏/K², ‖g_m‖² = w_mᵀM w_m.
-        norms = (max(float(M64.sum()), 0.0) / K**2 * max(float(wm @ M64 @ wm), 0.0)) ** 0.5
-        cos = float(M64.sum(dim=0) @ wm) / K / norms if norms > 0 else 0.0
-        return self._weights(M64, cos)
+        g0_norm = max(float(M64.sum()), 0.0) ** 0.5 / K
+        gm_norm = max(float(wm @ M64 @ wm), 0.0) ** 0.5
+        return self._weights(M64, float(M64.sum(dim=0) @ wm) / K, g0_norm, gm_norm)

@@ -18,12 +18,13 @@ from .projection import (
     pcgrad_correction,
     visiting_orders,
 )
-from .simplex import argmin_linear_plus_norm, conflict_averse_weights, min_norm_weights
+from .simplex import argmin_linear_plus_norm, combination_norm, conflict_averse_weights, min_norm_weights
 
 __all__ = [
     "aligned_weights",
     "argmin_linear_plus_norm",
     "check_projection_parameters",
+    "combination_norm",
     "conflict_averse_weights",
     "corrected_weights",
     "draw_keys",

@@ -2,8 +2,9 @@
 face — ``min φ(x) s.t. x ≥ lower`` — optionally on the simplex slice ``𝟏ᵀx = 1``, with a fixed
 iteration budget and convergence masks (no host synchronisation), followed by an exact active-set polish.
 
-Used by the simplex problems of CAGrad / IMGrad and the dual-cone QPs of UPGrad / DualProj. Callers
-normalise their problem so that φ, its gradient and the bounds are O(1); the tolerances below are
+Used by the dual-cone QPs of UPGrad / DualProj and the squared simplex problem of IMGrad (paper); the
+norm problem of CAGrad / IMGrad has its own cone method (``_norm_cone``), which shares the pieces below.
+Callers normalise their problem so that φ, its gradient and the bounds are O(1); the tolerances below are
 therefore absolute.
 """
 
@@ -31,9 +32,12 @@ POLISH_MAX_MOVE = 1e-3
 _FRACTION_TO_BOUNDARY = 0.99
 
 
-def _factor_kkt(H: Tensor, border: Tensor | None) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]:
-    """Factor [[H, b], [𝟏ᵀ, 0]] (b = ``border``; just H without one) once; return a solver
-    ``(rhs, rhs_border) -> (dx, dν)``. A singular system yields non-finite values, which callers reject.
+def _factor_kkt(
+    H: Tensor, border: Tensor | None, row: Tensor | float = 1.0
+) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+    """Factor [[H, b], [aᵀ, 0]] (b = ``border``, a = ``row``, 𝟏 by default; just H without a border) once;
+    return a solver ``(rhs, rhs_border) -> (dx, dν)``. A singular system yields non-finite values, which
+    callers reject.
 
     On the CPU the batch is factored matrix by matrix: torch's batched LAPACK path runs its batch in a
     parallel region whose threading overhead (milliseconds) dwarfs these K × K factorisations."""
@@ -42,7 +46,7 @@ def _factor_kkt(H: Tensor, border: Tensor | None) -> Callable[[Tensor, Tensor | 
         system = H.new_zeros(B, K + 1, K + 1)
         system[:, :K, :K] = H
         system[:, :K, K] = border
-        system[:, K, :K] = 1.0
+        system[:, K, :K] = row
         H = system
     if H.is_cuda:
         LU, pivots, _ = torch.linalg.lu_factor_ex(H)

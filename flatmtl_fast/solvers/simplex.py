@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ._interior import minimize
+from ._norm_cone import argmin_linear_plus_norm_cone
 
 #: Official MGDA-UB / LibMTL ``MinNormSolver`` settings (the reference's defaults).
 FW_MAX_ITER = 250
@@ -40,15 +41,16 @@ def min_norm_weights(M: Tensor, max_iter: int = FW_MAX_ITER, stop_crit: float = 
     upper = torch.ones(K, K, dtype=torch.bool, device=M.device).triu(diagonal=1)
     best = torch.argmin(torch.where(upper, cost, torch.full_like(cost, torch.inf)).flatten())
     i, j = best // K, best % K
-    g = gamma.flatten()[best]
+    g = gamma.flatten().gather(0, best.reshape(1))  # gather, not [best]: a tensor index reads it to the host
     w = torch.zeros(K, dtype=M.dtype, device=M.device)
-    w = w.scatter(0, i.reshape(1), (1.0 - g).reshape(1)).scatter(0, j.reshape(1), g.reshape(1))
+    w = w.scatter(0, i.reshape(1), 1.0 - g).scatter(0, j.reshape(1), g)
     done = torch.zeros((), dtype=torch.bool, device=M.device)
+    index = torch.arange(K, device=M.device)
     for _ in range(max_iter):
         Mw = M @ w
-        t = torch.argmin(Mw)
-        gamma = _line_min(w @ Mw, Mw[t], d[t])
-        step = -gamma * w + gamma * torch.nn.functional.one_hot(t, K).to(M.dtype)
+        e_t = (index == torch.argmin(Mw)).to(M.dtype)
+        gamma = _line_min(w @ Mw, e_t @ Mw, e_t @ d)  # exact picks of (Mw)_t and M_tt
+        step = -gamma * w + gamma * e_t
         done = done | (step.abs().sum() < stop_crit)
         w = torch.where(done, w, w + step)
     return w
@@ -59,8 +61,10 @@ def argmin_linear_plus_norm(q: Tensor, M: Tensor, beta: Tensor, *, squared: bool
 
     The reference's normalisation (unit-trace M, coefficients divided by the largest one) and its special
     cases as masks: an identically zero objective gives 𝟏/K, a linear one the uniform weights over the
-    exact ties of q's minimum. The convex problem itself is solved by the interior-point method of
-    ``_interior`` (exact active-set polish), to ~1e-12 on well-conditioned problems.
+    exact ties of q's minimum. The convex problem itself is solved by an interior-point method with an exact
+    polish on the support, to ~1e-12 on well-conditioned problems: for the norm, the second-order cone
+    method of ``_norm_cone`` (which lands on the kink g_w = 0 where the optimum lies there); for the square,
+    the quadratic programme by ``_interior``.
     """
     K = q.shape[0]
     trace = M.diagonal().sum()
@@ -71,43 +75,31 @@ def argmin_linear_plus_norm(q: Tensor, M: Tensor, beta: Tensor, *, squared: bool
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q_n, b_n, M_n = q / safe_scale, norm_coef / safe_scale, M / safe_trace
 
-    def oracle(x: Tensor) -> tuple[Tensor, Tensor]:
-        Mx = x @ M_n  # (1, K); M_n is symmetric
-        if squared:
-            return q_n + 2.0 * b_n * Mx, (2.0 * b_n * M_n).unsqueeze(0)
-        # The norm is smooth away from g_w = 0; the floor only keeps a degenerate problem finite
-        # (there the caller drops the g_w term anyway, see ZERO_GW_RTOL).
-        norm = (Mx * x).sum(dim=1, keepdim=True).clamp_min(1e-30).sqrt()
-        u = Mx / norm
-        return q_n + b_n * u, (b_n * (M_n - u.mT @ u) / norm).unsqueeze(0)
-
     uniform = torch.full((1, K), 1.0 / K, dtype=q.dtype, device=q.device)
-    w = minimize(oracle, torch.zeros_like(uniform), uniform, simplex=True)[0]
+    if squared:
+
+        def oracle(x: Tensor) -> tuple[Tensor, Tensor]:
+            return q_n + 2.0 * b_n * (x @ M_n), (2.0 * b_n * M_n).unsqueeze(0)  # M_n is symmetric
+
+        w = minimize(oracle, torch.zeros_like(uniform), uniform, simplex=True)[0]
+    else:
+        w = argmin_linear_plus_norm_cone(q_n, b_n, M_n)
     ties = (q == q.min()).to(q.dtype)
     w = torch.where(norm_coef == 0, ties / ties.sum(), w)
     return torch.where(scale == 0, uniform[0], w)
 
 
-def conflict_averse_weights(
-    M: Tensor, w: Tensor, q: Tensor, beta: Tensor, radius: Tensor, factor: float, *, squared: bool
-) -> Tensor:
-    """factor · (1/K + λ w) for w = argmin_{w∈Δ} qᵀw + β ψ(g_w) with q ∝ M𝟏 (CAGrad, IMGrad), where
-    λ = radius / ‖g_w‖, or λ = 0 when g_w counts as zero (‖g_w‖ ≤ ZERO_GW_RTOL · max‖g_i‖), as the reference.
+def combination_norm(M: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """‖g_w‖ = √(wᵀMw) for g_w = Σ w_i g_i, and whether it counts as zero: ‖g_w‖ ≤ ZERO_GW_RTOL · max‖g_i‖
+    (the reference's rule for CAGrad's / IMGrad's g_w and IMGrad's g_m)."""
+    norm = (w @ M @ w).clamp_min(0.0).sqrt()
+    return norm, norm <= ZERO_GW_RTOL * M.diagonal().max().clamp_min(0.0).sqrt()
 
-    With q ∝ M𝟏 the objective is 0 wherever g_w = 0; so when 0 lies in the hull (the min-norm point is
-    zero) and no point with a negative objective was found, the optimum is at g_w = 0 — a kink of ψ = ‖·‖
-    that the interior-point method only approaches slowly — and λ = 0, whatever the iterate's ‖g_w‖.
-    """
+
+def conflict_averse_weights(M: Tensor, w: Tensor, radius: Tensor, factor: float) -> Tensor:
+    """factor · (1/K + λ w) for the w of CAGrad / IMGrad, where λ = radius / ‖g_w‖, or λ = 0 when g_w counts
+    as zero (see :func:`combination_norm`), as the reference."""
     K = M.shape[0]
-    largest = M.diagonal().max().clamp_min(0.0).sqrt()
-    zero = torch.zeros_like(q)
-    w0 = argmin_linear_plus_norm(zero, M, torch.ones_like(beta), squared=True)
-    zero_in_hull = (w0 @ M @ w0).clamp_min(0.0).sqrt() <= ZERO_GW_RTOL * largest
-    gw_sq = (w @ M @ w).clamp_min(0.0)
-    gw_norm = gw_sq.sqrt()
-    value = q @ w + beta * (gw_sq if squared else gw_norm)
-    magnitude = q.abs().max() + beta * (M.diagonal().max() if squared else largest)
-    optimum_at_zero = zero_in_hull & (value >= -1e-9 * magnitude)
-    use = (gw_norm > ZERO_GW_RTOL * largest) & ~optimum_at_zero
-    lam_w = torch.where(use, radius / torch.where(use, gw_norm, torch.ones_like(gw_norm)) * w, torch.zeros_like(w))
+    gw_norm, zero = combination_norm(M, w)
+    lam_w = torch.where(zero, torch.zeros_like(w), radius / torch.where(zero, torch.ones_like(gw_norm), gw_norm) * w)
     return factor * (1.0 / K + lam_w)

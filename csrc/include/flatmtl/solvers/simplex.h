@@ -155,13 +155,19 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
   return status;
 }
 
+// Whether a combination g = Σ w_i g_i of norm ‖g‖ counts as zero: ‖g‖ ≤ kZeroGwRtol max‖g_i‖ (the reference's
+// rule for g_w and for IMGrad's g_m).
+FLATMTL_HD inline bool counts_as_zero(double norm, const double* M, int K) {
+  double largest = 0.0;
+  for (int i = 0; i < K; ++i) largest = max2(largest, M[i * K + i]);
+  return !(norm > kZeroGwRtol * clamp_sqrt(largest));
+}
+
 // Weights factor · (1/K + λ w) with λ = radius/‖g_w‖, or 0 when g_w counts as zero. Mw: K scratch.
 FLATMTL_HD inline void conflict_averse_weights(const double* M, int K, double radius, double factor, double* w,
                                                double* Mw) {
   const double gw_norm = clamp_sqrt(quad_form(M, K, w, Mw));
-  double largest = 0.0;
-  for (int i = 0; i < K; ++i) largest = max2(largest, M[i * K + i]);
-  const double lam = gw_norm > kZeroGwRtol * clamp_sqrt(largest) ? radius / gw_norm : 0.0;
+  const double lam = counts_as_zero(gw_norm, M, K) ? 0.0 : radius / gw_norm;
   for (int i = 0; i < K; ++i) w[i] = factor * (1.0 / K + lam * w[i]);
 }
 
@@ -194,7 +200,7 @@ struct CAGrad {
 };
 
 // IMGrad (reference/imgrad.py), both variants, with g_m from MGDA's Frank–Wolfe (defaults) and
-// cos θ = cos(g₀, g_m) clipped to [0, 1].
+// cos θ = cos(g₀, g_m) clipped to [0, 1], 0 when g_m counts as zero (its direction is then rounding).
 struct IMGrad {
   double alpha;
   int paper;  // 0: official variant, 1: the paper's Eq. 11
@@ -213,8 +219,10 @@ struct IMGrad {
       total += col;
       g0_gm += col * w[j];
     }
-    const double norms = sqrt(max2(total, 0.0) / (double(K) * K) * max2(quad_form(M, K, w, scratch), 0.0));
-    const double cos = norms > 0.0 ? min2(max2(g0_gm / K / norms, 0.0), 1.0) : 0.0;
+    const double gm_norm = clamp_sqrt(quad_form(M, K, w, scratch));
+    const double norms = sqrt(max2(total, 0.0)) / K * gm_norm;
+    const bool defined = norms > 0.0 && !counts_as_zero(gm_norm, M, K);
+    const double cos = defined ? min2(max2(g0_gm / K / norms, 0.0), 1.0) : 0.0;
     const double radius = alpha * mean_gradient_products(M, K, b);
     for (int i = 0; i < K; ++i) q[i] = (paper ? 1.0 - cos : 1.5 - cos) * b[i];
     const Status status = argmin_linear_plus_norm(q, M, K, cos * radius, paper != 0, w, scratch);
