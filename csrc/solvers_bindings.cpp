@@ -126,6 +126,16 @@ sv::IMGrad make_imgrad(int64_t, double alpha, bool paper) {
   return {alpha, paper ? 1 : 0};
 }
 
+sv::AffinityPropagation make_affinity_propagation(int64_t, uintptr_t preference, double damping, int convergence_iter,
+                                                  int max_iter, int retries, int64_t seed) {
+  require(damping >= 0.5 && damping < 1, "damping must be in [0.5, 1)");
+  require(convergence_iter >= 1, "convergence_iter must be >= 1");
+  require(max_iter >= 1, "max_iter must be >= 1");
+  require(retries >= 0 && max_iter + int64_t(sv::kRetryIter) * retries <= INT32_MAX,
+          "retries must be >= 0, with max_iter + 100 retries in int range");
+  return {ptr<const double>(preference), damping, convergence_iter, max_iter, retries, seed};
+}
+
 }  // namespace
 
 namespace flatmtl {
@@ -152,6 +162,10 @@ void bind_solvers(py::module_& m) {
              py::arg("sum_scale"));
   def_solver(m, "imgrad", &make_imgrad, "IMGrad weights; paper selects Eq. 11 over the official variant.",
              py::arg("alpha"), py::arg("paper"));
+  def_solver(m, "affinity_propagation", &make_affinity_propagation,
+             "Affinity-propagation cluster labels of M's points in w (all -1: none); preference 0: the median of M.",
+             py::arg("preference"), py::arg("damping"), py::arg("convergence_iter"), py::arg("max_iter"),
+             py::arg("retries"), py::arg("seed"));
 }
 
 }  // namespace flatmtl

@@ -4,6 +4,8 @@ on the CPU (``cpp`` backend) and as single-block CUDA kernels (``cuda`` backend)
 Each aggregator that has a native solver describes the call with ``_native_solver`` (the solver's name
 and its parameters); :func:`solve_natively` picks the backend and runs it, or returns None so the
 aggregator falls back to its on-device torch solver (the ``reference`` implementation of the solve).
+Solvers used outside the aggregators (affinity propagation) are called by name through
+:func:`run_native_solver`, with the same choice of backend.
 
 The CUDA kernels are compiled and bound but have not yet been validated on a GPU, so ``auto`` does not
 pick them: they run only under an explicit ``use_backend("cuda")``; ``auto`` on CUDA tensors uses the
@@ -70,21 +72,38 @@ class _TorchSolvers:
 _CPU, _CUDA, _TORCH = _NativeSolvers("cpp"), _NativeSolvers("cuda"), _TorchSolvers()
 
 
-def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor | None:
-    """The aggregator's weights from its native solver, or None when the torch solver should run."""
-    describe = getattr(aggregator, "_native_solver", None)
+def _native_backend(M: Tensor) -> _NativeSolvers | None:
+    """The native solvers that run on M under the current backend, or None when the torch solver should run."""
     # While torch.compile traces, tensors have no real addresses: the torch solver is traced instead.
-    if describe is None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
     # Triton covers the streaming passes only: its solves are the on-device torch ones.
     impls = {"cpp": _CPU, "reference": _TORCH, "triton": _TORCH}
     if current_backend() == "cuda":
         impls["cuda"] = _CUDA
     impl = resolve("solve", impls, M.device, M.dtype)
-    if impl is _TORCH:
+    return None if impl is _TORCH else impl
+
+
+def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor | None:
+    """The aggregator's weights from its native solver, or None when the torch solver should run."""
+    describe = getattr(aggregator, "_native_solver", None)
+    impl = None if describe is None else _native_backend(M)
+    if impl is None:
         return None
     call = describe(M, losses, input_dtype)
     if call is None:
         return None
     solver, parameters = call
+    return impl.solve(solver, M, parameters)
+
+
+def run_native_solver(solver: str, M: Tensor, parameters: Sequence[Parameter]) -> Tensor | None:
+    """The K doubles native solver ``solver`` writes for the float64 K × K M (a solver outside the
+    aggregators, e.g. affinity propagation), chosen as the aggregators' solvers are; None when the caller's
+    torch version should run."""
+    impl = _native_backend(M)
+    # A module built before ``solver`` was added lacks it: the torch version runs until it is rebuilt.
+    if impl is None or not hasattr(_native.module(), f"solve_{solver}"):
+        return None
     return impl.solve(solver, M, parameters)

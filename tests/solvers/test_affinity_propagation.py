@@ -1,5 +1,7 @@
 """The on-device affinity propagation (``flatmtl_fast.solvers.affinity_propagation``) against scikit-learn's
-``AffinityPropagation(affinity="precomputed")``.
+``AffinityPropagation(affinity="precomputed")``, on both paths: every test runs on the torch version
+(backend ``reference``) and on the native solver (``cpp``: csrc/include/flatmtl/solvers/affinity_propagation.h),
+and the two are compared label for label on many random matrices, settings and degenerate inputs.
 
 Two comparisons. (1) Generic random similarities (not symmetric, default median preference), sizes 1 … 40:
 the partition equals scikit-learn's, each with its own tie-breaking noise. (2) Exactness: scikit-learn adds
@@ -13,11 +15,14 @@ symmetric and non-symmetric matrices, converged or not, with no exemplar (−1),
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 from sklearn.cluster import AffinityPropagation
 
+from flatmtl_fast import _native, use_backend
 from flatmtl_fast.solvers.affinity_propagation import RETRY_ITER, affinity_propagation
 
 pytestmark = pytest.mark.filterwarnings(
@@ -25,15 +30,47 @@ pytestmark = pytest.mark.filterwarnings(
 )
 SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")
 
+C = _native.module()
+NATIVE = pytest.mark.skipif(
+    not hasattr(C, "solve_affinity_propagation"),
+    reason="the native module is missing or was built before solve_affinity_propagation (rebuild it)",
+)
+#: The CUDA backend matching each path: torch on CUDA tensors, and the native solver's kernel.
+CUDA_BACKEND = {"reference": "reference", "cpp": "cuda"}
+
+
+@pytest.fixture(autouse=True, params=["reference", pytest.param("cpp", marks=NATIVE)])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The implementation under test: the torch version ("reference") or the native solver ("cpp")."""
+    with use_backend(request.param):
+        yield request.param
+
+
+#: For the tests that compare the native solver with the torch version themselves.
+NATIVE_ONLY = pytest.mark.parametrize("path", [pytest.param("cpp", marks=NATIVE)], indirect=True)
+
+
+KINDS = ("general", "symmetric", "distances", "scheduler")
+
 
 def similarities(kind: str, n: int, seed: int) -> torch.Tensor:
-    """Random float64 similarities: "general" (Gaussian), "symmetric", or "distances" (−‖x_i − x_k‖², 2-D points)."""
+    """Random float64 similarities: "general" (Gaussian), "symmetric", "distances" (−‖x_i − x_k‖², 2-D points)
+    or "scheduler" (the selective scheduler's X: an affinity divided by its diagonal by columns, symmetrised)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "distances":
         x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
         return -(torch.cdist(x, x) ** 2)
     S = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    return (S + S.T) / 2 if kind == "symmetric" else S
+    if kind == "scheduler":
+        S = 0.01 * S + 0.05 * torch.eye(n, dtype=torch.float64)
+        S = S / S.diagonal()
+    return (S + S.T) / 2 if kind in ("symmetric", "scheduler") else S
+
+
+def torch_labels(S: torch.Tensor, **options) -> torch.Tensor:
+    """The torch version's labels, whatever the path under test."""
+    with use_backend("reference"):
+        return affinity_propagation(S, **options)
 
 
 def sklearn_labels(S: torch.Tensor, *, random_state: int = 0, retries: int = 0, max_iter: int = 200, **kwargs):
@@ -180,12 +217,27 @@ def test_no_host_synchronisation(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(path):
     for n in (3, 17, 40):
         S = similarities("general", n, seed=n)
-        labels = affinity_propagation(S.cuda(), convergence_iter=50, retries=1)
+        with use_backend(CUDA_BACKEND[path]):
+            labels = affinity_propagation(S.cuda(), convergence_iter=50, retries=1)
         assert labels.device.type == "cuda"
         assert torch.equal(labels.cpu(), affinity_propagation(S, convergence_iter=50, retries=1))
+
+
+@pytest.mark.gpu
+@NATIVE_ONLY
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_cuda_solver_matches_the_cpu_one(kind):
+    # The same header code with the same roundings (explicit fma, no contraction): the same labels everywhere.
+    for n in (1, 2, 5, 17, 40):
+        for seed in (0, None):
+            S = similarities(kind, n, seed=n)
+            options = {"convergence_iter": 50, "retries": 9, "seed": seed}
+            with use_backend("cuda"):
+                labels = affinity_propagation(S.cuda(), **options)
+            assert torch.equal(labels.cpu(), affinity_propagation(S, **options)), (n, seed)
 
 
 def test_bad_inputs_raise_clearly():
@@ -210,3 +262,91 @@ def test_bad_inputs_raise_clearly():
         affinity_propagation(S, preference=torch.zeros(2))
     with pytest.raises(ValueError, match="seed"):
         affinity_propagation(S, seed=-1)
+
+
+# ------------------------------------------------------------------------- the native solver = the torch version
+
+
+def random_options(n: int, seed: int) -> dict:
+    """Settings drawn from a seeded generator: preference (median, number, per point), damping, convergence_iter,
+    max_iter (from a few iterations, often without exemplar, to scikit-learn's 200), retries and noise seed."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(*choices):
+        return choices[int(torch.randint(len(choices), (), generator=gen))]
+
+    preference = pick(None, None, "number", "vector")
+    if preference == "number":
+        preference = float(torch.randn((), generator=gen, dtype=torch.float64))
+    elif preference == "vector":
+        preference = torch.randn(n, generator=gen, dtype=torch.float64) - 1
+    return {
+        "preference": preference,
+        "damping": pick(0.5, 0.7, 0.9),
+        "convergence_iter": pick(1, 2, 15, 50),
+        "max_iter": pick(1, 3, 50, 200),
+        "retries": pick(0, 1, 9),
+        "seed": pick(None, 0, 7, 2**40 + 1),
+    }
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", range(1, 41))
+def test_native_solver_equals_the_torch_version_on_random_matrices(n, kind):
+    for case in range(3):
+        seed = 1000 * n + 10 * KINDS.index(kind) + case
+        S = similarities(kind, n, seed=seed)
+        options = random_options(n, seed) if case else {"convergence_iter": 50, "retries": 9}  # case 0: the scheduler's
+        ours = affinity_propagation(S, **options)
+        assert ours.dtype == torch.int64 and ours.shape == (n,)
+        assert torch.equal(ours, torch_labels(S, **options)), (case, options)
+
+
+@NATIVE_ONLY
+def test_native_solver_equals_the_torch_version_on_degenerate_and_non_finite_inputs():
+    nan, inf = float("nan"), float("inf")
+    inputs = [
+        (torch.tensor([[3.0]]), {}),
+        (torch.tensor([[3.0]]), {"preference": nan}),  # n = 1: one cluster whatever the preference
+        (torch.tensor([[inf]]), {}),
+    ]
+    for n in (2, 3, 5):
+        constant = torch.full((n, n), -1.0, dtype=torch.float64)
+        constant.diagonal().copy_(torch.linspace(0, 1, n, dtype=torch.float64))
+        inputs += [(constant, {"preference": p}) for p in (None, -2.0, -1.0, -0.5)]
+        inputs.append((constant, {"preference": torch.linspace(-2.0, -0.5, n, dtype=torch.float64)}))  # not degenerate
+        inputs.append((torch.zeros(n, n, dtype=torch.float64), {}))
+        S = similarities("symmetric", n, seed=n)
+        for i, k, bad in ((0, n - 1, nan), (n - 1, 0, inf), (1, 1, nan), (0, 0, -inf)):
+            T = S.clone()
+            T[i, k] = bad
+            inputs += [(T, {}), (T, {"preference": -1.0})]  # a bad diagonal counts only through the median
+        inputs += [(S, {"preference": nan}), (S, {"preference": torch.tensor([0.0] * (n - 1) + [inf])})]
+    for S, options in inputs:
+        assert torch.equal(affinity_propagation(S, **options), torch_labels(S, **options)), (S, options)
+
+
+def native_solve(S: torch.Tensor, *parameters) -> tuple[list[int], int, bool]:
+    """The bound CPU solver called directly (no preference: the median): labels, iterations, converged."""
+    n, S = S.shape[0], S.contiguous()
+    w = torch.empty(n, dtype=torch.float64)
+    work = torch.empty(C.solve_affinity_propagation_work_size(n), dtype=torch.float64)
+    iterations, converged = C.solve_affinity_propagation(S.data_ptr(), n, 0, *parameters, w.data_ptr(), work.data_ptr())
+    return [int(label) for label in w.tolist()], iterations, converged
+
+
+@NATIVE_ONLY
+def test_native_solver_breaks_at_the_first_stopping_iteration():
+    """The binding reports the iterations run: far below the budget once converged; the whole budget when
+    no attempt finds an exemplar."""
+    S = similarities("scheduler", 10, seed=1)
+    labels, iterations, converged = native_solve(S, 0.5, 50, 200, 9, 0)  # damping, convergence_iter, max_iter, …
+    assert converged and 50 <= iterations < 200
+    assert labels == torch_labels(S, convergence_iter=50, retries=9).tolist()
+    X = sklearn_matrix(similarities("general", 6, seed=2), random_state=0)  # no exemplar after 1 or 2 iterations
+    assert native_solve(X, 0.5, 15, 1, 0, -1) == ([-1] * 6, 1, False)
+    labels, iterations, _ = native_solve(X, 0.5, 15, 2, 1, -1)
+    assert 2 < iterations <= 2 + RETRY_ITER and min(labels) >= 0  # the retry found one, within its budget
+    with pytest.raises(ValueError, match="damping"):
+        native_solve(X, 1.0, 15, 2, 1, -1)
