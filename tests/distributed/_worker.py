@@ -234,6 +234,15 @@ class GatherFeatures(torch.autograd.Function):
         return grad.chunk(ctx.world, dim=1)[ctx.rank], None
 
 
+def _tensor_parallel_net(rank: int, P: int) -> tuple[WideNet, nn.Parameter, nn.Parameter, flatmtl_fast.FlatParameters]:
+    """A WideNet whose wide layer is split by rows over P ranks: this rank's weight and bias rows, flattened."""
+    net = WideNet()
+    rows = torch.arange(HIDDEN).chunk(P)[rank]
+    weight = nn.Parameter(net.layer.weight.detach()[rows].clone())
+    bias = nn.Parameter(net.layer.bias.detach()[rows].clone())
+    return net, weight, bias, flatmtl_fast.FlatParameters([weight, bias])
+
+
 def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[int, dict[str, Any]]:
     """``backward(layout="sharded")``: each rank owns rows of the wide layer, all ranks see the whole batch."""
     x, y = batch()
@@ -241,11 +250,7 @@ def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -
     for P, group in groups.items():
         if rank >= P:
             continue
-        net = WideNet()
-        rows = torch.arange(HIDDEN).chunk(P)[rank]
-        weight = nn.Parameter(net.layer.weight.detach()[rows].clone())
-        bias = nn.Parameter(net.layer.bias.detach()[rows].clone())
-        shared = flatmtl_fast.FlatParameters([weight, bias])
+        net, weight, bias, shared = _tensor_parallel_net(rank, P)
         z = GatherFeatures.apply(torch.tanh(nn.functional.linear(x, weight, bias)), group)
         losses = task_losses(net.heads, z, y)
         with counting() as calls:
@@ -300,11 +305,7 @@ def _fmtl_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> di
     for P, group in groups.items():
         if rank >= P:
             continue
-        net = WideNet()
-        rows = torch.arange(HIDDEN).chunk(P)[rank]
-        weight = nn.Parameter(net.layer.weight.detach()[rows].clone())
-        bias = nn.Parameter(net.layer.bias.detach()[rows].clone())
-        shared = flatmtl_fast.FlatParameters([weight, bias])
+        net, weight, bias, shared = _tensor_parallel_net(rank, P)
         fmtl = flatmtl_fast.FMTL(
             shared, make("UPGrad"), rho=0.5, task_params=list(net.heads), process_group=group, layout="sharded"
         )

@@ -9,13 +9,13 @@ test_distributed.py runs in processes of its own).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from distributed._cases import K, Net, batch
+from support.host_sync import forbid_host_sync
 
 import flatmtl_fast
 from bench.distributed import group_of_one
@@ -30,7 +30,6 @@ AGGREGATORS = {
     "CAGrad": flatmtl_fast.CAGrad,
 }
 #: The Tensor methods that read a device value on the host (what Python code could call to synchronise).
-SYNCS = ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__")
 
 
 @pytest.fixture(
@@ -52,29 +51,6 @@ def group(request: pytest.FixtureRequest) -> Iterator[tuple[dist.ProcessGroup, t
     device = torch.device(request.param, 0) if request.param == "cuda" else torch.device("cpu")
     with group_of_one(device) as process_group:
         yield process_group, device
-
-
-@contextlib.contextmanager
-def forbid_host_sync(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Make every host read of a device value raise: the sync-prone Tensor methods (the CPU proxy) and, on CUDA,
-    every synchronising CUDA call as well (``set_sync_debug_mode("error")``). NCCL collectives stay inside the
-    check: they only enqueue on NCCL's stream and make the current stream wait on an event (which is why they can
-    be captured in CUDA graphs); gloo's run synchronously on the host, on host memory, and read nothing back."""
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("host synchronisation")
-
-    with monkeypatch.context() as patch:
-        for method in SYNCS:
-            patch.setattr(torch.Tensor, method, forbidden)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -99,9 +75,7 @@ def test_backward_equals_the_plain_path(group, layout: str, name: str) -> None:
 
 @pytest.mark.parametrize("name", AGGREGATORS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_aggregate_equals_the_plain_aggregation_without_host_sync(
-    group, layout: str, name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_aggregate_equals_the_plain_aggregation_without_host_sync(group, layout: str, name: str) -> None:
     """``aggregate`` on one rank equals ``agg(G, out=)`` and ``agg.weights(gram(G))`` bit for bit, and — once warm
     and without the consistency check, whose all-gathered integers are read on the host by design — never
     synchronises with the device."""
@@ -116,7 +90,9 @@ def test_aggregate_equals_the_plain_aggregation_without_host_sync(
     agg, out = AGGREGATORS[name](), torch.empty(G.shape[1], device=device)
     # Warm-up: NCCL's communicator, kernel caches; with the check, which also proves the group agrees.
     aggregate(G, agg, losses=losses, group=process_group, layout=layout, out=out)
-    with forbid_host_sync(device, monkeypatch):
+    # NCCL collectives stay inside the check: they only enqueue on NCCL's stream and make the current stream
+    # wait on an event (which is why they can be captured in CUDA graphs); gloo's run on the host, on host memory.
+    with forbid_host_sync(device):
         result = aggregate(G, agg, losses=losses, group=process_group, layout=layout, out=out, check=False)
     assert result.direction.data_ptr() == out.data_ptr()  # written into the caller's buffer
     assert torch.equal(result.weights, expected_w)

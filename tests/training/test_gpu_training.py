@@ -10,11 +10,11 @@ the Tensor methods that read a device value raise (the CPU proxy of ``torch.cuda
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
+from support.host_sync import forbid_host_sync
 from torch.nn.utils import parameters_to_vector
 from training.test_backward import Net, _batch, _expected, _make
 
@@ -24,7 +24,6 @@ from flatmtl_fast.aggregators.base import Aggregator
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 METHODS = ("Mean", "MGDA", "UPGrad")  # stateless, so a replay sees the state an eager step would
-SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
@@ -138,29 +137,6 @@ def test_a_whole_training_step_replays_from_one_cuda_graph(method: str, kind: st
     assert (got - expected).norm() <= 1e-4 * moved
 
 
-@contextlib.contextmanager
-def _no_host_sync(device: torch.device) -> Iterator[None]:
-    """Make any host synchronisation inside the block an error (CUDA's sync debug mode; on the CPU, which
-    never waits, the Tensor methods that read a value on the host raise instead)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize(device)
-        return
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host synchronisation")
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in SYNCS:
-            patch.setattr(torch.Tensor, name, forbidden)
-        yield
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("kind", "scaled"), [("backward", False), ("backward", True), ("fmtl", False)])
 def test_a_warmed_up_step_never_waits_for_the_device(kind: str, scaled: bool, device: str):
@@ -172,7 +148,7 @@ def test_a_warmed_up_step_never_waits_for_the_device(kind: str, scaled: bool, de
     gradients = _gradients(kind, net, shared, flatmtl_fast.UPGrad(), scaler=scaler)
     gradients(x, y)  # warm-up: buffers, lazy imports, compiled kernels
     shared.grad.zero_()
-    with _no_host_sync(device):
+    with forbid_host_sync(device):
         gradients(x, y)
     assert torch.isfinite(shared.grad).all() and shared.grad.norm() > 0
 
@@ -235,7 +211,7 @@ def test_a_nonfinite_fp16_step_is_skipped_on_the_device(bad: float, device: str)
     scale = scaler.get_scale()
     bad_y = y.clone()
     bad_y[0, 1] = bad  # (h − 1e30)² overflows float32 (or is NaN): task 1's loss and gradient are not finite
-    with _no_host_sync(device):
+    with forbid_host_sync(device):
         step(bad_y)
     assert not torch.isfinite(shared.grad).all()
     for p, before in zip(net.parameters(), params, strict=True):
