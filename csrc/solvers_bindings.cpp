@@ -141,6 +141,7 @@ sv::AffinityPropagation make_affinity_propagation(int64_t, uintptr_t preference,
 namespace flatmtl {
 
 void bind_solvers(py::module_& m) {
+  m.attr("solver_max_k") = sv::kMaxK;  // the largest K every solver accepts
   def_solver(m, "mean", &make_mean, "w = 1/K.");
   def_solver(m, "sum", &make_sum, "w = 1.");
   def_solver(m, "mgda", &make_mgda, "MGDA Frank-Wolfe weights on the raw rows (reference MGDA.weights).",

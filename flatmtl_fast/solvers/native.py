@@ -103,7 +103,9 @@ def run_native_solver(solver: str, M: Tensor, parameters: Sequence[Parameter]) -
     aggregators, e.g. affinity propagation), chosen as the aggregators' solvers are; None when the caller's
     torch version should run."""
     impl = _native_backend(M)
-    # A module built before ``solver`` was added lacks it: the torch version runs until it is rebuilt.
-    if impl is None or not hasattr(_native.module(), f"solve_{solver}"):
+    module = _native.module()
+    # A module built before ``solver`` was added lacks it: the torch version runs until it is rebuilt. Beyond
+    # the native size limit the torch version runs too, rather than raising.
+    if impl is None or not hasattr(module, f"solve_{solver}") or M.shape[0] > getattr(module, "solver_max_k", 0):
         return None
     return impl.solve(solver, M, parameters)

@@ -302,6 +302,17 @@ def test_native_solver_equals_the_torch_version_on_random_matrices(n, kind):
 
 
 @NATIVE_ONLY
+def test_beyond_the_native_size_limit_the_torch_version_runs(monkeypatch: pytest.MonkeyPatch):
+    S = similarities("symmetric", 6, seed=11)
+    expected = torch_labels(S, retries=1)
+    calls = []
+    monkeypatch.setattr(C, "solve_affinity_propagation", lambda *args: calls.append(args), raising=True)
+    monkeypatch.setattr(C, "solver_max_k", 5)  # as if 6 tasks were above kMaxK
+    assert torch.equal(affinity_propagation(S, retries=1), expected)
+    assert not calls, "the native solver ran above its size limit"
+
+
+@NATIVE_ONLY
 def test_native_solver_equals_the_torch_version_on_degenerate_and_non_finite_inputs():
     nan, inf = float("nan"), float("inf")
     inputs = [
