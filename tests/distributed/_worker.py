@@ -243,6 +243,15 @@ def _tensor_parallel_net(rank: int, P: int) -> tuple[WideNet, nn.Parameter, nn.P
     return net, weight, bias, flatmtl_fast.FlatParameters([weight, bias])
 
 
+def _tensor_parallel_grads(net: WideNet, weight: Tensor, bias: Tensor) -> dict[str, Any]:
+    """This rank's gradients of its slice of the wide layer and of the heads."""
+    return {
+        "weight": weight.grad.clone(),
+        "bias": bias.grad.clone(),
+        "heads": [p.grad.clone() for p in net.heads.parameters()],
+    }
+
+
 def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[int, dict[str, Any]]:
     """``backward(layout="sharded")``: each rank owns rows of the wide layer, all ranks see the whole batch."""
     x, y = batch()
@@ -262,13 +271,7 @@ def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -
                 process_group=group,
                 layout="sharded",
             )
-        out[P] = {
-            "weight": weight.grad.clone(),
-            "bias": bias.grad.clone(),
-            "heads": [p.grad.clone() for p in net.heads.parameters()],
-            "weights": w,
-            "calls": calls,
-        }
+        out[P] = {**_tensor_parallel_grads(net, weight, bias), "weights": w, "calls": calls}
     return out
 
 
@@ -317,13 +320,7 @@ def _fmtl_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -> di
 
         with counting() as calls:
             fmtl.step(closure)
-        out[P] = {
-            "weight": weight.grad.clone(),
-            "bias": bias.grad.clone(),
-            "heads": [p.grad.clone() for p in net.heads.parameters()],
-            "traffic": asdict(fmtl.traffic),
-            "calls": calls,
-        }
+        out[P] = {**_tensor_parallel_grads(net, weight, bias), "traffic": asdict(fmtl.traffic), "calls": calls}
     return out
 
 
