@@ -19,7 +19,7 @@ import torch
 
 import flatmtl_fast
 
-from .common import Row, cuda_peak_extra_bytes, median_time, rotation
+from .common import Row, cuda_peak_bytes, median_time, rotation
 
 SUITE = "aggregators"
 
@@ -70,7 +70,8 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
             SUITE, f"{name}:{op}", impl, K, N, "float32", median_time(fn, device, step_inputs, repeat=repeat), nbytes
         )
         if device.type == "cuda" and op == "step":
-            row.extra["peak_extra_MB"] = cuda_peak_extra_bytes(lambda: fn(*inputs[0]), device) / 1e6
+            peak, base = cuda_peak_bytes(lambda: fn(*inputs[0]), device)
+            row.extra["peak_extra_MB"] = (peak - base) / 1e6
         rows.append(row)
 
     fused = _ours(name, "fused")

@@ -83,16 +83,18 @@ def median_time(
     return statistics.median(times)
 
 
-def cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Bytes ``fn()`` allocates on ``device`` above what was allocated before it (PyTorch's caching
-    allocator keeps a resettable high-water mark; the CPU has none, see aggregators.peak_extra_memory)."""
-    fn()  # lazy initialisation (kernels, workspaces kept between calls) is not per-step memory
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device, warmup: int = 1) -> tuple[int, int]:
+    """(bytes allocated on ``device`` at the peak of a ``fn()`` call, bytes allocated before it), after ``warmup``
+    calls: lazy initialisation (kernels, workspaces kept between calls) is not per-call memory. PyTorch's caching
+    allocator keeps a resettable high-water mark; the CPU has none (see aggregators.peak_extra_memory)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    return torch.cuda.max_memory_allocated(device), base
 
 
 @dataclass

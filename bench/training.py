@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import flatmtl_fast
 
-from .common import Row, median_time
+from .common import Row, cuda_peak_bytes, median_time
 
 SUITE = "training"
 TORCHJD_NAMES = {"UPGrad": "UPGrad", "MGDA": "MGDA", "PCGrad": "PCGrad", "Mean": "Mean"}
@@ -340,13 +340,7 @@ def _cuda_step_peak(impl: str, method: str, K: int, batch: int, device: torch.de
     gc.collect()  # the previous case's model (kept alive by hook reference cycles) must not count
     torch.cuda.empty_cache()
     _, step = make_step(impl, method, K, batch, device, *model_args)
-    step()
-    step()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    return cuda_peak_bytes(step, device, warmup=2)[0]
 
 
 def run(
