@@ -35,7 +35,7 @@ built_with_cuda() {
   local so
   so=$(ls flatmtl_fast/_C.cpython-312-*.so 2>/dev/null | head -1)
   [[ -n $so ]] && [[ -z $(find csrc CMakeLists.txt setup.py -newer "$so" -print -quit) ]] \
-    && python3 -c "import flatmtl_fast._C as c, sys; sys.exit(0 if c.with_cuda() else 1)" 2>/dev/null
+    && python3 -c "import flatmtl_fast._C as c, sys; sys.exit(0 if c.with_cuda else 1)" 2>/dev/null
 }
 
 build() {
