@@ -6,8 +6,12 @@
 // {iterations, converged} to an optional int32 device buffer `status`).
 #include "flatmtl/solvers_bindings.h"
 
+#include <condition_variable>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "flatmtl/solvers/solvers.h"
 
@@ -33,6 +37,55 @@ void check_buffers(uintptr_t M, int64_t K, uintptr_t w, uintptr_t work) {
   require(work != 0 || Problem::work_size(int(K)) == 0, "work is a null pointer");
 }
 
+// A barrier for a team of CPU threads (C++17 has no std::barrier): the last to arrive releases the rest.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++generation_;
+      released_.notify_all();
+    } else {
+      released_.wait(lock, [&] { return generation != generation_; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  int count_;
+  int waiting_ = 0;
+  int generation_ = 0;
+};
+
+// CPU threads standing in for the threads of the CUDA block (rows.h's team interface).
+struct ThreadTeam {
+  int r;
+  int n;
+  Barrier* barrier;
+  int rank() const { return r; }
+  int size() const { return n; }
+  void sync() const { barrier->wait(); }
+};
+
+// Runs a row-parallel solve on `threads` CPU threads with the tasks spread over the first `lanes`, as the CUDA
+// kernel spreads them over its block: lets the tests check, without a GPU, that the decomposition gives
+// exactly the single-worker result.
+template <class Problem>
+sv::Status solve_threaded(const Problem& problem, const double* M, int K, double* w, double* work, int threads,
+                          int lanes) {
+  Barrier barrier(threads);
+  std::vector<std::thread> team;
+  for (int r = 1; r < threads; ++r)
+    team.emplace_back([&, r] { sv::solve_by_rows(problem, M, K, w, work, lanes, ThreadTeam{r, threads, &barrier}); });
+  const sv::Status status = sv::solve_by_rows(problem, M, K, w, work, lanes, ThreadTeam{0, threads, &barrier});
+  for (auto& t : team) t.join();
+  return status;
+}
+
 // Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...).
 template <class Problem, class... Params, class... Names>
 void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t, Params...), const char* doc,
@@ -52,7 +105,32 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         return py::make_tuple(status.iterations, bool(status.converged));
       },
       py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), doc);
+  if constexpr (sv::is_row_parallel<Problem>) {
+    m.def(
+        ("solve_" + name + "_threaded_work_size").c_str(),
+        [](int64_t K, int lanes) { return sv::rows_work_size<Problem>(int(K), lanes); }, py::arg("K"),
+        py::arg("lanes"), "Scratch doubles of solve_<name>_threaded with `lanes` workers.");
+    m.def(
+        ("solve_" + name + "_threaded").c_str(),
+        [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, int threads, int lanes) {
+          check_buffers<Problem>(M, K, w, work);
+          require(threads >= 1 && threads <= 64, "threads must be in [1, 64]");
+          require(lanes >= 1 && lanes <= threads, "lanes must be in [1, threads]");
+          const Problem problem = make(K, params...);
+          sv::Status status;
+          {
+            py::gil_scoped_release release;
+            status = solve_threaded(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work), threads,
+                                    lanes);
+          }
+          return py::make_tuple(status.iterations, bool(status.converged));
+        },
+        py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), py::arg("threads"), py::arg("lanes"),
+        "The solve with its tasks spread over `lanes` of `threads` CPU threads, as the CUDA kernel runs it.");
+  }
 #ifdef FLATMTL_WITH_CUDA
+  m.def(("cuda_solve_" + name + "_work_size").c_str(), [](int64_t K) { return sv::cuda::work_size<Problem>(int(K)); },
+        py::arg("K"), "Scratch doubles the CUDA solver needs for K tasks.");
   m.def(
       ("cuda_solve_" + name).c_str(),
       [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, uintptr_t status, int device,
@@ -80,7 +158,7 @@ sv::Mgda make_mgda(int64_t, int normalize, uintptr_t losses, int max_iter, doubl
 
 sv::PCGrad make_pcgrad(int64_t, uintptr_t keys) {
   require(keys != 0, "keys is a null pointer");
-  return {ptr<const double>(keys)};
+  return {{}, ptr<const double>(keys)};
 }
 
 sv::GradVac make_gradvac(int64_t, uintptr_t keys, uintptr_t phi_hat, double beta, double eps) {
@@ -88,7 +166,7 @@ sv::GradVac make_gradvac(int64_t, uintptr_t keys, uintptr_t phi_hat, double beta
   require(phi_hat != 0, "phi_hat is a null pointer");
   require(beta >= 0 && beta <= 1, "beta must be in [0, 1]");
   require(eps >= 0, "eps must be >= 0");
-  return {ptr<const double>(keys), ptr<double>(phi_hat), beta, eps};
+  return {{}, ptr<const double>(keys), ptr<double>(phi_hat), beta, eps};
 }
 
 sv::Imtlg make_imtlg(int64_t, double dtype_eps) {
@@ -100,7 +178,11 @@ template <class Problem>
 Problem make_dual_cone(int64_t, uintptr_t pref, double norm_eps, double reg_eps) {
   require(norm_eps >= 0, "norm_eps must be >= 0");
   require(reg_eps > 0, "reg_eps must be > 0");
-  return {ptr<const double>(pref), norm_eps, reg_eps};
+  Problem problem{};  // UPGrad has a base (row-parallel), DualProj none: set the members by name
+  problem.pref = ptr<const double>(pref);
+  problem.norm_eps = norm_eps;
+  problem.reg_eps = reg_eps;
+  return problem;
 }
 
 sv::NashMtl make_nash(int64_t, uintptr_t alpha, int max_iter, double max_norm, bool update) {

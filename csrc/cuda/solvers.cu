@@ -1,5 +1,6 @@
-// The K x K solvers as single-block kernels: the same header code the CPU module runs, executed by
-// thread 0 after the block stages M in shared memory (K ≤ kMaxStagedK: 64 x 64 doubles = 32 KB).
+// The K x K solvers as single-block kernels: the same header code the CPU module runs, after the block
+// stages M in shared memory (K ≤ kMaxStagedK: 64 x 64 doubles = 32 KB). Row-parallel solvers (rows.h)
+// give each thread its share of the tasks; the others run in thread 0.
 // No allocation and no host synchronisation: the caller passes every buffer and the stream.
 #include <cuda_runtime.h>
 
@@ -9,20 +10,32 @@ namespace flatmtl::solvers::cuda {
 namespace {
 
 constexpr int kMaxStagedK = 64;
-constexpr int kThreads = 128;
+constexpr int kThreads = kBlockThreads;
+
+struct BlockTeam {
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+};
 
 template <class Problem>
 __global__ void __launch_bounds__(kThreads)
-    solve_kernel(Problem problem, const double* __restrict__ M, int K, double* w, double* work, int* status) {
+    solve_kernel(Problem problem, const double* __restrict__ M, int K, double* w, double* work, int* status, int lanes) {
   extern __shared__ double staged[];
   const bool stage = K <= kMaxStagedK;
   if (stage) {
     for (int e = threadIdx.x; e < K * K; e += blockDim.x) staged[e] = M[e];
     __syncthreads();
   }
-  if (threadIdx.x != 0) return;
-  const Status s = problem(stage ? staged : M, K, w, work);
-  if (status != nullptr) {
+  const double* m = stage ? staged : M;
+  Status s;
+  if constexpr (is_row_parallel<Problem>) {
+    s = solve_by_rows(problem, m, K, w, work, lanes, BlockTeam{});
+  } else {
+    if (threadIdx.x != 0) return;
+    s = problem(m, K, w, work);
+  }
+  if (threadIdx.x == 0 && status != nullptr) {
     status[0] = s.iterations;
     status[1] = s.converged;
   }
@@ -36,7 +49,9 @@ std::string launch(const Problem& problem, const double* M, int K, double* w, do
   if (cudaSetDevice(device) != cudaSuccess) return std::string("cudaSetDevice: ") + cudaGetErrorString(cudaGetLastError());
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const size_t shared = K <= kMaxStagedK ? size_t(K) * K * sizeof(double) : 0;
-  solve_kernel<Problem><<<1, kThreads, shared, stream>>>(problem, M, K, w, work, status);
+  int lanes = 1;
+  if constexpr (is_row_parallel<Problem>) lanes = row_lanes<Problem>(K);
+  solve_kernel<Problem><<<1, kThreads, shared, stream>>>(problem, M, K, w, work, status, lanes);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string("solver kernel launch: ") + cudaGetErrorString(err);
 }

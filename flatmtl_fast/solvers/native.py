@@ -44,8 +44,10 @@ class _NativeSolvers:
         K = M.shape[0]
         M = M.contiguous()
         w = torch.empty(K, dtype=torch.float64, device=M.device)
+        # The CUDA kernels may spread a solve over the threads of their block, with scratch for each.
+        prefix = "solve" if self.name == "cpp" else "cuda_solve"
         work = torch.empty(
-            max(1, getattr(module, f"solve_{solver}_work_size")(K)), dtype=torch.float64, device=M.device
+            max(1, getattr(module, f"{prefix}_{solver}_work_size")(K)), dtype=torch.float64, device=M.device
         )
         # Tensors become addresses; the list keeps them alive for the call. None is a null pointer.
         args = [0 if p is None else p.data_ptr() if isinstance(p, Tensor) else p for p in parameters]

@@ -470,6 +470,66 @@ def test_bad_arguments():
         C.solve_imtlg(p, 3, 0.0, q, r)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         C.solve_fairgrad(p, 3, 0.0, q, r)
+    with pytest.raises(ValueError, match="lanes must be in"):
+        C.solve_pcgrad_threaded(p, 3, keys, q, r, 2, 3)
+    with pytest.raises(ValueError, match="threads must be in"):
+        C.solve_pcgrad_threaded(p, 3, keys, q, r, 65, 1)
+
+
+# ------------------------------------------------------------------------------------- row-parallel solvers
+# UPGrad, PCGrad and GradVac are K independent per-task problems; the CUDA kernel spreads them over the
+# threads of its block (csrc/include/flatmtl/solvers/rows.h). solve_<name>_threaded runs that very
+# decomposition on CPU threads, so the split, the task-ordered sum and the status reduction are checked here.
+
+
+def _row_parallel_problems(K: int, seed: int) -> dict[str, tuple]:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.rand(K, K, generator=gen, dtype=torch.float64)
+    pref = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
+    phi_hat = torch.rand(K, K, generator=gen, dtype=torch.float64) * 2 - 1  # non-zero targets drive corrections
+    return {
+        "upgrad": (0, 0.0, 1e-4),
+        "upgrad_pref": (pref, 0.0, 1e-4),
+        "pcgrad": (keys,),
+        "gradvac": (keys, phi_hat, 0.5, 1e-8),
+    }
+
+
+def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
+    """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
+    K = M.shape[0]
+    name = name.removesuffix("_pref")
+    copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
+    args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
+    w = torch.full((K,), float("nan"), dtype=torch.float64)
+    if threads is None:
+        size = getattr(C, f"solve_{name}_work_size")(K)
+        call, extra = getattr(C, f"solve_{name}"), ()
+    else:
+        size = getattr(C, f"solve_{name}_threaded_work_size")(K, lanes)
+        call, extra = getattr(C, f"solve_{name}_threaded"), (threads, lanes)
+    work = torch.full((max(1, size),), float("nan"), dtype=torch.float64)
+    status = call(M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), *extra)
+    return w, status, [p for p in copies if isinstance(p, torch.Tensor)]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 7, 40, 64])
+@pytest.mark.parametrize("kind", ["full", "collinear"])
+def test_row_parallel_split_gives_the_single_worker_result_exactly(K, kind):
+    G = make_G(K, kind, 1.0, seed_of(K, kind, "rows"))
+    M = G @ G.T
+    # Teams as the kernel runs them (fewer lanes than threads), one lane per thread, more lanes than tasks.
+    teams = [(1, 1), (4, 3), (8, 8), (5, min(5, K + 2))]
+    for name, params in _row_parallel_problems(K, seed_of(K, kind)).items():
+        w, status, state = _run(name, M, params)
+        assert torch.isfinite(w).all(), name
+        for threads, lanes in teams:
+            w_team, status_team, state_team = _run(name, M, params, threads, lanes)
+            # Each task's arithmetic is unchanged and the sum runs in task order: bit-identical.
+            assert torch.equal(w_team, w), (name, threads, lanes)
+            assert status_team == status, (name, threads, lanes)
+            for before, after in zip(state, state_team, strict=True):
+                assert torch.equal(before, after), (name, threads, lanes)  # GradVac's targets, row by row
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA
@@ -505,7 +565,7 @@ def test_cuda_matches_cpu(K):
         w_cpu, _, _ = solve(name, M, *cpu_params)
         Md = M.cuda()
         w = torch.empty(K, dtype=torch.float64, device="cuda")
-        work = torch.empty(max(1, getattr(C, f"solve_{name}_work_size")(K)), dtype=torch.float64, device="cuda")
+        work = torch.empty(max(1, getattr(C, f"cuda_solve_{name}_work_size")(K)), dtype=torch.float64, device="cuda")
         status = torch.zeros(2, dtype=torch.int32, device="cuda")
         getattr(C, f"cuda_solve_{name}")(
             Md.data_ptr(),

@@ -5,15 +5,16 @@
 #pragma once
 
 #include "flatmtl/solvers/active_set.h"
+#include "flatmtl/solvers/rows.h"
 
 namespace flatmtl::solvers {
 
 // P = M / tr(M) + reg_eps · I, or reg_eps · I when tr(M) ≤ norm_eps (torchjd's QuadprogProjector), and
-// inv_diag = 1/diag(P).
+// inv_diag = 1/diag(P), for the rows first, first + step, ... (a team fills P together).
 FLATMTL_HD inline void dual_cone_matrix(const double* M, int K, double norm_eps, double reg_eps, double* P,
-                                        double* inv_diag) {
+                                        double* inv_diag, int first = 0, int step = 1) {
   const double tr = trace(M, K);
-  for (int i = 0; i < K; ++i) {
+  for (int i = first; i < K; i += step) {
     for (int j = 0; j < K; ++j) P[i * K + j] = (tr > norm_eps ? M[i * K + j] / tr : 0.0) + (i == j ? reg_eps : 0.0);
     inv_diag[i] = 1.0 / P[i * K + i];
   }
@@ -40,44 +41,29 @@ FLATMTL_HD inline Status nonnegative_qp(const double* P, int K, const double* q,
   return qp.iterate(q, x, 4 * K + 16, true);
 }
 
-// Shared by UPGrad and DualProj: P, 1/diag(P), q, x, then nonnegative_qp's scratch.
-FLATMTL_HD inline int64_t dual_cone_work_size(int K) {
-  return int64_t(K) * K + 5 * int64_t(K) + ActiveSetQp::work_size(K);
-}
-
-// The workspace of UPGrad and DualProj laid out in `work`, with P and 1/diag(P) formed from M.
-struct DualConeWork {
-  double* P;
-  double* inv_diag;
-  double* q;
-  double* x;
-  FLATMTL_HD DualConeWork(const double* M, int K, double norm_eps, double reg_eps, double* work)
-      : P(work), inv_diag(work + int64_t(K) * K), q(inv_diag + K), x(q + K) {
-    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
-  }
-};
-
-// UPGrad: w = Σ_i argmin_{v ≥ p_i e_i} vᵀPv (p = pref, or 𝟏/K when pref is null).
-struct UPGrad {
+// UPGrad: w = Σ_i argmin_{v ≥ p_i e_i} vᵀPv (p = pref, or 𝟏/K when pref is null): K independent QPs
+// sharing P and 1/diag(P), one per task (rows.h).
+struct UPGrad : RowParallel<UPGrad> {
   const double* pref;
   double norm_eps;
   double reg_eps;
-  FLATMTL_HD static int64_t work_size(int K) { return dual_cone_work_size(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    const DualConeWork ws(M, K, norm_eps, reg_eps, work);
-    Status total{0, 1};
-    for (int k = 0; k < K; ++k) w[k] = 0.0;
-    for (int i = 0; i < K; ++i) {
-      // u = u_i e_i, q = P u (row i of the symmetric P, scaled).
-      const double ui = pref ? pref[i] : 1.0 / K;
-      for (int k = 0; k < K; ++k) ws.q[k] = ws.P[int64_t(i) * K + k] * ui;
-      const Status s = nonnegative_qp(ws.P, K, ws.q, ws.inv_diag, ws.x, ws.x + K);
-      w[i] += ui;
-      axpy(1.0, ws.x, w, K);
-      total.iterations += s.iterations;
-      total.converged &= s.converged;
-    }
-    return total;
+  FLATMTL_HD static int64_t shared_size(int K) { return int64_t(K) * K + K; }
+  // q, then nonnegative_qp's scratch.
+  FLATMTL_HD static int64_t row_work_size(int K) { return 3 * int64_t(K) + ActiveSetQp::work_size(K); }
+  FLATMTL_HD void prepare(const double* M, int K, double* shared, int first, int step) const {
+    dual_cone_matrix(M, K, norm_eps, reg_eps, shared, shared + int64_t(K) * K, first, step);
+  }
+  // Task i's contribution: the minimiser v = p_i e_i + x of its QP.
+  FLATMTL_HD Status row(const double*, int K, int i, const double* shared, double* v, double* work) const {
+    const double* P = shared;
+    const double* inv_diag = shared + int64_t(K) * K;
+    double* q = work;
+    // u = u_i e_i, q = P u (row i of the symmetric P, scaled).
+    const double ui = pref ? pref[i] : 1.0 / K;
+    for (int k = 0; k < K; ++k) q[k] = P[int64_t(i) * K + k] * ui;
+    const Status s = nonnegative_qp(P, K, q, inv_diag, v, work + K);
+    v[i] += ui;
+    return s;
   }
 };
 
@@ -86,13 +72,18 @@ struct DualProj {
   const double* pref;
   double norm_eps;
   double reg_eps;
-  FLATMTL_HD static int64_t work_size(int K) { return dual_cone_work_size(K); }
+  // P, 1/diag(P), q, x, then nonnegative_qp's scratch.
+  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) * K + 5 * int64_t(K) + ActiveSetQp::work_size(K); }
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    const DualConeWork ws(M, K, norm_eps, reg_eps, work);
+    double* P = work;
+    double* inv_diag = P + int64_t(K) * K;
+    double* q = inv_diag + K;
+    double* x = q + K;
+    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
     for (int k = 0; k < K; ++k) w[k] = pref ? pref[k] : 1.0 / K;  // u
-    matvec(ws.P, K, w, ws.q);
-    const Status status = nonnegative_qp(ws.P, K, ws.q, ws.inv_diag, ws.x, ws.x + K);
-    axpy(1.0, ws.x, w, K);
+    matvec(P, K, w, q);
+    const Status status = nonnegative_qp(P, K, q, inv_diag, x, x + K);
+    axpy(1.0, x, w, K);
     return status;
   }
 };

@@ -6,49 +6,58 @@
 #pragma once
 
 #include "flatmtl/solvers/common.h"
+#include "flatmtl/solvers/rows.h"
 
 namespace flatmtl::solvers {
 
-// Runs the loop with a pair rule `rule(i, j, dot, sq_norm_i, sq_norm_j) -> c` (g_i' += c g_j), where
-// dot = g_i'·g_j, sq_norm_i = ‖g_i'‖², sq_norm_j = ‖g_j‖². Rule::kNeedsNormI says whether the rule
-// reads sq_norm_i (only then is it computed: an O(K) product per pair).
-// work: 3K doubles (c, M c, the order; indices < 2^53 are exact in a double).
+// Task i's loop with a pair rule `rule(i, j, dot, sq_norm_i, sq_norm_j) -> c` (g_i' += c g_j), where
+// dot = g_i'·g_j, sq_norm_i = ‖g_i'‖², sq_norm_j = ‖g_j‖², leaving g_i''s coefficients in c (K).
+// Rule::kNeedsNormI says whether the rule reads sq_norm_i (only then is it computed: an O(K) product per pair).
+// work: 2K doubles (M c, the order; indices < 2^53 are exact in a double).
 template <class Rule>
-FLATMTL_HD inline Status projection_loop(const double* M, int K, const double* keys, Rule& rule, double* w,
-                                         double* work) {
-  double* c = work;
-  double* v = work + K;  // M c, kept up to date as c changes
-  double* order = work + 2 * K;
-  for (int k = 0; k < K; ++k) w[k] = 0.0;
-  for (int i = 0; i < K; ++i) {
-    // Stable insertion sort of j ≠ i by keys[i, j].
-    int n = 0;
-    for (int j = 0; j < K; ++j) {
-      if (j == i) continue;
-      int pos = n++;
-      while (pos > 0 && keys[i * K + int(order[pos - 1])] > keys[i * K + j]) {
-        order[pos] = order[pos - 1];
-        --pos;
-      }
-      order[pos] = j;
+FLATMTL_HD inline void projection_row(const double* M, int K, int i, const double* keys, const Rule& rule, double* c,
+                                      double* work) {
+  double* v = work;  // M c, kept up to date as c changes
+  double* order = work + K;
+  // Stable insertion sort of j ≠ i by keys[i, j].
+  int n = 0;
+  for (int j = 0; j < K; ++j) {
+    if (j == i) continue;
+    int pos = n++;
+    while (pos > 0 && keys[i * K + int(order[pos - 1])] > keys[i * K + j]) {
+      order[pos] = order[pos - 1];
+      --pos;
     }
-    for (int k = 0; k < K; ++k) {
-      c[k] = k == i ? 1.0 : 0.0;
-      v[k] = M[i * K + k];  // M symmetric: rows are columns, read contiguously
-    }
-    for (int step = 0; step < n; ++step) {
-      const int j = int(order[step]);
-      const double sq_norm_i = Rule::kNeedsNormI ? dot(c, v, K) : 0.0;
-      const double coef = rule(i, j, v[j], sq_norm_i, M[j * K + j]);
-      if (coef != 0.0) {
-        c[j] += coef;
-        for (int k = 0; k < K; ++k) v[k] += coef * M[j * K + k];
-      }
-    }
-    for (int k = 0; k < K; ++k) w[k] += c[k];
+    order[pos] = j;
   }
-  return {0, 1};
+  for (int k = 0; k < K; ++k) {
+    c[k] = k == i ? 1.0 : 0.0;
+    v[k] = M[i * K + k];  // M symmetric: rows are columns, read contiguously
+  }
+  for (int step = 0; step < n; ++step) {
+    const int j = int(order[step]);
+    const double sq_norm_i = Rule::kNeedsNormI ? dot(c, v, K) : 0.0;
+    const double coef = rule(i, j, v[j], sq_norm_i, M[j * K + j]);
+    if (coef != 0.0) {
+      c[j] += coef;
+      for (int k = 0; k < K; ++k) v[k] += coef * M[j * K + k];
+    }
+  }
 }
+
+// The weights are Σ_i c_i: the tasks' loops are independent (GradVac's row i updates only phi_hat[i, :]),
+// so they run row-parallel (rows.h). Self supplies rule(K).
+template <class Self>
+struct ProjectionRows : RowParallel<Self> {
+  FLATMTL_HD static int64_t shared_size(int) { return 0; }
+  FLATMTL_HD static int64_t row_work_size(int K) { return 2 * int64_t(K); }
+  FLATMTL_HD void prepare(const double*, int, double*, int, int) const {}
+  FLATMTL_HD Status row(const double* M, int K, int i, const double*, double* c, double* work) const {
+    const Self& self = static_cast<const Self&>(*this);
+    projection_row(M, K, i, self.keys, self.rule(K), c, work);
+    return {0, 1};
+  }
+};
 
 struct PCGradRule {
   static constexpr bool kNeedsNormI = false;
@@ -82,25 +91,17 @@ struct GradVacRule {
   }
 };
 
-struct PCGrad {
+struct PCGrad : ProjectionRows<PCGrad> {
   const double* keys;  // K x K
-  FLATMTL_HD static int64_t work_size(int K) { return 3 * int64_t(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    PCGradRule rule;
-    return projection_loop(M, K, keys, rule, w, work);
-  }
+  FLATMTL_HD PCGradRule rule(int) const { return {}; }
 };
 
-struct GradVac {
+struct GradVac : ProjectionRows<GradVac> {
   const double* keys;  // K x K
   double* phi_hat;     // K x K targets, updated in place
   double beta;
   double eps;
-  FLATMTL_HD static int64_t work_size(int K) { return 3 * int64_t(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
-    GradVacRule rule{phi_hat, K, beta, eps};
-    return projection_loop(M, K, keys, rule, w, work);
-  }
+  FLATMTL_HD GradVacRule rule(int K) const { return {phi_hat, K, beta, eps}; }
 };
 
 }  // namespace flatmtl::solvers

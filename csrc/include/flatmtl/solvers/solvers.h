@@ -15,6 +15,7 @@
 #include "flatmtl/solvers/mgda.h"
 #include "flatmtl/solvers/nash_mtl.h"
 #include "flatmtl/solvers/projection_loop.h"
+#include "flatmtl/solvers/rows.h"
 #include "flatmtl/solvers/simplex.h"
 
 namespace flatmtl::solvers {
@@ -24,9 +25,30 @@ constexpr int64_t kMaxK = 4096;
 
 namespace cuda {
 
-// Runs problem(M, K, w, work) on `stream` as one thread block (M, w, work and every pointer inside
-// `problem` are device addresses). status, when not null, receives {iterations, converged} (int32).
-// Returns an empty string on success, else the CUDA error. Instantiated in csrc/cuda/solvers.cu.
+constexpr int kBlockThreads = 128;
+// Scratch a row-parallel solve may take for its workers' own scratch (doubles, 128 MB): at large K
+// fewer workers share the tasks.
+constexpr int64_t kLaneBudget = int64_t(1) << 24;
+
+// The workers of a row-parallel solve on the GPU: one per task, at most a block, within kLaneBudget.
+template <class Problem>
+inline int row_lanes(int K) {
+  const int64_t affordable = kLaneBudget / (Problem::row_work_size(K) > 0 ? Problem::row_work_size(K) : 1);
+  return int(max2(1.0, min2(min2(double(K), double(kBlockThreads)), double(affordable))));
+}
+
+// Scratch doubles of launch() for K tasks.
+template <class Problem>
+inline int64_t work_size(int K) {
+  if constexpr (is_row_parallel<Problem>) return rows_work_size<Problem>(K, row_lanes<Problem>(K));
+  return Problem::work_size(K);
+}
+
+// Runs the solve on `stream` as one thread block of kBlockThreads: a row-parallel problem (rows.h) spreads
+// its tasks over row_lanes(K) threads, any other runs problem(M, K, w, work) in thread 0. M, w, work
+// (work_size(K) doubles) and every pointer inside `problem` are device addresses. status, when not null,
+// receives {iterations, converged} (int32). Returns an empty string on success, else the CUDA error.
+// Instantiated in csrc/cuda/solvers.cu.
 template <class Problem>
 std::string launch(const Problem& problem, const double* M, int K, double* w, double* work, int* status, int device,
                    uintptr_t stream);
