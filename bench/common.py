@@ -55,30 +55,35 @@ def median_time(
     *,
     warmup: int = 2,
     repeat: int = 7,
+    setup: Callable[[], tuple] | None = None,
 ) -> float:
     """Median time of ``fn(*inputs[i])`` in seconds over ``repeat`` calls, cycling through ``inputs``
-    (device work included: events on CUDA, synchronised host clock on the CPU)."""
-    inputs = inputs or [()]
-    calls = iter(range(1 << 62))
+    (device work included: events on CUDA, synchronised host clock on the CPU). ``setup``, when given, makes
+    each call's arguments instead, outside the timed region (e.g. the forward pass whose graph a timed
+    backward pass consumes)."""
+    if setup is None:
+        cycle = inputs or [()]
+        calls = iter(range(1 << 62))
 
-    def call() -> None:
-        fn(*inputs[next(calls) % len(inputs)])
+        def setup() -> tuple:
+            return cycle[next(calls) % len(cycle)]
 
     for _ in range(warmup):
-        call()
-    synchronize(device)
+        fn(*setup())
     times = []
     for _ in range(repeat):
+        arguments = setup()
+        synchronize(device)  # nothing of setup's (or the previous call's) device work is timed
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            call()
+            fn(*arguments)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
-            call()
+            fn(*arguments)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -63,7 +63,7 @@ def test_breakdown_times_every_part(model: str) -> None:
     config, batch = CASES[model]
     parts = training.breakdown("UPGrad", 3, batch, CPU, 5, model, config)
     assert set(parts) == {"forward", "K_backward", "aggregate"}
-    assert all(seconds > 0 for seconds in parts.values()), parts  # three backward passes outlast one forward
+    assert all(seconds > 0 for seconds in parts.values()), parts
 
 
 def test_run_gives_prefixed_vit_rows_with_their_memory() -> None:
