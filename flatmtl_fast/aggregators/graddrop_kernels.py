@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ..backends import triton_interpreting
+from ..backends import TRITON_LAUNCH_OPTIONS, triton_interpreting
 from ..primitives.checks import G_DTYPES
 from ..reference._philox import philox_uniform
 
@@ -127,7 +127,16 @@ if triton is not None:
             block_n = 4096 if triton_interpreting() else 512
             with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
                 _graddrop_kernel[(triton.cdiv(N, block_n),)](
-                    G, leak.contiguous(), seed, out, K, N, row_stride, BLOCK_K=8, BLOCK_N=block_n
+                    G,
+                    leak.contiguous(),
+                    seed,
+                    out,
+                    K,
+                    N,
+                    row_stride,
+                    BLOCK_K=8,
+                    BLOCK_N=block_n,
+                    **TRITON_LAUNCH_OPTIONS,
                 )
 
 

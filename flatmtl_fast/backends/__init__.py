@@ -74,6 +74,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Compile options of every Triton launch. Triton up to 3.9 fuses a * b + c into FMAs by default and warns that
+# 3.10 will stop: pinned, the kernels round the same under every Triton version (as the CUDA kernels, which
+# nvcc fuses by default). The interpreter ignores them.
+TRITON_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
 @functools.cache
 def _triton_installed() -> str | None:
     if importlib.util.find_spec("triton") is None:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends import triton_interpreting
+from ..backends import TRITON_LAUNCH_OPTIONS, triton_interpreting
 from .checks import G_DTYPES
 
 
@@ -202,10 +202,12 @@ class TritonPrimitives:
             _gram_partials_kernel[(splits, len(pair_i))](
                 G, partials, pair_i, pair_j, K, N, row_stride, cols_per_split, padded,
                 BLOCK_K=block_k, BLOCK_N=block_n, SINGLE_TILE=tiles == 1,
-                PRECISION=_gram_precision(G.dtype, block_k),
+                PRECISION=_gram_precision(G.dtype, block_k), **TRITON_LAUNCH_OPTIONS,
             )  # fmt: skip
             block = 256
-            _gram_reduce_kernel[(triton.cdiv(K * K, block),)](partials, out, K, padded, splits, BLOCK=block)
+            _gram_reduce_kernel[(triton.cdiv(K * K, block),)](
+                partials, out, K, padded, splits, BLOCK=block, **TRITON_LAUNCH_OPTIONS
+            )
 
     def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
         K, N = G.shape
@@ -213,7 +215,17 @@ class TritonPrimitives:
         block_k = 8
         with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
             _combine_kernel[(triton.cdiv(N, block_n),)](
-                w, G, out, K, N, row_stride, alpha, ACCUMULATE=accumulate, BLOCK_K=block_k, BLOCK_N=block_n
+                w,
+                G,
+                out,
+                K,
+                N,
+                row_stride,
+                alpha,
+                ACCUMULATE=accumulate,
+                BLOCK_K=block_k,
+                BLOCK_N=block_n,
+                **TRITON_LAUNCH_OPTIONS,
             )
 
     def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
@@ -228,13 +240,17 @@ class TritonPrimitives:
         with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
             _row_norms_partials_kernel[(splits, row_blocks)](
                 G, G if weight is None else weight, partials, K, N, row_stride, cols_per_split, splits,
-                WEIGHTED=weight is not None, BLOCK_K=block_k, BLOCK_N=block_n,
+                WEIGHTED=weight is not None, BLOCK_K=block_k, BLOCK_N=block_n, **TRITON_LAUNCH_OPTIONS,
             )  # fmt: skip
             block = 128
-            _row_norms_reduce_kernel[(triton.cdiv(K, block),)](partials, out, K, splits, BLOCK=block)
+            _row_norms_reduce_kernel[(triton.cdiv(K, block),)](
+                partials, out, K, splits, BLOCK=block, **TRITON_LAUNCH_OPTIONS
+            )
 
     def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
         N = base.shape[0]
         block = 16384 if triton_interpreting() else 1024
         with torch.cuda.device(base.device) if base.is_cuda else contextlib.nullcontext():
-            _perturb_kernel[(triton.cdiv(N, block),)](base, direction, scale, out, N, ADAPTIVE=adaptive, BLOCK=block)
+            _perturb_kernel[(triton.cdiv(N, block),)](
+                base, direction, scale, out, N, ADAPTIVE=adaptive, BLOCK=block, **TRITON_LAUNCH_OPTIONS
+            )

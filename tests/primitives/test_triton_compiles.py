@@ -58,6 +58,7 @@ from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 import flatmtl_fast  # noqa: E402
 from flatmtl_fast.aggregators import graddrop_kernels  # noqa: E402
+from flatmtl_fast.backends import TRITON_LAUNCH_OPTIONS  # noqa: E402
 from flatmtl_fast.primitives import checks  # noqa: E402
 from flatmtl_fast.primitives import triton_kernels as primitives_kernels  # noqa: E402
 
@@ -215,7 +216,8 @@ def _spec(launch: _Launch, family: str) -> _Spec:
     integers taken as divisible by 16, integers equal to 1 not compiled in as constants)."""
     kernel = KERNELS[launch.kernel]
     arg_names, const_names = _parameters(launch.kernel)
-    bound = inspect.signature(kernel.fn).bind(*launch.args, **launch.kwargs)
+    kwargs = {k: v for k, v in launch.kwargs.items() if k not in TRITON_LAUNCH_OPTIONS}  # compile options
+    bound = inspect.signature(kernel.fn).bind(*launch.args, **kwargs)
     signature, constexprs, divisible = [], [], []
     for name in arg_names:
         value = bound.arguments[name]
@@ -259,7 +261,7 @@ def _compile(module: str, kernel: str, signature: dict, constexprs: dict, divisi
     assert isinstance(fn, JITFunction), f"{kernel} is a {type(fn).__name__} (TRITON_INTERPRET set?)"
     attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr("D") for name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=TRITON_LAUNCH_OPTIONS)
 
 
 def _serve() -> None:
