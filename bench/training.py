@@ -16,6 +16,7 @@ CUDA; both include the buffers kept between steps (our K × N task-gradient buff
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -128,38 +129,37 @@ def available_impls(method: str) -> list[str]:
     return [impl for impl in IMPLS if peers or impl not in PEER_IMPLS]
 
 
-def build(
-    model: str, K: int, batch: int, device: torch.device, config: dict | None = None, amp: bool = False
-) -> tuple[MultiTaskModel, Forward]:
-    """The seeded model and ``forward()``, its (z, losses) on a fixed random batch (bf16 autocast if ``amp``)."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """What a step trains: ``model`` (an entry of :data:`MODELS`, ``config`` keyword arguments of its
+    constructor, e.g. a tiny ViT for tests) with K heads, on ``batch`` inputs on ``device``, every forward pass
+    under bf16 autocast when ``amp``."""
+
+    K: int
+    batch: int
+    device: torch.device
+    model: str = "mlp"
+    config: dict | None = None
+    amp: bool = False
+
+
+def build(case: Case) -> tuple[MultiTaskModel, Forward]:
+    """The seeded model and ``forward()``, its (z, losses) on a fixed random batch."""
     torch.manual_seed(0)
-    with device:  # initialised where it runs: an 86 M-parameter CPU init and copy per case is slow
-        net = MODELS[model](K, **(config or {}))
-    x, y = net.inputs(batch, device)
+    with case.device:  # initialised where it runs: an 86 M-parameter CPU init and copy per case is slow
+        net = MODELS[case.model](case.K, **(case.config or {}))
+    x, y = net.inputs(case.batch, case.device)
 
     def forward() -> tuple[Tensor, list[Tensor]]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(case.device.type, dtype=torch.bfloat16, enabled=case.amp):
             return net.losses(x, y)
 
     return net, forward
 
 
-def make_step(
-    impl: str,
-    method: str,
-    K: int,
-    batch: int,
-    device: torch.device,
-    model: str = "mlp",
-    config: dict | None = None,
-    amp: bool = False,
-) -> tuple[MultiTaskModel, Callable[[], None]]:
-    """Build the model and a closure running one training step (SGD) with ``impl``.
-
-    ``model`` names an entry of :data:`MODELS`, ``config`` holds keyword arguments of its constructor (a
-    tiny ViT for tests), ``amp`` runs every forward pass under bf16 autocast.
-    """
-    net, forward = build(model, K, batch, device, config, amp)
+def make_step(impl: str, method: str, case: Case) -> tuple[MultiTaskModel, Callable[[], None]]:
+    """Build the model and a closure running one training step (SGD) with ``impl``."""
+    net, forward = build(case)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     if impl == "plain":
 
@@ -272,21 +272,13 @@ def _literal_fmtl_step(net: MultiTaskModel, forward: Forward, optimizer, method:
     return step
 
 
-def breakdown(
-    method: str,
-    K: int,
-    batch: int,
-    device: torch.device,
-    repeat: int,
-    model: str = "mlp",
-    config: dict | None = None,
-    amp: bool = False,
-) -> dict[str, float]:
+def breakdown(method: str, case: Case, repeat: int) -> dict[str, float]:
     """Seconds of the parts of flatmtl_fast.backward: forward, K backward passes, gram + solve + combine."""
-    net, forward = build(model, K, batch, device, config, amp)
+    net, forward = build(case)
+    device = case.device
     shared = flatmtl_fast.FlatParameters(net.trunk)
     agg = getattr(flatmtl_fast, method)()
-    capture = flatmtl_fast.TaskGradients(shared, K)
+    capture = flatmtl_fast.TaskGradients(shared, case.K)
     forward_seconds = median_time(forward, device, repeat=repeat)
     # The backward passes alone: each consumes the graph of a forward pass made outside the timed region.
     backward_seconds = median_time(capture.capture, device, repeat=repeat, setup=lambda: (forward()[1],))
@@ -296,38 +288,29 @@ def breakdown(
     return {"forward": forward_seconds, "K_backward": backward_seconds, "aggregate": aggregate}
 
 
-def peak_extra_memory(
-    impl: str,
-    method: str,
-    K: int,
-    batch: int,
-    device: torch.device,
-    model: str = "mlp",
-    config: dict | None = None,
-    amp: bool = False,
-) -> int:
+def peak_extra_memory(impl: str, method: str, case: Case) -> int:
     """Peak bytes a step needs above a plain summed-backward step of the same model, including buffers kept
     between steps (our K × N task-gradient buffer). CPU: in a fresh process (VmHWM, see aggregators.py);
     CUDA: the caching allocator's high-water mark of a warmed-up step; -1 if the measurement failed."""
-    args = (method, K, batch, device, model, config, amp)
-    if device.type == "cuda":
-        return _cuda_step_peak(impl, *args) - _cuda_step_peak("plain", *args)
+    if case.device.type == "cuda":
+        return _cuda_step_peak(impl, method, case) - _cuda_step_peak("plain", method, case)
+    fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(case) if f.name != "device"}
     code = f"""
 import re, torch
-from bench.training import make_step
+from bench.training import Case, make_step
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
-cpu = torch.device("cpu")
+case = Case(device=torch.device("cpu"), **{fields!r})
 torch.manual_seed(0)
-model, plain = make_step("plain", {method!r}, {K}, {batch}, cpu, {model!r}, {config!r}, {amp!r})
+model, plain = make_step("plain", {method!r}, case)
 plain(); plain()
 open("/proc/self/clear_refs", "w").write("5")
 plain()
 base = status("VmHWM")  # peak of a plain step: model, grads, activations
 del model, plain
-model, step = make_step({impl!r}, {method!r}, {K}, {batch}, cpu, {model!r}, {config!r}, {amp!r})
+model, step = make_step({impl!r}, {method!r}, case)
 open("/proc/self/clear_refs", "w").write("5")
 step(); step()
 print(status("VmHWM") - base)
@@ -336,12 +319,12 @@ print(status("VmHWM") - base)
     return int(json.loads(result.stdout.strip().splitlines()[-1])) if result.returncode == 0 else -1
 
 
-def _cuda_step_peak(impl: str, method: str, K: int, batch: int, device: torch.device, *model_args) -> int:
+def _cuda_step_peak(impl: str, method: str, case: Case) -> int:
     """Bytes allocated at the peak of a warmed-up step: model, optimizer state, kept buffers, activations."""
     gc.collect()  # the previous case's model (kept alive by hook reference cycles) must not count
     torch.cuda.empty_cache()
-    _, step = make_step(impl, method, K, batch, device, *model_args)
-    return cuda_peak_bytes(step, device, warmup=2)[0]
+    _, step = make_step(impl, method, case)
+    return cuda_peak_bytes(step, case.device, warmup=2)[0]
 
 
 def run(
@@ -366,16 +349,17 @@ def run(
     dtype = "bfloat16" if amp else "float32"
     rows: list[Row] = []
     for K in Ks:
+        case = Case(K, batch, device, model, config, amp)
         for impl in impls:
-            net, step = make_step(impl, method, K, batch, device, model, config, amp)
+            net, step = make_step(impl, method, case)
             n_shared = sum(p.numel() for p in net.trunk.parameters())
             seconds = median_time(step, device, repeat=repeat)
             del net, step  # before the memory measurement builds its own
             row = Row(SUITE, f"{prefix}step:{method}", impl, K, n_shared, dtype, seconds, 0)
-            peak = peak_extra_memory(impl, method, K, batch, device, model, config, amp)
+            peak = peak_extra_memory(impl, method, case)
             row.extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
             rows.append(row)
         if "flatmtl" in impls:
-            for part, seconds in breakdown(method, K, batch, device, repeat, model, config, amp).items():
+            for part, seconds in breakdown(method, case, repeat).items():
                 rows.append(Row(SUITE, f"{prefix}part:{part}", "flatmtl", K, n_shared, dtype, seconds, 0))
     return rows

@@ -27,7 +27,7 @@ PEER_RTOL = 1e-3
 def _update(impl: str, method: str, model: str, amp: bool = False) -> torch.Tensor:
     """The change of the shared parameters in one step of ``impl`` (K = 3, SGD, seeded model and batch)."""
     config, batch = CASES[model]
-    net, step = training.make_step(impl, method, 3, batch, CPU, model, config, amp)
+    net, step = training.make_step(impl, method, training.Case(3, batch, CPU, model, config, amp))
     before = parameters_to_vector(net.trunk.parameters()).detach().clone()
     step()
     return parameters_to_vector(net.trunk.parameters()).detach() - before
@@ -61,7 +61,7 @@ def test_every_step_moves_the_shared_parameters_as_its_peers_do(model: str, amp:
 @pytest.mark.parametrize("model", CASES)
 def test_breakdown_times_every_part(model: str) -> None:
     config, batch = CASES[model]
-    parts = training.breakdown("UPGrad", 3, batch, CPU, 5, model, config)
+    parts = training.breakdown("UPGrad", training.Case(3, batch, CPU, model, config), 5)
     assert set(parts) == {"forward", "K_backward", "aggregate"}
     assert all(seconds > 0 for seconds in parts.values()), parts
 
