@@ -61,28 +61,38 @@ class Barrier {
   int generation_ = 0;
 };
 
-// CPU threads standing in for the threads of the CUDA block (rows.h's team interface).
+// CPU threads standing in for the threads of the CUDA block (team.h's interface).
 struct ThreadTeam {
   int r;
   int n;
   Barrier* barrier;
+  double* shared_slots;
   int rank() const { return r; }
   int size() const { return n; }
   void sync() const { barrier->wait(); }
+  double* slots() const { return shared_slots; }
 };
 
-// Runs a row-parallel solve on `threads` CPU threads with the tasks spread over the first `lanes`, as the CUDA
-// kernel spreads them over its block: lets the tests check, without a GPU, that the decomposition gives
-// exactly the single-worker result.
+// Runs a solve on `threads` CPU threads as the CUDA kernel runs it on the threads of its block: a row-parallel
+// problem with its tasks spread over the first `lanes`, a team solver on all of them. Lets the tests check,
+// without a GPU, that the team gives exactly the single worker's result.
 template <class Problem>
 sv::Status solve_threaded(const Problem& problem, const double* M, int K, double* w, double* work, int threads,
                           int lanes) {
   Barrier barrier(threads);
-  std::vector<std::thread> team;
-  for (int r = 1; r < threads; ++r)
-    team.emplace_back([&, r] { sv::solve_by_rows(problem, M, K, w, work, lanes, ThreadTeam{r, threads, &barrier}); });
-  const sv::Status status = sv::solve_by_rows(problem, M, K, w, work, lanes, ThreadTeam{0, threads, &barrier});
-  for (auto& t : team) t.join();
+  std::vector<double> slots(2 * size_t(threads));
+  auto run = [&](int r) {
+    const ThreadTeam team{r, threads, &barrier, slots.data()};
+    if constexpr (sv::is_row_parallel<Problem>) {
+      return sv::solve_by_rows(problem, M, K, w, work, lanes, team);
+    } else {
+      return problem(M, K, w, work, team);
+    }
+  };
+  std::vector<std::thread> others;
+  for (int r = 1; r < threads; ++r) others.emplace_back([&, r] { run(r); });
+  const sv::Status status = run(0);
+  for (auto& t : others) t.join();
   return status;
 }
 
@@ -105,17 +115,23 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         return py::make_tuple(status.iterations, bool(status.converged));
       },
       py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), doc);
-  if constexpr (sv::is_row_parallel<Problem>) {
+  if constexpr (sv::is_row_parallel<Problem> || sv::is_team_solver<Problem>) {
+    // A team solver takes the scratch of a single worker and all the threads (lanes = threads).
     m.def(
         ("solve_" + name + "_threaded_work_size").c_str(),
-        [](int64_t K, int lanes) { return sv::rows_work_size<Problem>(int(K), lanes); }, py::arg("K"),
-        py::arg("lanes"), "Scratch doubles of solve_<name>_threaded with `lanes` workers.");
+        [](int64_t K, int lanes) {
+          if constexpr (sv::is_row_parallel<Problem>) return sv::rows_work_size<Problem>(int(K), lanes);
+          return Problem::work_size(int(K));
+        },
+        py::arg("K"), py::arg("lanes"), "Scratch doubles of solve_<name>_threaded with `lanes` workers.");
     m.def(
         ("solve_" + name + "_threaded").c_str(),
         [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, int threads, int lanes) {
           check_buffers<Problem>(M, K, w, work);
-          require(threads >= 1 && threads <= 64, "threads must be in [1, 64]");
+          require(threads >= 1 && threads <= sv::cuda::kBlockThreads,
+                  "threads must be in [1, " + std::to_string(sv::cuda::kBlockThreads) + "]");
           require(lanes >= 1 && lanes <= threads, "lanes must be in [1, threads]");
+          require(sv::is_row_parallel<Problem> || lanes == threads, "a team solver takes lanes = threads");
           const Problem problem = make(K, params...);
           sv::Status status;
           {
@@ -126,7 +142,8 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
           return py::make_tuple(status.iterations, bool(status.converged));
         },
         py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), py::arg("threads"), py::arg("lanes"),
-        "The solve with its tasks spread over `lanes` of `threads` CPU threads, as the CUDA kernel runs it.");
+        "The solve spread over `threads` CPU threads (a row-parallel one's tasks over `lanes` of them), as the CUDA "
+        "kernel runs it.");
   }
 #ifdef FLATMTL_WITH_CUDA
   m.def(("cuda_solve_" + name + "_work_size").c_str(), [](int64_t K) { return sv::cuda::work_size<Problem>(int(K)); },
@@ -153,7 +170,7 @@ sv::Mgda make_mgda(int64_t, int normalize, uintptr_t losses, int max_iter, doubl
   require(normalize < 2 || losses != 0, "losses is a null pointer (normalize 'loss' / 'loss+' needs them)");
   require(max_iter >= 0, "max_iter must be >= 0");
   require(stop_crit > 0, "stop_crit must be > 0");
-  return {normalize, ptr<const double>(losses), max_iter, stop_crit};
+  return {{}, normalize, ptr<const double>(losses), max_iter, stop_crit};
 }
 
 sv::PCGrad make_pcgrad(int64_t, uintptr_t keys) {
@@ -189,12 +206,12 @@ sv::NashMtl make_nash(int64_t, uintptr_t alpha, int max_iter, double max_norm, b
   require(alpha != 0, "alpha is a null pointer");
   require(max_iter >= 1, "max_iter must be >= 1");
   require(max_norm >= 0, "max_norm must be >= 0");
-  return {ptr<double>(alpha), max_iter, max_norm, update ? 1 : 0};
+  return {{}, ptr<double>(alpha), max_iter, max_norm, update ? 1 : 0};
 }
 
 sv::FairGrad make_fairgrad(int64_t, double alpha) {
   require(alpha > 0, "alpha must be > 0");
-  return {alpha};
+  return {{}, alpha};
 }
 
 sv::CAGrad make_cagrad(int64_t, double c, int rescale, bool sum_scale) {

@@ -1,6 +1,7 @@
 // The K x K solvers as single-block kernels: the same header code the CPU module runs, after the block
 // stages M in shared memory (K ≤ kMaxStagedK: 64 x 64 doubles = 32 KB). Row-parallel solvers (rows.h)
-// give each thread its share of the tasks; the others run in thread 0.
+// give each thread its share of the tasks, team solvers (team.h) run on the whole block; the others run in
+// thread 0.
 // No allocation and no host synchronisation: the caller passes every buffer and the stream.
 #include <cuda_runtime.h>
 
@@ -13,15 +14,18 @@ constexpr int kMaxStagedK = 64;
 constexpr int kThreads = kBlockThreads;
 
 struct BlockTeam {
+  double* shared_slots;  // 2 kThreads doubles of shared memory
   __device__ int rank() const { return threadIdx.x; }
   __device__ int size() const { return blockDim.x; }
   __device__ void sync() const { __syncthreads(); }
+  __device__ double* slots() const { return shared_slots; }
 };
 
 template <class Problem>
 __global__ void __launch_bounds__(kThreads)
     solve_kernel(Problem problem, const double* __restrict__ M, int K, double* w, double* work, int* status, int lanes) {
   extern __shared__ double staged[];
+  __shared__ double slots[2 * kThreads];
   const bool stage = K <= kMaxStagedK;
   if (stage) {
     for (int e = threadIdx.x; e < K * K; e += blockDim.x) staged[e] = M[e];
@@ -30,7 +34,9 @@ __global__ void __launch_bounds__(kThreads)
   const double* m = stage ? staged : M;
   Status s;
   if constexpr (is_row_parallel<Problem>) {
-    s = solve_by_rows(problem, m, K, w, work, lanes, BlockTeam{});
+    s = solve_by_rows(problem, m, K, w, work, lanes, BlockTeam{slots});
+  } else if constexpr (is_team_solver<Problem>) {
+    s = problem(m, K, w, work, BlockTeam{slots});
   } else {
     if (threadIdx.x != 0) return;
     s = problem(m, K, w, work);

@@ -473,32 +473,41 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="lanes must be in"):
         C.solve_pcgrad_threaded(p, 3, keys, q, r, 2, 3)
     with pytest.raises(ValueError, match="threads must be in"):
-        C.solve_pcgrad_threaded(p, 3, keys, q, r, 65, 1)
+        C.solve_pcgrad_threaded(p, 3, keys, q, r, 129, 1)
 
 
-# ------------------------------------------------------------------------------------- row-parallel solvers
-# UPGrad, PCGrad and GradVac are K independent per-task problems; the CUDA kernel spreads them over the
-# threads of its block (csrc/include/flatmtl/solvers/rows.h). solve_<name>_threaded runs that very
-# decomposition on CPU threads, so the split, the task-ordered sum and the status reduction are checked here.
+# ------------------------------------------------------------------------------------------------ team solves
+# The CUDA kernel runs a solve on the threads of its block. UPGrad, PCGrad and GradVac are K independent
+# per-task problems spread over its threads (csrc/include/flatmtl/solvers/rows.h); MGDA, Nash-MTL and FairGrad
+# are team solvers (team.h) that split the entries of each step. solve_<name>_threaded runs that very code on
+# CPU threads, so the split, the barriers, the task-ordered sum and the reductions are checked here: the
+# result must be the single worker's, bit for bit, for any team.
 
 
-def _row_parallel_problems(K: int, seed: int) -> dict[str, tuple]:
+def _team_problems(K: int, seed: int) -> dict[str, tuple]:
     gen = torch.Generator().manual_seed(seed)
     keys = torch.rand(K, K, generator=gen, dtype=torch.float64)
     pref = torch.rand(K, generator=gen, dtype=torch.float64) + 0.1
     phi_hat = torch.rand(K, K, generator=gen, dtype=torch.float64) * 2 - 1  # non-zero targets drive corrections
+    losses = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
+    alpha = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5  # Nash-MTL's warm start, updated in place
     return {
         "upgrad": (0, 0.0, 1e-4),
         "upgrad_pref": (pref, 0.0, 1e-4),
         "pcgrad": (keys,),
         "gradvac": (keys, phi_hat, 0.5, 1e-8),
+        "mgda": (0, 0, 250, 1e-5),
+        "mgda_loss+": (3, losses, 250, 1e-5),
+        "nash_mtl": (alpha, 20, 1.0, True),
+        "fairgrad": (1.0,),
+        "fairgrad_half": (0.5,),
     }
 
 
 def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name.removesuffix("_pref")
+    name = name.split("_pref")[0].split("_loss")[0].split("_half")[0]
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)
@@ -514,22 +523,35 @@ def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, 
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 7, 40, 64])
-@pytest.mark.parametrize("kind", ["full", "collinear"])
-def test_row_parallel_split_gives_the_single_worker_result_exactly(K, kind):
+@pytest.mark.parametrize("kind", ["full", "rank_deficient", "collinear"])
+def test_team_solve_gives_the_single_worker_result_exactly(K, kind):
     G = make_G(K, kind, 1.0, seed_of(K, kind, "rows"))
     M = G @ G.T
-    # Teams as the kernel runs them (fewer lanes than threads), one lane per thread, more lanes than tasks.
-    teams = [(1, 1), (4, 3), (8, 8), (5, min(5, K + 2))]
-    for name, params in _row_parallel_problems(K, seed_of(K, kind)).items():
+    for name, params in _team_problems(K, seed_of(K, kind)).items():
         w, status, state = _run(name, M, params)
-        assert torch.isfinite(w).all(), name
+        assert not torch.isnan(w).any(), name
+        row_parallel = name.startswith(("upgrad", "pcgrad", "gradvac"))
+        # Row-parallel: teams as the kernel runs them (fewer lanes than threads), one lane per thread, more
+        # lanes than tasks. Team solvers take every thread: even, odd and larger-than-K teams.
+        teams = (
+            [(1, 1), (4, 3), (8, 8), (5, min(5, K + 2))]
+            if row_parallel
+            else [(1, 1), (2, 2), (3, 3), (8, 8), (K + 2, K + 2)]
+        )
         for threads, lanes in teams:
             w_team, status_team, state_team = _run(name, M, params, threads, lanes)
-            # Each task's arithmetic is unchanged and the sum runs in task order: bit-identical.
-            assert torch.equal(w_team, w), (name, threads, lanes)
+            assert torch.equal(w_team, w), (name, threads, lanes, (w_team - w).abs().max())
             assert status_team == status, (name, threads, lanes)
             for before, after in zip(state, state_team, strict=True):
-                assert torch.equal(before, after), (name, threads, lanes)  # GradVac's targets, row by row
+                assert torch.equal(before, after), (name, threads, lanes)  # GradVac's targets, Nash-MTL's α
+
+
+def test_team_solver_takes_every_thread():
+    M = torch.eye(3, dtype=torch.float64)
+    w = torch.empty(3, dtype=torch.float64)
+    work = torch.empty(C.solve_mgda_work_size(3), dtype=torch.float64)
+    with pytest.raises(ValueError, match="lanes = threads"):
+        C.solve_mgda_threaded(M.data_ptr(), 3, 0, 0, 250, 1e-5, w.data_ptr(), work.data_ptr(), 4, 2)
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA

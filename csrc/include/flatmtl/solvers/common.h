@@ -8,11 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define FLATMTL_HD __host__ __device__
-#else
-#define FLATMTL_HD
-#endif
+#include "flatmtl/solvers/team.h"
 
 namespace flatmtl::solvers {
 
@@ -79,11 +75,25 @@ FLATMTL_HD inline void add_rows(const double* M, int K, const int* rows, int n, 
 }
 
 // y = M x for a symmetric K x K M, as Σ_k x_k M_k (rows = columns): contiguous, vectorisable lanes,
-// and the zero entries of a sparse x (Frank–Wolfe iterates, coefficient rows) are skipped.
+// and the zero entries of a sparse x (Frank–Wolfe iterates, coefficient rows) are skipped. A team splits
+// the entries y_i, each summed over k in the same order (so the same bits); on a GPU its workers then read
+// consecutive addresses of each row.
+template <class Team = SoloTeam>
 FLATMTL_HD inline void matvec(const double* __restrict__ M, int K, const double* __restrict__ x,
-                              double* __restrict__ y) {
-  for (int i = 0; i < K; ++i) y[i] = 0.0;
-  add_rows(M, K, nullptr, K, x, y);
+                              double* __restrict__ y, const Team& team = Team{}) {
+  if (team.size() == 1) {
+    for (int i = 0; i < K; ++i) y[i] = 0.0;
+    add_rows(M, K, nullptr, K, x, y);
+    return;
+  }
+  for (int i = first_owned(team, 0); i < K; i += team.size()) {
+    double s = 0.0;
+    for (int k = 0; k < K; ++k) {
+      if (x[k] != 0.0) s += x[k] * M[int64_t(k) * K + i];
+    }
+    y[i] = s;
+  }
+  team.sync();
 }
 
 // Four interleaved partial sums: a plain loop is one dependent chain of adds (latency-bound, and
@@ -101,28 +111,61 @@ FLATMTL_HD inline double dot(const double* a, const double* b, int K) {
   return (s0 + s1) + (s2 + s3);
 }
 
-// xᵀ M x, using y (K) as scratch for M x.
-FLATMTL_HD inline double quad_form(const double* M, int K, const double* x, double* y) {
-  matvec(M, K, x, y);
-  return dot(x, y, K);
+// xᵀ M x, using y (K) as scratch for M x. A team returns once every worker has read y.
+template <class Team = SoloTeam>
+FLATMTL_HD inline double quad_form(const double* M, int K, const double* x, double* y, const Team& team = Team{}) {
+  matvec(M, K, x, y, team);
+  const double q = dot(x, y, K);
+  team.sync();
+  return q;
 }
 
-// ‖A‖_F of the n entries of A, scaled by the largest |entry| so that the squares neither overflow nor
-// underflow (a Gram of gradients at 1e±100 has entries at 1e±200).
-FLATMTL_HD inline double frobenius_norm(const double* A, int64_t n) {
+// Divides the n x n M by ‖M‖_F in place (Nash-MTL and FairGrad solve on the normalised Gram) and returns
+// ‖M‖_F, scaled by the largest |entry| so that the squares neither overflow nor underflow (a Gram of
+// gradients at 1e±100 has entries at 1e±200). The sum of squares runs by rows, then over the rows in order
+// (rows: n doubles of scratch), so that a team splits the rows.
+template <class Team = SoloTeam>
+FLATMTL_HD inline double normalize_frobenius(double* M, int n, double* rows, const Team& team = Team{}) {
+  for (int i = first_owned(team, 0); i < n; i += team.size()) {
+    double largest = 0.0;
+    for (int j = 0; j < n; ++j) largest = max2(largest, fabs(M[int64_t(i) * n + j]));
+    rows[i] = largest;
+  }
+  team.sync();
   double largest = 0.0;
-  for (int64_t e = 0; e < n; ++e) largest = max2(largest, fabs(A[e]));
-  if (!(largest > 0.0) || !isfinite(largest)) return largest;
-  double sum = 0.0;
-  for (int64_t e = 0; e < n; ++e) sum += (A[e] / largest) * (A[e] / largest);
-  return largest * sqrt(sum);
+  for (int i = 0; i < n; ++i) largest = max2(largest, rows[i]);
+  team.sync();
+  double scale = largest;
+  if (largest > 0.0 && isfinite(largest)) {
+    for (int i = first_owned(team, 0); i < n; i += team.size()) {
+      double sum = 0.0;
+      for (int j = 0; j < n; ++j) sum += (M[int64_t(i) * n + j] / largest) * (M[int64_t(i) * n + j] / largest);
+      rows[i] = sum;
+    }
+    team.sync();
+    double sum = 0.0;
+    for (int i = 0; i < n; ++i) sum += rows[i];
+    scale = largest * sqrt(sum);
+  }
+  for (int i = first_owned(team, 0); i < n; i += team.size()) {
+    for (int j = 0; j < n; ++j) M[int64_t(i) * n + j] /= scale;
+  }
+  team.sync();
+  return scale;
 }
 
-// Divides the n x n M by ‖M‖_F in place (Nash-MTL and FairGrad solve on the normalised Gram); returns ‖M‖_F.
-FLATMTL_HD inline double normalize_frobenius(double* M, int n) {
-  const double scale = frobenius_norm(M, int64_t(n) * n);
-  for (int64_t e = 0; e < int64_t(n) * n; ++e) M[e] /= scale;
-  return scale;
+// The rows i with M_ii > 0 (tasks with a non-zero gradient), in order, into index (as doubles); returns
+// their number.
+template <class Team = SoloTeam>
+FLATMTL_HD inline int active_rows(const double* M, int K, double* index, const Team& team = Team{}) {
+  int n = 0;
+  for (int i = 0; i < K; ++i) {
+    if (!(M[int64_t(i) * K + i] > 0.0)) continue;
+    if (owns(team, n)) index[n] = i;
+    ++n;
+  }
+  team.sync();
+  return n;
 }
 
 FLATMTL_HD inline double trace(const double* M, int K) {
@@ -134,34 +177,56 @@ FLATMTL_HD inline double trace(const double* M, int K) {
 // In-place Cholesky of the leading n x n block of A (row stride lda; the lower triangle is read and
 // becomes L), column by column: the entries of a column are independent dot products of contiguous
 // rows, so they overlap in the pipeline instead of forming one dependent chain (measured 3.8
-// GMA/s at n = 64 here, against 1.8 for the row-by-row forward-solve order).
+// GMA/s at n = 64 here, against 1.8 for the row-by-row forward-solve order), and a team splits them.
 // Returns false on a non-positive (or NaN) pivot.
-FLATMTL_HD inline bool cholesky(double* A, int n, int lda) {
+template <class Team = SoloTeam>
+FLATMTL_HD inline bool cholesky(double* A, int n, int lda, const Team& team = Team{}) {
+  // Every worker reads A_jj for pivot j: its root is stored one column later, when no one reads it.
+  double root = 0.0;
   for (int j = 0; j < n; ++j) {
-    double* rj = A + int64_t(j) * lda;
+    const double* rj = A + int64_t(j) * lda;
     const double d = rj[j] - dot(rj, rj, j);
+    if (j > 0 && owns(team, j - 1)) A[int64_t(j - 1) * lda + j - 1] = root;
     if (!(d > 0.0)) return false;
-    rj[j] = sqrt(d);
-    const double inv = 1.0 / rj[j];
-    for (int i = j + 1; i < n; ++i) {
+    root = sqrt(d);
+    const double inv = 1.0 / root;
+    for (int i = first_owned(team, j + 1); i < n; i += team.size()) {
       double* ri = A + int64_t(i) * lda;
       ri[j] = (ri[j] - dot(ri, rj, j)) * inv;
     }
+    team.sync();
   }
+  if (n > 0 && owns(team, n - 1)) A[int64_t(n - 1) * lda + n - 1] = root;
+  team.sync();
   return true;
 }
 
-// Solves L Lᵀ x = b in place (b -> x) with the factor from cholesky().
-FLATMTL_HD inline void cholesky_solve(const double* L, int n, int lda, double* b) {
-  for (int i = 0; i < n; ++i) {
-    double s = b[i];
-    for (int k = 0; k < i; ++k) s -= L[i * lda + k] * b[k];
-    b[i] = s / L[i * lda + i];
+// Solves L Lᵀ x = b in place (b -> x) with the factor from cholesky(), by columns of L: once x_k is
+// final, x_k L_k is taken off the entries still open (those below k, then those above it), which a team
+// splits, and each entry's owner divides it by its diagonal after its last update.
+template <class Team = SoloTeam>
+FLATMTL_HD inline void cholesky_solve(const double* L, int n, int lda, double* b, const Team& team = Team{}) {
+  if (n == 0) return;
+  if (owns(team, 0)) b[0] /= L[0];
+  team.sync();
+  for (int k = 0; k < n - 1; ++k) {
+    const double bk = b[k];
+    for (int i = first_owned(team, k + 1); i < n; i += team.size()) {
+      b[i] -= L[int64_t(i) * lda + k] * bk;
+      if (i == k + 1) b[i] /= L[int64_t(i) * lda + i];
+    }
+    team.sync();
   }
-  for (int i = n - 1; i >= 0; --i) {
-    double s = b[i];
-    for (int k = i + 1; k < n; ++k) s -= L[k * lda + i] * b[k];
-    b[i] = s / L[i * lda + i];
+  if (owns(team, n - 1)) b[n - 1] /= L[int64_t(n - 1) * lda + n - 1];
+  team.sync();
+  for (int k = n - 1; k > 0; --k) {
+    const double bk = b[k];
+    const double* lk = L + int64_t(k) * lda;
+    for (int i = first_owned(team, 0); i < k; i += team.size()) {
+      b[i] -= lk[i] * bk;
+      if (i == k - 1) b[i] /= L[int64_t(i) * lda + i];
+    }
+    team.sync();
   }
 }
 

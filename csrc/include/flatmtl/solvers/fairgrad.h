@@ -12,109 +12,119 @@ constexpr double kFairTol = 1e-10;   // max_i |w_i^{1/α} (Mw)_i − 1|, as FAIR
 constexpr int kFairMaxNewton = 100;  // MAX_NEWTON_ITER
 constexpr int kFairHalvings = 40;    // the reference halves t from 1 while t > 1e-12: 2^0 … 2^-39, else 2^-40
 
-struct FairGrad {
+struct FairGrad : TeamSolver {
   double alpha;
 
   // Scratch: the active rows, the sub-Gram and the Newton matrix (n² each, n ≤ K), w, Mw, gradient,
   // step and a trial point (n each).
   FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 6 * int64_t(K); }
 
-  // f(w) on the n x n M for w > 0 (y: n scratch).
-  FLATMTL_HD double objective(const double* M, int n, const double* w, double* y) const {
+  // f(w) on the n x n M for w > 0 (y: n scratch). A team returns once every worker has read w.
+  template <class Team>
+  FLATMTL_HD double objective(const double* M, int n, const double* w, double* y, const Team& team) const {
     double utility = 0.0;
     const double power = 1.0 - 1.0 / alpha;
     for (int i = 0; i < n; ++i) utility += alpha == 1.0 ? log(w[i]) : pow(w[i], power);
-    return 0.5 * quad_form(M, n, w, y) - (alpha == 1.0 ? utility : utility / power);
+    return 0.5 * quad_form(M, n, w, y, team) - (alpha == 1.0 ? utility : utility / power);
   }
 
   // Moves w to its best multiple t w along its ray: t^{1+1/α} = Σ w_i^{1−1/α} / wᵀMw (when wᵀMw > 0).
-  FLATMTL_HD void to_ray(const double* M, int n, double* w, double* y) const {
-    const double quadratic = quad_form(M, n, w, y);
+  template <class Team>
+  FLATMTL_HD void to_ray(const double* M, int n, double* w, double* y, const Team& team) const {
+    const double quadratic = quad_form(M, n, w, y, team);
     if (!(quadratic > 0.0)) return;
     double sum = 0.0;
     for (int i = 0; i < n; ++i) sum += pow(w[i], 1.0 - 1.0 / alpha);
     const double t = pow(sum / quadratic, alpha / (alpha + 1.0));
-    for (int i = 0; i < n; ++i) w[i] *= t;
+    team.sync();
+    for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] *= t;
+    team.sync();
   }
 
   // Solves on the n x n M (normalised in place); returns whether a solution was found (then in w).
-  FLATMTL_HD Status solve(double* M, int n, double* w, double* work) const {
+  template <class Team>
+  FLATMTL_HD Status solve(double* M, int n, double* w, double* work, const Team& team) const {
     double* H = work;
     double* Mw = H + int64_t(n) * n;
     double* grad = Mw + n;
     double* step = grad + n;
     double* trial = step + n;
-    const double scale = normalize_frobenius(M, n);
+    const double scale = normalize_frobenius(M, n, H, team);
     // Starts: the official 𝟏/n and the exact solution for a diagonal M, each on its ray; the lower f wins.
-    for (int i = 0; i < n; ++i) {
+    for (int i = first_owned(team, 0); i < n; i += team.size()) {
       w[i] = 1.0 / n;
       trial[i] = pow(M[i * n + i], -alpha / (alpha + 1.0));
     }
-    to_ray(M, n, w, Mw);
-    to_ray(M, n, trial, Mw);
-    if (objective(M, n, trial, Mw) < objective(M, n, w, Mw)) {
-      for (int i = 0; i < n; ++i) w[i] = trial[i];
+    team.sync();
+    to_ray(M, n, w, Mw, team);
+    to_ray(M, n, trial, Mw, team);
+    if (objective(M, n, trial, Mw, team) < objective(M, n, w, Mw, team)) {
+      for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] = trial[i];
+      team.sync();
     }
     for (int it = 0; it <= kFairMaxNewton; ++it) {
-      matvec(M, n, w, Mw);
+      matvec(M, n, w, Mw, team);
       double residual = 0.0;
       for (int i = 0; i < n; ++i) residual = max2(residual, fabs(pow(w[i], 1.0 / alpha) * Mw[i] - 1.0));
       if (residual <= kFairTol) {
         const double rescale = pow(scale, -alpha / (alpha + 1.0));
-        for (int i = 0; i < n; ++i) w[i] *= rescale;
+        team.sync();
+        for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] *= rescale;
+        team.sync();
         return {it, 1};
       }
       // Newton step on f: (M + diag(w^{−1/α−1}/α)) step = −(Mw − w^{−1/α}).
-      for (int i = 0; i < n; ++i) {
+      for (int i = first_owned(team, 0); i < n; i += team.size()) {
         grad[i] = Mw[i] - pow(w[i], -1.0 / alpha);
         step[i] = -grad[i];
         for (int j = 0; j <= i; ++j) H[i * n + j] = M[i * n + j];
         H[i * n + i] += pow(w[i], -1.0 / alpha - 1.0) / alpha;
       }
+      team.sync();
       // Positive definite in exact arithmetic: a failure means w ran off along a null direction of M.
-      if (!cholesky(H, n, n)) return {it, 0};
-      cholesky_solve(H, n, n, step);
+      if (!cholesky(H, n, n, team)) return {it, 0};
+      cholesky_solve(H, n, n, step, team);
       // Backtracking: stay in w > 0 and ask for Armijo's decrease only while the Newton decrement²
       // (−slope) is not tiny (near the root f's change is below its rounding; full steps converge there).
-      const double f0 = objective(M, n, w, Mw);
+      const double f0 = objective(M, n, w, Mw, team);
       const double slope = dot(grad, step, n);
       double t = 1.0;
       for (int h = 0; h < kFairHalvings; ++h, t *= 0.5) {
+        for (int i = first_owned(team, 0); i < n; i += team.size()) trial[i] = w[i] + t * step[i];
+        team.sync();
         bool positive = true;
-        for (int i = 0; i < n; ++i) {
-          trial[i] = w[i] + t * step[i];
-          positive = positive && trial[i] > 0.0;
-        }
-        if (positive && (-slope <= 1e-10 || objective(M, n, trial, Mw) <= f0 + 1e-4 * t * slope)) break;
+        for (int i = 0; i < n; ++i) positive = positive && trial[i] > 0.0;
+        if (positive && (-slope <= 1e-10 || objective(M, n, trial, Mw, team) <= f0 + 1e-4 * t * slope)) break;
+        team.sync();  // every worker has read trial
       }
+      for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] += t * step[i];
+      team.sync();
       bool finite = true;
-      for (int i = 0; i < n; ++i) {
-        w[i] += t * step[i];
-        finite = finite && isfinite(w[i]);
-      }
+      for (int i = 0; i < n; ++i) finite = finite && isfinite(w[i]);
       if (!finite) return {it + 1, 0};
     }
     return {kFairMaxNewton + 1, 0};
   }
 
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* index = work;  // active rows (M_ii > 0), as doubles
-    int n = 0;
-    for (int i = 0; i < K; ++i) {
-      if (M[i * K + i] > 0.0) index[n++] = i;
-    }
-    for (int i = 0; i < K; ++i) w[i] = 0.0;
+    for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = 0.0;
+    const int n = active_rows(M, K, index, team);
     if (n == 0) return {0, 1};
     double* sub = index + K;
     double* solution = sub + int64_t(n) * n;
-    for (int a = 0; a < n; ++a) {
+    for (int a = first_owned(team, 0); a < n; a += team.size()) {
       for (int b = 0; b < n; ++b) sub[a * n + b] = M[int(index[a]) * K + int(index[b])];
     }
-    const Status status = solve(sub, n, solution, solution + n);
-    for (int a = 0; a < n; ++a) w[int(index[a])] = status.converged ? solution[a] : 0.0;
-    if (!status.converged) {
-      for (int i = 0; i < K; ++i) w[i] = 1.0 / K;
+    team.sync();
+    const Status status = solve(sub, n, solution, solution + n, team);
+    if (status.converged) {
+      for (int a = first_owned(team, 0); a < n; a += team.size()) w[int(index[a])] = solution[a];
+    } else {
+      for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = 1.0 / K;  // as the reference
     }
+    team.sync();
     return status;
   }
 };

@@ -16,14 +16,6 @@
 
 namespace flatmtl::solvers {
 
-// The CPU module's team: one worker, nothing to wait for. A team has rank(), size() and sync() (a barrier
-// every worker reaches).
-struct SoloTeam {
-  FLATMTL_HD int rank() const { return 0; }
-  FLATMTL_HD int size() const { return 1; }
-  FLATMTL_HD void sync() const {}
-};
-
 // Scratch doubles for `lanes` workers: shared part, the contributions (one row when a single worker adds
 // each into w at once, else all K), two status slots per worker, and each worker's own scratch.
 template <class Problem>

@@ -210,7 +210,7 @@ struct IMGrad {
     double* q = work + K;
     double* scratch = work + 2 * K;
     // g₀·g_m = 𝟏ᵀM w_m / K, ‖g₀‖² = 𝟏ᵀM𝟏/K², ‖g_m‖² = w_mᵀM w_m.
-    const Mgda mgda{int(MgdaNormalize::None), nullptr, 250, 1e-5};
+    const Mgda mgda{{}, int(MgdaNormalize::None), nullptr, 250, 1e-5};
     mgda(M, K, w, scratch);
     double total = 0.0, g0_gm = 0.0;
     for (int j = 0; j < K; ++j) {
