@@ -188,7 +188,7 @@ sv::GradVac make_gradvac(int64_t, uintptr_t keys, uintptr_t phi_hat, double beta
 
 sv::Imtlg make_imtlg(int64_t, double dtype_eps) {
   require(dtype_eps > 0, "dtype_eps must be > 0");
-  return {dtype_eps};
+  return {{}, dtype_eps};
 }
 
 template <class Problem>

@@ -249,6 +249,9 @@ def test_imtlg_singular_values_near_the_cutoff():
         assert converged
         assert float((w - w_ref).abs().max()) <= 1e-7 * max(1.0, float(w_ref.abs().max())), (delta, w, w_ref)
         paths.add(sweeps > 0)
+        # Both paths on a team of CPU threads, as the CUDA kernel runs them: the single worker's bits.
+        w_team, status_team, _ = _run("imtlg", M, (torch.finfo(torch.float32).eps,), 3, 3)
+        assert torch.equal(w_team, w) and status_team == (sweeps, converged), delta
     assert paths == {False, True}  # both the QR and the Jacobi path ran
 
 
@@ -478,8 +481,8 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------------------------------------ team solves
 # The CUDA kernel runs a solve on the threads of its block. UPGrad, PCGrad and GradVac are K independent
-# per-task problems spread over its threads (csrc/include/flatmtl/solvers/rows.h); MGDA, Nash-MTL and FairGrad
-# are team solvers (team.h) that split the entries of each step. solve_<name>_threaded runs that very code on
+# per-task problems spread over its threads (csrc/include/flatmtl/solvers/rows.h); MGDA, Nash-MTL, FairGrad and
+# IMTL-G are team solvers (team.h) that split the entries of each step. solve_<name>_threaded runs that very code on
 # CPU threads, so the split, the barriers, the task-ordered sum and the reductions are checked here: the
 # result must be the single worker's, bit for bit, for any team.
 
@@ -501,13 +504,15 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
         "nash_mtl": (alpha, 20, 1.0, True),
         "fairgrad": (1.0,),
         "fairgrad_half": (0.5,),
+        "imtlg": (EPS64,),
+        "imtlg_float32": (torch.finfo(torch.float32).eps,),
     }
 
 
 def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name.split("_pref")[0].split("_loss")[0].split("_half")[0]
+    name = name.split("_pref")[0].split("_loss")[0].split("_half")[0].split("_float32")[0]
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)

@@ -69,7 +69,7 @@ FLATMTL_HD inline void apply_householder(const double* v, double tau, int m, dou
   axpy(-s, v + 1, y + 1, m - 1);
 }
 
-struct Imtlg {
+struct Imtlg : TeamSolver {
   // Unit roundoff of the gradients' dtype in the cut-off (the reference uses M's dtype).
   double dtype_eps;
   static constexpr int kMaxSweeps = 64;
@@ -78,20 +78,26 @@ struct Imtlg {
   FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) + 6 * int64_t(K - 1) + 2 * int64_t(K - 1) * (K - 1); }
 
   // b_j = (g_1 Uᵀ)_j and A = D Uᵀ (row-major into A, or transposed into A when transpose) from M, with
-  // g_i·u_j = M_ij s_j and the reference's grouping of terms.
-  FLATMTL_HD static void build(const double* M, int K, const double* s, bool transpose, double* b, double* A) {
+  // g_i·u_j = M_ij s_j and the reference's grouping of terms; a team splits the rows of A.
+  template <class Team = SoloTeam>
+  FLATMTL_HD static void build(const double* M, int K, const double* s, bool transpose, double* b, double* A,
+                               const Team& team = Team{}) {
     const int n = K - 1;
     const double m00 = M[0] * s[0];
-    for (int j = 1; j < K; ++j) b[j - 1] = m00 - M[j] * s[j];
-    for (int i = 1; i < K; ++i) {
-      for (int j = 1; j < K; ++j) {
-        const double a = (m00 - M[i * K] * s[0]) - (M[j] * s[j] - M[i * K + j] * s[j]);
-        A[transpose ? (j - 1) * n + (i - 1) : (i - 1) * n + (j - 1)] = a;
+    for (int r = first_owned(team, 0); r < n; r += team.size()) {
+      b[r] = m00 - M[r + 1] * s[r + 1];
+      for (int col = 0; col < n; ++col) {
+        const int i = (transpose ? col : r) + 1, j = (transpose ? r : col) + 1;
+        A[int64_t(r) * n + col] = (m00 - M[i * K] * s[0]) - (M[j] * s[j] - M[i * K + j] * s[j]);
       }
     }
+    team.sync();
   }
 
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  // Column-pivoted QR with a team: the owner of column j picks the pivot and makes the reflector (O(n)), then
+  // every worker applies it to its own columns and downdates their norms.
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     const int n = K - 1;
     double* s = work;  // 1/‖g_j‖, or 0 for a zero row
     double* b = s + K;
@@ -103,12 +109,13 @@ struct Imtlg {
     double* X = perm + n;       // Aᵀ by columns (= A by rows), then the QR factors
     double* Y = X + int64_t(n) * n;
     double max_norm = 0.0;
-    for (int j = 0; j < K; ++j) {
+    for (int j = 0; j < K; ++j) max_norm = max2(max_norm, clamp_sqrt(M[j * K + j]));
+    for (int j = first_owned(team, 0); j < K; j += team.size()) {
       const double norm_j = clamp_sqrt(M[j * K + j]);
       s[j] = norm_j > 0.0 ? 1.0 / norm_j : 0.0;
-      max_norm = max2(max_norm, norm_j);
+      w[j] = 0.0;
     }
-    for (int j = 0; j < K; ++j) w[j] = 0.0;
+    team.sync();
     // rest = b A⁺ is the minimum-norm solution x of Aᵀx = bᵀ once the singular values ≤ cutoff are
     // dropped. Column-pivoted QR Aᵀ P = Q R (⅔n³ multiply-adds, less than one sweep of the Jacobi SVD
     // below) with R = [R11 R12; 0 R22] proves the SVD's rank is r when σ_r ≥ 1/‖R11⁻¹‖_F > cutoff and
@@ -116,34 +123,38 @@ struct Imtlg {
     // equals the truncated-SVD solution up to O(‖R22‖ / σ_r) (rounding-level R22). Only when a singular
     // value is too close to the cut-off for these bounds does the Jacobi SVD decide.
     const double cutoff = 4.0 * K * dtype_eps * max_norm;
-    build(M, K, s, false, b, X);
-    for (int k = 0; k < n; ++k) {
+    build(M, K, s, false, b, X, team);
+    for (int k = first_owned(team, 0); k < n; k += team.size()) {
       perm[k] = k;
       norm[k] = norm0[k] = sqrt(dot(X + int64_t(k) * n, X + int64_t(k) * n, n));
       c[k] = b[k];
     }
+    team.sync();
     for (int j = 0; j < n; ++j) {
-      int p = j;
-      for (int k = j + 1; k < n; ++k) {
-        if (norm[k] > norm[p]) p = k;
-      }
-      if (p != j) {
-        double* xp = X + int64_t(p) * n;
-        double* xj = X + int64_t(j) * n;
-        for (int i = 0; i < n; ++i) {
-          const double t = xp[i];
-          xp[i] = xj[i];
-          xj[i] = t;
-        }
-        const double t = perm[p];
-        perm[p] = perm[j];
-        perm[j] = t;
-        norm[p] = norm[j];
-        norm0[p] = norm0[j];
-      }
       double* xj = X + int64_t(j) * n + j;
-      tau[j] = householder(xj, n - j);
-      for (int k = j + 1; k < n; ++k) {
+      if (owns(team, j)) {
+        int p = j;
+        for (int k = j + 1; k < n; ++k) {
+          if (norm[k] > norm[p]) p = k;
+        }
+        if (p != j) {
+          double* xp = X + int64_t(p) * n;
+          double* xrow = X + int64_t(j) * n;
+          for (int i = 0; i < n; ++i) {
+            const double t = xp[i];
+            xp[i] = xrow[i];
+            xrow[i] = t;
+          }
+          const double t = perm[p];
+          perm[p] = perm[j];
+          perm[j] = t;
+          norm[p] = norm[j];
+          norm0[p] = norm0[j];
+        }
+        tau[j] = householder(xj, n - j);
+      }
+      team.sync();
+      for (int k = first_owned(team, j + 1); k < n; k += team.size()) {
         double* xk = X + int64_t(k) * n;
         apply_householder(xj, tau[j], n - j, xk + j);
         // Downdate the norm of the rest of column k; recompute it once cancellation has eaten half of
@@ -159,61 +170,86 @@ struct Imtlg {
           }
         }
       }
-      apply_householder(xj, tau[j], n - j, c + j);
+      if (owns(team, j)) apply_householder(xj, tau[j], n - j, c + j);
+      team.sync();
     }
     // R's column k is X[k·n .. k·n + k]. Column k of Y = R⁻¹ (column-oriented back substitution) needs
     // only R's leading (k+1) block, and Y's leading r x r block is R11⁻¹: r grows while the bound holds.
-    int r = 0;
-    double inv_fro = 0.0;
-    for (; r < n; ++r) {
-      const double* rk = X + int64_t(r) * n;
-      if (!(fabs(rk[r]) > cutoff)) break;
-      double* y = Y + int64_t(r) * n;
-      for (int i = 0; i < r; ++i) y[i] = 0.0;
-      y[r] = 1.0;
-      for (int m = r; m >= 0; --m) {
+    // The columns up to the first pivot at or below the cut-off are made at once (one per worker).
+    int pivots = 0;
+    while (pivots < n && fabs(X[int64_t(pivots) * n + pivots]) > cutoff) ++pivots;
+    for (int k = first_owned(team, 0); k < pivots; k += team.size()) {
+      double* y = Y + int64_t(k) * n;
+      for (int i = 0; i < k; ++i) y[i] = 0.0;
+      y[k] = 1.0;
+      for (int m = k; m >= 0; --m) {
         const double* rm = X + int64_t(m) * n;
         const double ym = y[m] / rm[m];
         y[m] = ym;
         axpy(-ym, rm, y, m);
       }
-      const double total = inv_fro + dot(y, y, r + 1);
+    }
+    team.sync();
+    int r = 0;
+    double inv_fro = 0.0;
+    for (; r < pivots; ++r) {
+      const double total = inv_fro + dot(Y + int64_t(r) * n, Y + int64_t(r) * n, r + 1);
       if (!(total * cutoff * cutoff < 1.0)) break;
       inv_fro = total;
     }
-    double tail = 0.0;  // ‖R22‖_F²
-    for (int k = r; k < n; ++k) {
+    double* square = norm0;  // ‖R22‖_F² by columns (norm0 is free now)
+    for (int k = first_owned(team, r); k < n; k += team.size()) {
       const double* xk = X + int64_t(k) * n;
-      tail += dot(xk + r, xk + r, k - r + 1);
+      square[k] = dot(xk + r, xk + r, k - r + 1);
     }
-    if (r < n && !(tail <= cutoff * cutoff)) return jacobi_fallback(M, K, s, cutoff, w, work);
+    team.sync();
+    double tail = 0.0;
+    for (int k = r; k < n; ++k) tail += square[k];
+    if (r < n && !(tail <= cutoff * cutoff)) {
+      return on_one_worker(team, [&] { return jacobi_fallback(M, K, s, cutoff, w, work); });
+    }
     double* z = norm;  // P ᵀ x
     if (r == n) {
-      for (int i = 0; i < n; ++i) z[i] = 0.0;
-      for (int k = 0; k < n; ++k) axpy(c[k], Y + int64_t(k) * n, z, k + 1);
+      for (int i = first_owned(team, 0); i < n; i += team.size()) {
+        double zi = 0.0;
+        for (int k = i; k < n; ++k) zi += c[k] * Y[int64_t(k) * n + i];
+        z[i] = zi;
+      }
+      team.sync();
     } else {
-      // Tᵀ = Z L (QR, Z n x r): T⁺ = Z L⁻ᵀ. Y's columns become Tᵀ's (R's rows, zero-padded).
-      for (int i = 0; i < r; ++i) {
-        for (int k = 0; k < n; ++k) Y[int64_t(i) * n + k] = k < i ? 0.0 : X[int64_t(k) * n + i];
-      }
-      for (int i = 0; i < r; ++i) {
-        double* col = Y + int64_t(i) * n;
-        tau[i] = householder(col + i, n - i);
-        for (int m = i + 1; m < r; ++m) apply_householder(col + i, tau[i], n - i, Y + int64_t(m) * n + i);
-      }
-      // z = Z y with Lᵀ y = c_r (forward substitution; L's column m is Y[m·n .. m·n + m]).
-      for (int m = 0; m < n; ++m) z[m] = 0.0;
-      for (int m = 0; m < r; ++m) {
-        const double* lm = Y + int64_t(m) * n;
-        z[m] = (c[m] - dot(lm, z, m)) / lm[m];
-      }
-      for (int i = r - 1; i >= 0; --i) apply_householder(Y + int64_t(i) * n + i, tau[i], n - i, z + i);
+      on_one_worker(team, [&] {
+        minimum_norm_solution(X, n, r, c, Y, tau, z);
+        return Status{0, 1};
+      });
     }
-    for (int k = 0; k < n; ++k) w[int(perm[k]) + 1] = z[k];
+    for (int k = first_owned(team, 0); k < n; k += team.size()) w[int(perm[k]) + 1] = z[k];
+    team.sync();
     double rest = 0.0;
     for (int j = 1; j < K; ++j) rest += w[j];
-    w[0] = 1.0 - rest;
+    if (owns(team, 0)) w[0] = 1.0 - rest;
+    team.sync();
     return {0, 1};
+  }
+
+  // z = T⁺ c_r for T = [R11 R12] (r rows of R, in X by columns): Tᵀ = Z L (QR, Z n x r), T⁺ = Z L⁻ᵀ. Y's
+  // columns become Tᵀ's (R's rows, zero-padded); tau is overwritten.
+  FLATMTL_HD static void minimum_norm_solution(const double* X, int n, int r, const double* c, double* Y, double* tau,
+                                               double* z) {
+    for (int i = 0; i < r; ++i) {
+      for (int k = 0; k < n; ++k) Y[int64_t(i) * n + k] = k < i ? 0.0 : X[int64_t(k) * n + i];
+    }
+    for (int i = 0; i < r; ++i) {
+      double* col = Y + int64_t(i) * n;
+      tau[i] = householder(col + i, n - i);
+      for (int m = i + 1; m < r; ++m) apply_householder(col + i, tau[i], n - i, Y + int64_t(m) * n + i);
+    }
+    // z = Z y with Lᵀ y = c_r (forward substitution; L's column m is Y[m·n .. m·n + m]).
+    for (int m = 0; m < n; ++m) z[m] = 0.0;
+    for (int m = 0; m < r; ++m) {
+      const double* lm = Y + int64_t(m) * n;
+      z[m] = (c[m] - dot(lm, z, m)) / lm[m];
+    }
+    for (int i = r - 1; i >= 0; --i) apply_householder(Y + int64_t(i) * n + i, tau[i], n - i, z + i);
   }
 
   // rest = b A⁺ from the one-sided Jacobi SVD of A (rows of At are A's columns).

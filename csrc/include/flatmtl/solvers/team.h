@@ -71,6 +71,23 @@ FLATMTL_HD inline int team_first_min(const Team& team, double key, int index) {
   return best;
 }
 
+// Runs `solve` (returning a Status) on worker 0 alone, for the rare paths not worth splitting, and gives
+// every worker its status once its writes are visible.
+template <class Team, class Solve>
+FLATMTL_HD inline auto on_one_worker(const Team& team, const Solve& solve) {
+  if (team.size() == 1) return solve();
+  double* slots = team.slots();
+  if (team.rank() == 0) {
+    const auto status = solve();
+    slots[0] = status.iterations;
+    slots[1] = status.converged;
+  }
+  team.sync();
+  decltype(solve()) status{int(slots[0]), int(slots[1])};
+  team.sync();  // the slots are free again
+  return status;
+}
+
 // Base of the solvers written for a team: every worker calls operator()(M, K, w, work, team), which
 // defaults to a SoloTeam. The other solvers (not row-parallel, rows.h) run on one worker.
 struct TeamSolver {};
