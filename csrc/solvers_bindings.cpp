@@ -6,14 +6,11 @@
 // {iterations, converged} to an optional int32 device buffer `status`).
 #include "flatmtl/solvers_bindings.h"
 
-#include <condition_variable>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "flatmtl/solvers/solvers.h"
+#include "flatmtl/solvers/thread_team.h"
 
 namespace py = pybind11;
 namespace sv = flatmtl::solvers;
@@ -35,65 +32,6 @@ void check_buffers(uintptr_t M, int64_t K, uintptr_t w, uintptr_t work) {
   require(M != 0, "M is a null pointer");
   require(w != 0, "w is a null pointer");
   require(work != 0 || Problem::work_size(int(K)) == 0, "work is a null pointer");
-}
-
-// A barrier for a team of CPU threads (C++17 has no std::barrier): the last to arrive releases the rest.
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const int generation = generation_;
-    if (++waiting_ == count_) {
-      waiting_ = 0;
-      ++generation_;
-      released_.notify_all();
-    } else {
-      released_.wait(lock, [&] { return generation != generation_; });
-    }
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable released_;
-  int count_;
-  int waiting_ = 0;
-  int generation_ = 0;
-};
-
-// CPU threads standing in for the threads of the CUDA block (team.h's interface).
-struct ThreadTeam {
-  int r;
-  int n;
-  Barrier* barrier;
-  double* shared_slots;
-  int rank() const { return r; }
-  int size() const { return n; }
-  void sync() const { barrier->wait(); }
-  double* slots() const { return shared_slots; }
-};
-
-// Runs a solve on `threads` CPU threads as the CUDA kernel runs it on the threads of its block: a row-parallel
-// problem with its tasks spread over the first `lanes`, a team solver on all of them. Lets the tests check,
-// without a GPU, that the team gives exactly the single worker's result.
-template <class Problem>
-sv::Status solve_threaded(const Problem& problem, const double* M, int K, double* w, double* work, int threads,
-                          int lanes) {
-  Barrier barrier(threads);
-  std::vector<double> slots(2 * size_t(threads));
-  auto run = [&](int r) {
-    const ThreadTeam team{r, threads, &barrier, slots.data()};
-    if constexpr (sv::is_row_parallel<Problem>) {
-      return sv::solve_by_rows(problem, M, K, w, work, lanes, team);
-    } else {
-      return problem(M, K, w, work, team);
-    }
-  };
-  std::vector<std::thread> others;
-  for (int r = 1; r < threads; ++r) others.emplace_back([&, r] { run(r); });
-  const sv::Status status = run(0);
-  for (auto& t : others) t.join();
-  return status;
 }
 
 // Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...).
@@ -136,8 +74,8 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
           sv::Status status;
           {
             py::gil_scoped_release release;
-            status = solve_threaded(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work), threads,
-                                    lanes);
+            status = sv::solve_threaded(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work),
+                                        threads, lanes);
           }
           return py::make_tuple(status.iterations, bool(status.converged));
         },
