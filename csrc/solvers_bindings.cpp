@@ -155,12 +155,12 @@ sv::FairGrad make_fairgrad(int64_t, double alpha) {
 sv::CAGrad make_cagrad(int64_t, double c, int rescale, bool sum_scale) {
   require(c >= 0, "c must be >= 0");
   require(rescale >= 0 && rescale <= 2, "rescale must be 0, 1 or 2");
-  return {c, rescale, sum_scale ? 1 : 0};
+  return {{}, c, rescale, sum_scale ? 1 : 0};
 }
 
 sv::IMGrad make_imgrad(int64_t, double alpha, bool paper) {
   require(alpha >= 0, "alpha must be >= 0");
-  return {alpha, paper ? 1 : 0};
+  return {{}, alpha, paper ? 1 : 0};
 }
 
 sv::AffinityPropagation make_affinity_propagation(int64_t, uintptr_t preference, double damping, int convergence_iter,

@@ -51,6 +51,8 @@ Result run(const Make& make, const std::vector<double>& M, int K, int threads, i
 
 template <class Problem, class Make>
 int check(const char* name, const Make& make, const std::vector<double>& M, int K) {
+  std::printf("%s K=%d\n", name, K);
+  std::fflush(stdout);
   const Result single = run<Problem>(make, M, K, 0, 0);
   int mismatches = 0;
   for (int threads : {2, 3, 5}) {
@@ -98,6 +100,15 @@ int main() {
         p.reg_eps = 1e-4;
         return p;
       }, M, K);
+      mismatches += check<sv::DualProj>("dualproj", [](State&) {
+        sv::DualProj p{};
+        p.norm_eps = 0.0;
+        p.reg_eps = 1e-4;
+        return p;
+      }, M, K);
+      mismatches += check<sv::CAGrad>("cagrad", [](State&) { return sv::CAGrad{{}, 0.4, 1, 0}; }, M, K);
+      mismatches += check<sv::IMGrad>("imgrad", [](State&) { return sv::IMGrad{{}, 0.8, 0}; }, M, K);
+      mismatches += check<sv::IMGrad>("imgrad_paper", [](State&) { return sv::IMGrad{{}, 0.8, 1}; }, M, K);
       mismatches += check<sv::PCGrad>("pcgrad", [](State& s) { return sv::PCGrad{{}, s.keys.data()}; }, M, K);
       mismatches += check<sv::GradVac>(
           "gradvac", [](State& s) { return sv::GradVac{{}, s.keys.data(), s.targets.data(), 0.5, 1e-8}; }, M, K);

@@ -481,10 +481,10 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------------------------------------ team solves
 # The CUDA kernel runs a solve on the threads of its block. UPGrad, PCGrad and GradVac are K independent
-# per-task problems spread over its threads (csrc/include/flatmtl/solvers/rows.h); MGDA, Nash-MTL, FairGrad and
-# IMTL-G are team solvers (team.h) that split the entries of each step. solve_<name>_threaded runs that very code on
-# CPU threads, so the split, the barriers, the task-ordered sum and the reductions are checked here: the
-# result must be the single worker's, bit for bit, for any team.
+# per-task problems spread over its threads (csrc/include/flatmtl/solvers/rows.h); the others are team solvers
+# (team.h) that split the entries of each step. solve_<name>_threaded runs that very code on CPU threads, so
+# the split, the task-ordered sum and the reductions are checked here: the result must be the single
+# worker's, bit for bit, for any team (test_team_races.py checks the barriers under ThreadSanitizer).
 
 
 def _team_problems(K: int, seed: int) -> dict[str, tuple]:
@@ -506,13 +506,19 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
         "fairgrad_half": (0.5,),
         "imtlg": (EPS64,),
         "imtlg_float32": (torch.finfo(torch.float32).eps,),
+        "dualproj": (0, 0.0, 1e-4),
+        "dualproj_pref": (pref, 0.0, 1e-4),
+        "cagrad": (0.4, 1, False),
+        "cagrad_sum": (0.9, 0, True),
+        "imgrad": (0.8, False),
+        "imgrad_paper": (0.8, True),
     }
 
 
 def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name.split("_pref")[0].split("_loss")[0].split("_half")[0].split("_float32")[0]
+    name = name.split("_")[0] if name != "nash_mtl" else name
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)

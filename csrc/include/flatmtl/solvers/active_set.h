@@ -7,6 +7,8 @@
 // subspace solve is one back substitution. A solve starts either from a guessed free set (one
 // factorisation, then corrections: start_from) or from the state of the previous solve, which persists:
 // a problem that changes only c restarts from the previous free set (CAGrad's outer iteration).
+// A team (team.h) splits the factorisation, the triangular sweeps, the rotations and the gradient; the
+// forward solves and the factor's new rows, sequential chains of O(|F|²), run on one worker.
 #pragma once
 
 #include "flatmtl/solvers/common.h"
@@ -16,7 +18,9 @@ namespace flatmtl::solvers {
 // Move the free x_k toward the subspace minimiser z (indexed like free_list), stopping where the first
 // free x_k reaches 0. Returns the position in free_list of the blocking index, or -1 when the full
 // step is feasible (then x_F = z).
-FLATMTL_HD inline int step_toward(const double* z, const int* free_list, int n_free, double* x) {
+template <class Team = SoloTeam>
+FLATMTL_HD inline int step_toward(const double* z, const int* free_list, int n_free, double* x,
+                                  const Team& team = Team{}) {
   double alpha = 1.0;
   int block = -1;
   for (int f = 0; f < n_free; ++f) {
@@ -28,10 +32,12 @@ FLATMTL_HD inline int step_toward(const double* z, const int* free_list, int n_f
       block = f;
     }
   }
-  for (int f = 0; f < n_free; ++f) {
+  team.sync();
+  for (int f = first_owned(team, 0); f < n_free; f += team.size()) {
     const int k = free_list[f];
     x[k] = block < 0 ? z[f] : x[k] + alpha * (z[f] - x[k]);
   }
+  team.sync();
   return block;
 }
 
@@ -47,47 +53,92 @@ FLATMTL_HD inline void rotate_pair(double* v, int a, double c, double s) {
 // move up one and the sub-diagonal this leaves is zeroed by Givens rotations of adjacent columns, so
 // the leading (n-1) x (n-1) block is the factor of A without row/column f (O(n²)). The same rotations
 // are applied to s and t (t may be null), so that forward solves L s = b stay ones for the reduced
-// factor and b without entry f.
-FLATMTL_HD inline void cholesky_delete(double* L, int n, int lda, int f, double* s, double* t) {
-  for (int a = f; a < n - 1; ++a) {
-    double* dst = L + int64_t(a) * lda;
-    const double* src = dst + lda;
-    for (int m = 0; m <= a + 1; ++m) dst[m] = src[m];
+// factor and b without entry f. A team moves columns, then rotates rows, one rotation at a time.
+template <class Team = SoloTeam>
+FLATMTL_HD inline void cholesky_delete(double* L, int n, int lda, int f, double* s, double* t,
+                                       const Team& team = Team{}) {
+  if (team.size() == 1) {  // by rows, contiguous
+    for (int a = f; a < n - 1; ++a) {
+      double* dst = L + int64_t(a) * lda;
+      for (int m = 0; m <= a + 1; ++m) dst[m] = dst[m + lda];
+    }
+  } else {  // by columns: each worker moves its own
+    for (int m = first_owned(team, 0); m < n; m += team.size()) {
+      for (int a = f > m - 1 ? f : m - 1; a < n - 1; ++a) L[int64_t(a) * lda + m] = L[int64_t(a + 1) * lda + m];
+    }
+    team.sync();
   }
+  // Every worker reads row a's two entries for rotation a; the owner of row a stores them one rotation later.
+  double r = 0.0;
   for (int a = f; a < n - 1; ++a) {
     double* ra = L + int64_t(a) * lda;
     const double p = ra[a];
     const double h = ra[a + 1];
-    const double r = sqrt(p * p + h * h);
+    if (a > f && owns(team, a - 1)) {
+      L[int64_t(a - 1) * lda + a - 1] = r;
+      L[int64_t(a - 1) * lda + a] = 0.0;
+    }
+    r = sqrt(p * p + h * h);
     const double c = p / r;
     const double sn = h / r;
-    ra[a] = r;
-    ra[a + 1] = 0.0;
-    for (int b = a + 1; b < n - 1; ++b) rotate_pair(L + int64_t(b) * lda, a, c, sn);
-    rotate_pair(s, a, c, sn);
-    if (t != nullptr) rotate_pair(t, a, c, sn);
+    for (int b = first_owned(team, a + 1); b < n - 1; b += team.size()) rotate_pair(L + int64_t(b) * lda, a, c, sn);
+    if (owns(team, a)) {
+      rotate_pair(s, a, c, sn);
+      if (t != nullptr) rotate_pair(t, a, c, sn);
+    }
+    team.sync();
   }
+  if (f < n - 1 && owns(team, n - 2)) {
+    L[int64_t(n - 2) * lda + n - 2] = r;
+    L[int64_t(n - 2) * lda + n - 1] = 0.0;
+  }
+  team.sync();
 }
 
-// z = L⁻ᵀ s for the n x n factor L (row stride lda), by rows of L (contiguous), two per sweep.
-// z may be s.
-FLATMTL_HD inline void back_substitute(const double* L, int n, int lda, const double* s, double* z) {
-  for (int f = 0; f < n; ++f) z[f] = s[f];
+// z = L⁻ᵀ s for the n x n factor L (row stride lda), by rows of L (contiguous), two per sweep; a team
+// splits each sweep's update. z may be s.
+template <class Team = SoloTeam>
+FLATMTL_HD inline void back_substitute(const double* L, int n, int lda, const double* s, double* z,
+                                       const Team& team = Team{}) {
+  if (z != s) {
+    for (int f = first_owned(team, 0); f < n; f += team.size()) z[f] = s[f];
+    team.sync();
+  }
+  // Every worker reads z_i and z_{i-1} for sweep i; their owners store the results one sweep later.
+  double za = 0.0, zb = 0.0;
   int i = n - 1;
   for (; i >= 1; i -= 2) {
     const double* ra = L + int64_t(i) * lda;
     const double* rb = ra - lda;
-    const double za = z[i] / ra[i];
-    z[i] = za;
-    const double zb = (z[i - 1] - ra[i - 1] * za) / rb[i - 1];
-    z[i - 1] = zb;
-    axpy(-za, ra, z, i - 1);
-    axpy(-zb, rb, z, i - 1);
+    const double zi = z[i], zi1 = z[i - 1];
+    if (i + 2 < n) {
+      if (owns(team, i + 2)) z[i + 2] = za;
+      if (owns(team, i + 1)) z[i + 1] = zb;
+    }
+    za = zi / ra[i];
+    zb = (zi1 - ra[i - 1] * za) / rb[i - 1];
+    if (team.size() == 1) {  // axpy's groups vectorise; the same operations on each entry
+      axpy(-za, ra, z, i - 1);
+      axpy(-zb, rb, z, i - 1);
+    } else {
+      for (int m = first_owned(team, 0); m < i - 1; m += team.size()) {
+        z[m] = z[m] + -za * ra[m];
+        z[m] = z[m] + -zb * rb[m];
+      }
+      team.sync();
+    }
   }
-  if (i == 0) z[0] /= L[0];
+  if (i + 2 < n) {
+    if (owns(team, i + 2)) z[i + 2] = za;
+    if (owns(team, i + 1)) z[i + 1] = zb;
+  }
+  if (i == 0 && owns(team, 0)) z[0] /= L[0];
+  team.sync();
 }
 
-// The method's state, in caller scratch (work_size(K) doubles). A is symmetric, row-major, stride K.
+// The method's state, in caller scratch (work_size(K) doubles). A is symmetric, row-major, stride K. Every
+// worker of a team holds a copy of this struct: the arrays are shared, the scalars kept equal.
+template <class Team = SoloTeam>
 struct ActiveSetQp {
   const double* A;
   int K;
@@ -102,19 +153,21 @@ struct ActiveSetQp {
   int n_free;
   double mu;          // multiplier of 𝟏ᵀx = 1 at the last subspace minimiser (0 off the simplex)
   double shift;       // c̄: on the simplex the method runs on c − c̄𝟏 (the same problem), see forward_solves
+  Team team;
 
   FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) * K + 6 * int64_t(K); }
 
   // An empty free set (x = 0 is then the start of a nonnegative problem).
-  FLATMTL_HD static ActiveSetQp on(const double* A, int K, bool simplex, double* work) {
+  FLATMTL_HD static ActiveSetQp on(const double* A, int K, bool simplex, double* work, const Team& team = Team{}) {
     ActiveSetQp qp{A, K, simplex ? 1 : 0, work, reinterpret_cast<int*>(work + int64_t(K) * K), nullptr, nullptr,
-                   nullptr, nullptr, nullptr, 0, 0.0, 0.0};
+                   nullptr, nullptr, nullptr, 0, 0.0, 0.0, team};
     qp.is_free = work + int64_t(K) * K + K;
     qp.s = qp.is_free + K;
     qp.t = qp.s + K;
     qp.z = qp.t + K;
     qp.y = qp.z + K;
-    for (int k = 0; k < K; ++k) qp.is_free[k] = 0.0;
+    for (int k = first_owned(team, 0); k < K; k += team.size()) qp.is_free[k] = 0.0;
+    team.sync();
     return qp;
   }
 
@@ -145,32 +198,44 @@ struct ActiveSetQp {
       for (int f = 0; f < n_free; ++f) shift += c[free_list[f]];
       shift /= n_free;
     }
-    for (int f = 0; f < n_free; ++f) {
-      const double* row = L + int64_t(f) * K;
-      s[f] = (-(c[free_list[f]] - shift) - dot(row, s, f)) / row[f];
-      if (simplex) t[f] = (1.0 - dot(row, t, f)) / row[f];
-    }
+    on_one_worker(team, [&] {
+      for (int f = 0; f < n_free; ++f) {
+        const double* row = L + int64_t(f) * K;
+        s[f] = (-(c[free_list[f]] - shift) - dot(row, s, f)) / row[f];
+        if (simplex) t[f] = (1.0 - dot(row, t, f)) / row[f];
+      }
+      return Status{0, 1};
+    });
   }
 
   // Frees index k (x_k stays 0 until the next step).
   FLATMTL_HD bool append(int k, const double* c) {
-    if (!factor_row(n_free, k, c)) return false;
-    free_list[n_free++] = k;
-    is_free[k] = 1.0;
+    const Status appended = on_one_worker(team, [&] {
+      if (!factor_row(n_free, k, c)) return Status{0, 0};
+      free_list[n_free] = k;
+      is_free[k] = 1.0;
+      return Status{0, 1};
+    });
+    if (!appended.converged) return false;
+    ++n_free;
     return true;
   }
 
   // Binds the index at position f of free_list.
   FLATMTL_HD void remove(int f) {
-    is_free[free_list[f]] = 0.0;
-    cholesky_delete(L, n_free, K, f, s, simplex ? t : nullptr);
-    for (int g = f; g < n_free - 1; ++g) free_list[g] = free_list[g + 1];
+    cholesky_delete(L, n_free, K, f, s, simplex ? t : nullptr, team);
+    if (team.rank() == 0) {
+      is_free[free_list[f]] = 0.0;
+      for (int g = f; g < n_free - 1; ++g) free_list[g] = free_list[g + 1];
+    }
+    team.sync();
     --n_free;
   }
 
   // Empties the free set.
   FLATMTL_HD void clear() {
-    for (int f = 0; f < n_free; ++f) is_free[free_list[f]] = 0.0;
+    for (int f = first_owned(team, 0); f < n_free; f += team.size()) is_free[free_list[f]] = 0.0;
+    team.sync();
     n_free = 0;
   }
 
@@ -178,12 +243,13 @@ struct ActiveSetQp {
   // A_FF z + c_F + μ𝟏 = 0 with 𝟏ᵀz = 1 gives μ = (s·t − 1)/(t·t) and z = L⁻ᵀ(s − μ t).
   FLATMTL_HD double subspace_minimiser() {
     if (!simplex) {
-      back_substitute(L, n_free, K, s, z);
+      back_substitute(L, n_free, K, s, z, team);
       return 0.0;
     }
     const double multiplier = (dot(s, t, n_free) - 1.0) / dot(t, t, n_free);
-    for (int f = 0; f < n_free; ++f) z[f] = s[f] - multiplier * t[f];
-    back_substitute(L, n_free, K, z, z);
+    for (int f = first_owned(team, 0); f < n_free; f += team.size()) z[f] = s[f] - multiplier * t[f];
+    team.sync();
+    back_substitute(L, n_free, K, z, z, team);
     return multiplier;
   }
 
@@ -195,35 +261,39 @@ struct ActiveSetQp {
   // drops at once, refactoring is cheaper. Returns false, with an empty free set (x = 0), when A_FF is
   // not positive definite to working precision.
   FLATMTL_HD bool start_from(const double* c, double* x) {
-    double most = 0.0;
-    for (int k = 0; k < K; ++k) most = max2(most, is_free[k]);
-    // Confident indices from the front of free_list, the others from its back, then moved up.
-    int front = 0, back = 0;
-    for (int k = 0; k < K; ++k) {
-      x[k] = 0.0;
-      if (!(is_free[k] > 0.0)) {
-        is_free[k] = 0.0;  // also a NaN guess
-        continue;
+    // Confident indices from the front of free_list, the others from its back, then moved up. The
+    // iterations slot carries |F| to every worker.
+    n_free = on_one_worker(team, [&] {
+      double most = 0.0;
+      for (int k = 0; k < K; ++k) most = max2(most, is_free[k]);
+      int front = 0, back = 0;
+      for (int k = 0; k < K; ++k) {
+        x[k] = 0.0;
+        if (!(is_free[k] > 0.0)) {
+          is_free[k] = 0.0;  // also a NaN guess
+          continue;
+        }
+        if (is_free[k] >= 0.1 * most) {
+          free_list[front++] = k;
+        } else {
+          free_list[K - 1 - back++] = k;
+        }
+        is_free[k] = 1.0;
       }
-      if (is_free[k] >= 0.1 * most) {
-        free_list[front++] = k;
-      } else {
-        free_list[K - 1 - back++] = k;
-      }
-      is_free[k] = 1.0;
-    }
-    for (int g = 0; g < back; ++g) free_list[front + g] = free_list[K - back + g];  // front ≤ K − back
-    n_free = front + back;
+      for (int g = 0; g < back; ++g) free_list[front + g] = free_list[K - back + g];  // front ≤ K − back
+      return Status{front + back, 1};
+    }).iterations;
     mu = 0.0;
     bool factor = true;
     // Each round drops at least one index, so F is empty or positive within K rounds.
     for (int round = 0; round < K && n_free > 0; ++round) {
       if (factor) {
-        for (int a = 0; a < n_free; ++a) {
+        for (int a = first_owned(team, 0); a < n_free; a += team.size()) {
           const double* row = A + int64_t(free_list[a]) * K;
           for (int b = 0; b <= a; ++b) L[int64_t(a) * K + b] = row[free_list[b]];
         }
-        if (!cholesky(L, n_free, K)) {
+        team.sync();
+        if (!cholesky(L, n_free, K, team)) {
           clear();
           mu = 0.0;
           return false;
@@ -234,25 +304,30 @@ struct ActiveSetQp {
       int drops = 0;
       for (int f = 0; f < n_free; ++f) drops += z[f] > 0.0 ? 0 : 1;
       if (drops == 0) {
-        for (int f = 0; f < n_free; ++f) x[free_list[f]] = z[f];
+        for (int f = first_owned(team, 0); f < n_free; f += team.size()) x[free_list[f]] = z[f];
+        team.sync();
         return true;
       }
       factor = 8 * drops > n_free;
-      for (int f = n_free - 1; f >= 0; --f) {
-        if (z[f] > 0.0) continue;
-        if (factor) {
-          is_free[free_list[f]] = 0.0;
-          free_list[f] = -1;
-        } else {
-          remove(f);
-        }
-      }
       if (factor) {
-        int kept = 0;
-        for (int f = 0; f < n_free; ++f) {
-          if (free_list[f] >= 0) free_list[kept++] = free_list[f];
+        team.sync();  // every worker has counted the drops
+        if (team.rank() == 0) {
+          int kept = 0;
+          for (int f = 0; f < n_free; ++f) {
+            if (z[f] > 0.0) {
+              free_list[kept++] = free_list[f];
+            } else {
+              is_free[free_list[f]] = 0.0;
+            }
+          }
         }
-        n_free = kept;
+        team.sync();
+        n_free -= drops;
+      } else {
+        for (int f = n_free - 1; f >= 0; --f) {
+          if (!(z[f] > 0.0)) remove(f);
+        }
+        team.sync();  // every worker has read z, which the next round overwrites
       }
     }
     mu = 0.0;  // F emptied (x = 0 off the simplex)
@@ -277,26 +352,42 @@ struct ActiveSetQp {
     for (int round = 0; round < max_rounds; ++round) {
       for (int inner = 0; inner <= K && n_free > 0 && !(round == 0 && at_minimiser); ++inner) {
         mu = subspace_minimiser();
-        const int block = step_toward(z, free_list, n_free, x);
+        const int block = step_toward(z, free_list, n_free, x, team);
         if (block < 0) break;
         // Bind the blocking index and every other at its bound that is not moving up: a freed index
         // still at 0 with z_k > 0 stays (the step was 0, and z_k > 0 lets the next one move).
         // Several indices freed at once cannot all have z_k ≤ 0 (for the Schur complement S of the
         // new ones and their gradient g < 0, z = S⁻¹|g| has (|g|·z) > 0), so each round progresses.
-        x[free_list[block]] = 0.0;
+        if (owns(team, block)) x[free_list[block]] = 0.0;
+        team.sync();
         for (int f = n_free - 1; f >= 0; --f) {
           const int k = free_list[f];
           if (x[k] > 0.0 || z[f] > 0.0) continue;
-          x[k] = 0.0;
+          team.sync();  // every worker has read x_k
+          if (owns(team, f)) x[k] = 0.0;
           remove(f);
         }
+        team.sync();  // every worker has read z, which the next step overwrites
       }
       if (simplex && n_free == 0) return {round, 0};  // x ∈ Δ keeps an index free, unless NaN
       // y = c − c̄ + Σ_{j∈F} x_j A_j (A symmetric: contiguous rows); |Σ_j A_kj x_j| ≤ √(A_kk max A_jj) ‖x‖₁
       // bounds the rounding of y_k + μ with |c_k − c̄| and |μ|.
+      if (team.size() == 1) {
+        for (int k = 0; k < K; ++k) y[k] = c[k] - shift;
+        add_rows(A, K, free_list, n_free, x, y);
+      } else {
+        team.sync();  // every worker is done with the last round's y
+        for (int k = first_owned(team, 0); k < K; k += team.size()) {
+          double yk = c[k] - shift;
+          for (int f = 0; f < n_free; ++f) {
+            const int j = free_list[f];
+            if (x[j] != 0.0) yk += x[j] * A[int64_t(j) * K + k];
+          }
+          y[k] = yk;
+        }
+        team.sync();
+      }
       double x_sum = 0.0;
-      for (int k = 0; k < K; ++k) y[k] = c[k] - shift;
-      add_rows(A, K, free_list, n_free, x, y);
       for (int f = 0; f < n_free; ++f) x_sum += x[free_list[f]];
       bool freed = false;
       for (int k = 0; k < K; ++k) {

@@ -25,15 +25,19 @@ FLATMTL_HD inline void dual_cone_matrix(const double* M, int K, double norm_eps,
 // guess is where one projected Jacobi step from the diagonal solution x⁰ = max(0, −q/diag P) stays
 // positive (measured on random Grams at K = 128: 4 of 62 free indices wrong, against 14 for the sign of
 // q alone), which costs one factorisation of P_FF and a few corrections.
-// work: 2K (y, x⁰) + ActiveSetQp::work_size(K).
+// work: 2K (y, x⁰) + ActiveSetQp<>::work_size(K).
+template <class Team = SoloTeam>
 FLATMTL_HD inline Status nonnegative_qp(const double* P, int K, const double* q, const double* inv_diag, double* x,
-                                        double* work) {
+                                        double* work, const Team& team = Team{}) {
   double* x0 = work;
   double* y = work + K;
-  ActiveSetQp qp = ActiveSetQp::on(P, K, false, work + 2 * K);
-  for (int k = 0; k < K; ++k) x0[k] = max2(0.0, -q[k] * inv_diag[k]);
-  matvec(P, K, x0, y);
-  for (int k = 0; k < K; ++k) qp.is_free[k] = max2(0.0, x0[k] - (q[k] + y[k]) * inv_diag[k]);
+  ActiveSetQp<Team> qp = ActiveSetQp<Team>::on(P, K, false, work + 2 * K, team);
+  for (int k = first_owned(team, 0); k < K; k += team.size()) x0[k] = max2(0.0, -q[k] * inv_diag[k]);
+  team.sync();
+  matvec(P, K, x0, y, team);
+  for (int k = first_owned(team, 0); k < K; k += team.size()) {
+    qp.is_free[k] = max2(0.0, x0[k] - (q[k] + y[k]) * inv_diag[k]);
+  }
   // A P_FF that is not positive definite to working precision leaves x = 0, the cold start; either way
   // x is the minimiser on the free set.
   qp.start_from(q, x);
@@ -49,7 +53,7 @@ struct UPGrad : RowParallel<UPGrad> {
   double reg_eps;
   FLATMTL_HD static int64_t shared_size(int K) { return int64_t(K) * K + K; }
   // q, then nonnegative_qp's scratch.
-  FLATMTL_HD static int64_t row_work_size(int K) { return 3 * int64_t(K) + ActiveSetQp::work_size(K); }
+  FLATMTL_HD static int64_t row_work_size(int K) { return 3 * int64_t(K) + ActiveSetQp<>::work_size(K); }
   FLATMTL_HD void prepare(const double* M, int K, double* shared, int first, int step) const {
     dual_cone_matrix(M, K, norm_eps, reg_eps, shared, shared + int64_t(K) * K, first, step);
   }
@@ -68,22 +72,27 @@ struct UPGrad : RowParallel<UPGrad> {
 };
 
 // DualProj: w = argmin_{v ≥ p} vᵀPv (p = pref, or 𝟏/K when pref is null).
-struct DualProj {
+struct DualProj : TeamSolver {
   const double* pref;
   double norm_eps;
   double reg_eps;
   // P, 1/diag(P), q, x, then nonnegative_qp's scratch.
-  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) * K + 5 * int64_t(K) + ActiveSetQp::work_size(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  FLATMTL_HD static int64_t work_size(int K) {
+    return int64_t(K) * K + 5 * int64_t(K) + ActiveSetQp<>::work_size(K);
+  }
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* P = work;
     double* inv_diag = P + int64_t(K) * K;
     double* q = inv_diag + K;
     double* x = q + K;
-    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag);
-    for (int k = 0; k < K; ++k) w[k] = pref ? pref[k] : 1.0 / K;  // u
-    matvec(P, K, w, q);
-    const Status status = nonnegative_qp(P, K, q, inv_diag, x, x + K);
-    axpy(1.0, x, w, K);
+    dual_cone_matrix(M, K, norm_eps, reg_eps, P, inv_diag, team.rank(), team.size());
+    for (int k = first_owned(team, 0); k < K; k += team.size()) w[k] = pref ? pref[k] : 1.0 / K;  // u
+    team.sync();
+    matvec(P, K, w, q, team);
+    const Status status = nonnegative_qp(P, K, q, inv_diag, x, x + K, team);
+    for (int k = first_owned(team, 0); k < K; k += team.size()) w[k] += x[k];
+    team.sync();
     return status;
   }
 };

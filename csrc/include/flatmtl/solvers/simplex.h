@@ -61,19 +61,21 @@ FLATMTL_HD inline double find_root(F& f, double lo, double flo, double hi, doubl
 // must then be unchanged): a sequence of problems that differ only in c needs a few corrections each.
 // A cold start frees every index (the optimum's support, when the gradients barely conflict), or, when
 // A is not positive definite to working precision on it, starts from the best vertex.
-FLATMTL_HD inline Status simplex_qp(ActiveSetQp& qp, const double* c, double* w) {
+template <class Team>
+FLATMTL_HD inline Status simplex_qp(ActiveSetQp<Team>& qp, const double* c, double* w) {
   const int K = qp.K;
+  const Team& team = qp.team;
   // Every round frees at least one index and lowers the objective; 4K + 16 leaves room for re-freeing.
   const int budget = 4 * K + 16;
   if (qp.n_free > 0) return qp.solve(c, w, budget);
-  for (int k = 0; k < K; ++k) qp.is_free[k] = 1.0;
+  for (int k = first_owned(team, 0); k < K; k += team.size()) qp.is_free[k] = 1.0;
   if (!qp.start_from(c, w)) {
     int best = 0;
     for (int k = 1; k < K; ++k) {
       const double value = c[k] + 0.5 * qp.A[int64_t(k) * K + k];
       if (value < c[best] + 0.5 * qp.A[int64_t(best) * K + best]) best = k;
     }
-    qp.is_free[best] = 1.0;
+    if (owns(team, best)) qp.is_free[best] = 1.0;
     qp.start_from(c, w);
   }
   return qp.iterate(c, w, budget, true);
@@ -85,24 +87,37 @@ FLATMTL_HD inline Status simplex_qp(ActiveSetQp& qp, const double* c, double* w)
 // would swamp the tasks whose ‖g_i‖² is below about kQpRidge · tr(M) (measured: objectives 1e-7 above
 // the reference's when the norms span 1e±3). With A = D^½ (C + kQpRidge I) D^½ for the correlation
 // matrix C, the factorisations are as well conditioned as for unit-norm gradients.
-FLATMTL_HD inline void simplex_matrix(const double* M, int K, double scale, double* A) {
-  for (int64_t e = 0; e < int64_t(K) * K; ++e) A[e] = scale * M[e];
+template <class Team = SoloTeam>
+FLATMTL_HD inline void simplex_matrix(const double* M, int K, double scale, double* A, const Team& team = Team{}) {
+  for (int i = first_owned(team, 0); i < K; i += team.size()) {
+    for (int j = 0; j < K; ++j) A[int64_t(i) * K + j] = scale * M[int64_t(i) * K + j];
+  }
+  team.sync();
   const double mean = trace(A, K) / K;
-  for (int i = 0; i < K; ++i) A[i * K + i] += kQpRidge * (A[i * K + i] > 0.0 ? A[i * K + i] : mean);
+  team.sync();
+  for (int i = first_owned(team, 0); i < K; i += team.size()) {
+    A[i * K + i] += kQpRidge * (A[i * K + i] > 0.0 ? A[i * K + i] : mean);
+  }
+  team.sync();
 }
 
 // Snaps w onto Δ (the active set keeps 𝟏ᵀw = 1 up to rounding).
-FLATMTL_HD inline void normalise_on_simplex(double* w, int K) {
+template <class Team = SoloTeam>
+FLATMTL_HD inline void normalise_on_simplex(double* w, int K, const Team& team = Team{}) {
   double sum = 0.0;
   for (int i = 0; i < K; ++i) sum += w[i];
-  for (int i = 0; i < K; ++i) w[i] = sum > 0.0 ? w[i] / sum : 1.0 / K;
+  team.sync();
+  for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = sum > 0.0 ? w[i] / sum : 1.0 / K;
+  team.sync();
 }
 
 // w ∈ Δ minimising qᵀw + β √(wᵀMw) (squared: qᵀw + β wᵀMw), β ≥ 0, M PSD. work: 2K² + 8K.
+template <class Team = SoloTeam>
 FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* M, int K, double beta, bool squared,
-                                                 double* w, double* work) {
+                                                 double* w, double* work, const Team& team = Team{}) {
   if (K == 1) {  // Δ is one point
-    w[0] = 1.0;
+    if (owns(team, 0)) w[0] = 1.0;
+    team.sync();
     return {0, 1};
   }
   const double tr = trace(M, K);
@@ -114,30 +129,33 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
     for (int i = 1; i < K; ++i) q_min = min2(q_min, q[i]);
     int ties = 0;
     for (int i = 0; i < K; ++i) ties += q[i] == q_min ? 1 : 0;
-    for (int i = 0; i < K; ++i) w[i] = q[i] == q_min ? 1.0 / ties : 0.0;
+    for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = q[i] == q_min ? 1.0 / ties : 0.0;
+    team.sync();
     return {0, 1};
   }
   double* A = work;
   double* c = work + int64_t(K) * K;
   double* Mw = c + K;
-  ActiveSetQp qp = ActiveSetQp::on(A, K, true, Mw + K);
+  ActiveSetQp<Team> qp = ActiveSetQp<Team>::on(A, K, true, Mw + K, team);
   if (squared) {
-    simplex_matrix(M, K, 2.0 * beta, A);
+    simplex_matrix(M, K, 2.0 * beta, A, team);
     const Status status = simplex_qp(qp, q, w);
-    normalise_on_simplex(w, K);
+    normalise_on_simplex(w, K, team);
     return status;
   }
   // ‖x‖ = min_{ρ>0} ‖x‖²/(2ρ) + ρ/2: with r = ρ/β the minimiser for fixed r is
   // w(r) = argmin_Δ ½wᵀMw + r qᵀw, and the optimal r solves φ(r) = ‖g_w(r)‖/r − β = 0, φ nonincreasing
   // (the partial minimum over w is convex in ρ). Consecutive evaluations share the active set.
-  simplex_matrix(M, K, 1.0, A);
+  simplex_matrix(M, K, 1.0, A, team);
   Status status{0, 1};
   auto phi = [&](double r) {
-    for (int i = 0; i < K; ++i) c[i] = r * q[i];
+    team.sync();  // every worker is done with the last c
+    for (int i = first_owned(team, 0); i < K; i += team.size()) c[i] = r * q[i];
+    team.sync();
     const Status s = simplex_qp(qp, c, w);
     status.iterations += s.iterations;
     status.converged &= s.converged;
-    return clamp_sqrt(quad_form(M, K, w, Mw)) / r - beta;
+    return clamp_sqrt(quad_form(M, K, w, Mw, team)) / r - beta;
   };
   double largest = 0.0;
   for (int i = 0; i < K; ++i) largest = max2(largest, clamp_sqrt(M[i * K + i]));
@@ -151,7 +169,7 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
     find_root(phi, lo, flo, hi, phi(hi), 0.0, 4.0 * kDoubleEps, &ok);
     status.converged &= ok;
   }
-  normalise_on_simplex(w, K);
+  normalise_on_simplex(w, K, team);
   return status;
 }
 
@@ -164,69 +182,81 @@ FLATMTL_HD inline bool counts_as_zero(double norm, const double* M, int K) {
 }
 
 // Weights factor · (1/K + λ w) with λ = radius/‖g_w‖, or 0 when g_w counts as zero. Mw: K scratch.
+template <class Team = SoloTeam>
 FLATMTL_HD inline void conflict_averse_weights(const double* M, int K, double radius, double factor, double* w,
-                                               double* Mw) {
-  const double gw_norm = clamp_sqrt(quad_form(M, K, w, Mw));
+                                               double* Mw, const Team& team = Team{}) {
+  const double gw_norm = clamp_sqrt(quad_form(M, K, w, Mw, team));
   const double lam = counts_as_zero(gw_norm, M, K) ? 0.0 : radius / gw_norm;
-  for (int i = 0; i < K; ++i) w[i] = factor * (1.0 / K + lam * w[i]);
+  for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = factor * (1.0 / K + lam * w[i]);
+  team.sync();
 }
 
 // b_i = (M𝟏/K)_i = g_i·g₀; returns ‖g₀‖ = √(𝟏ᵀM𝟏)/K.
-FLATMTL_HD inline double mean_gradient_products(const double* M, int K, double* b) {
-  double total = 0.0;
-  for (int i = 0; i < K; ++i) {
+template <class Team = SoloTeam>
+FLATMTL_HD inline double mean_gradient_products(const double* M, int K, double* b, const Team& team = Team{}) {
+  for (int i = first_owned(team, 0); i < K; i += team.size()) {
     double s = 0.0;
     for (int j = 0; j < K; ++j) s += M[i * K + j];
     b[i] = s / K;
-    total += b[i];
   }
+  team.sync();
+  double total = 0.0;
+  for (int i = 0; i < K; ++i) total += b[i];
   return clamp_sqrt(total / K);
 }
 
 // CAGrad (reference/cagrad.py): w* = argmin_Δ wᵀM𝟏/K + c‖g₀‖√(wᵀMw), weights (1/K + λw*)·s/r.
-struct CAGrad {
+struct CAGrad : TeamSolver {
   double c;
   int rescale;     // 0: r = 1, 1: r = 1 + c², 2: r = 1 + c
   int sum_scale;   // s = K when set, else 1
   FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 9 * int64_t(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* b = work;
-    const double radius = c * mean_gradient_products(M, K, b);
-    const Status status = argmin_linear_plus_norm(b, M, K, radius, false, w, work + K);
+    const double radius = c * mean_gradient_products(M, K, b, team);
+    const Status status = argmin_linear_plus_norm(b, M, K, radius, false, w, work + K, team);
     const double divisor = rescale == 1 ? 1.0 + c * c : rescale == 2 ? 1.0 + c : 1.0;
-    conflict_averse_weights(M, K, radius, (sum_scale ? double(K) : 1.0) / divisor, w, work);
+    team.sync();  // every worker is done with b, which conflict_averse_weights overwrites
+    conflict_averse_weights(M, K, radius, (sum_scale ? double(K) : 1.0) / divisor, w, work, team);
     return status;
   }
 };
 
 // IMGrad (reference/imgrad.py), both variants, with g_m from MGDA's Frank–Wolfe (defaults) and
 // cos θ = cos(g₀, g_m) clipped to [0, 1], 0 when g_m counts as zero (its direction is then rounding).
-struct IMGrad {
+struct IMGrad : TeamSolver {
   double alpha;
   int paper;  // 0: official variant, 1: the paper's Eq. 11
   FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 10 * int64_t(K); }
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* b = work;
     double* q = work + K;
     double* scratch = work + 2 * K;
-    // g₀·g_m = 𝟏ᵀM w_m / K, ‖g₀‖² = 𝟏ᵀM𝟏/K², ‖g_m‖² = w_mᵀM w_m.
+    // g₀·g_m = 𝟏ᵀM w_m / K, ‖g₀‖² = 𝟏ᵀM𝟏/K², ‖g_m‖² = w_mᵀM w_m; the column sums go through q.
     const Mgda mgda{{}, int(MgdaNormalize::None), nullptr, 250, 1e-5};
-    mgda(M, K, w, scratch);
-    double total = 0.0, g0_gm = 0.0;
-    for (int j = 0; j < K; ++j) {
+    mgda(M, K, w, scratch, team);
+    for (int j = first_owned(team, 0); j < K; j += team.size()) {
       double col = 0.0;
       for (int i = 0; i < K; ++i) col += M[i * K + j];
-      total += col;
-      g0_gm += col * w[j];
+      q[j] = col;
     }
-    const double gm_norm = clamp_sqrt(quad_form(M, K, w, scratch));
+    team.sync();
+    double total = 0.0, g0_gm = 0.0;
+    for (int j = 0; j < K; ++j) {
+      total += q[j];
+      g0_gm += q[j] * w[j];
+    }
+    const double gm_norm = clamp_sqrt(quad_form(M, K, w, scratch, team));
     const double norms = sqrt(max2(total, 0.0)) / K * gm_norm;
     const bool defined = norms > 0.0 && !counts_as_zero(gm_norm, M, K);
     const double cos = defined ? min2(max2(g0_gm / K / norms, 0.0), 1.0) : 0.0;
-    const double radius = alpha * mean_gradient_products(M, K, b);
-    for (int i = 0; i < K; ++i) q[i] = (paper ? 1.0 - cos : 1.5 - cos) * b[i];
-    const Status status = argmin_linear_plus_norm(q, M, K, cos * radius, paper != 0, w, scratch);
-    conflict_averse_weights(M, K, radius, paper ? 1.0 : K / (1.0 + alpha * alpha), w, scratch);
+    const double radius = alpha * mean_gradient_products(M, K, b, team);
+    for (int i = first_owned(team, 0); i < K; i += team.size()) q[i] = (paper ? 1.0 - cos : 1.5 - cos) * b[i];
+    team.sync();
+    const Status status = argmin_linear_plus_norm(q, M, K, cos * radius, paper != 0, w, scratch, team);
+    conflict_averse_weights(M, K, radius, paper ? 1.0 : K / (1.0 + alpha * alpha), w, scratch, team);
     return status;
   }
 };

@@ -45,7 +45,8 @@ inline int64_t work_size(int K) {
 }
 
 // Runs the solve on `stream` as one thread block of kBlockThreads: a row-parallel problem (rows.h) spreads
-// its tasks over row_lanes(K) threads, any other runs problem(M, K, w, work) in thread 0. M, w, work
+// its tasks over row_lanes(K) threads, a team solver (team.h) runs on all of them, any other runs
+// problem(M, K, w, work) in thread 0. M, w, work
 // (work_size(K) doubles) and every pointer inside `problem` are device addresses. status, when not null,
 // receives {iterations, converged} (int32). Returns an empty string on success, else the CUDA error.
 // Instantiated in csrc/cuda/solvers.cu.

@@ -71,12 +71,14 @@ FLATMTL_HD inline int team_first_min(const Team& team, double key, int index) {
   return best;
 }
 
-// Runs `solve` (returning a Status) on worker 0 alone, for the rare paths not worth splitting, and gives
-// every worker its status once its writes are visible.
+// Runs `solve` (returning a Status) on worker 0 alone, for sequential steps and rare paths not worth
+// splitting, once every worker has finished reading what it may overwrite, and gives every worker its
+// status once its writes are visible.
 template <class Team, class Solve>
 FLATMTL_HD inline auto on_one_worker(const Team& team, const Solve& solve) {
   if (team.size() == 1) return solve();
   double* slots = team.slots();
+  team.sync();
   if (team.rank() == 0) {
     const auto status = solve();
     slots[0] = status.iterations;
