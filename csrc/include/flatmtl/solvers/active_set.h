@@ -7,8 +7,7 @@
 // subspace solve is one back substitution. A solve starts either from a guessed free set (one
 // factorisation, then corrections: start_from) or from the state of the previous solve, which persists:
 // a problem that changes only c restarts from the previous free set (CAGrad's outer iteration).
-// A team (team.h) splits the factorisation, the triangular sweeps, the rotations and the gradient; the
-// forward solves and the factor's new rows, sequential chains of O(|F|²), run on one worker.
+// A team (team.h) splits the factorisation, the triangular sweeps, the rotations and the gradient.
 #pragma once
 
 #include "flatmtl/solvers/common.h"
@@ -150,22 +149,24 @@ struct ActiveSetQp {
   double* t;          // L⁻¹𝟏_F (simplex)
   double* z;          // subspace solution, indexed like free_list
   double* y;          // gradient A x + c
+  double* partial;    // 8K: a team's partial sums in forward_substitute
   int n_free;
   double mu;          // multiplier of 𝟏ᵀx = 1 at the last subspace minimiser (0 off the simplex)
   double shift;       // c̄: on the simplex the method runs on c − c̄𝟏 (the same problem), see forward_solves
   Team team;
 
-  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) * K + 6 * int64_t(K); }
+  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) * K + 14 * int64_t(K); }
 
   // An empty free set (x = 0 is then the start of a nonnegative problem).
   FLATMTL_HD static ActiveSetQp on(const double* A, int K, bool simplex, double* work, const Team& team = Team{}) {
     ActiveSetQp qp{A, K, simplex ? 1 : 0, work, reinterpret_cast<int*>(work + int64_t(K) * K), nullptr, nullptr,
-                   nullptr, nullptr, nullptr, 0, 0.0, 0.0, team};
+                   nullptr, nullptr, nullptr, nullptr, 0, 0.0, 0.0, team};
     qp.is_free = work + int64_t(K) * K + K;
     qp.s = qp.is_free + K;
     qp.t = qp.s + K;
     qp.z = qp.t + K;
     qp.y = qp.z + K;
+    qp.partial = qp.y + K;
     for (int k = first_owned(team, 0); k < K; k += team.size()) qp.is_free[k] = 0.0;
     team.sync();
     return qp;
@@ -174,17 +175,20 @@ struct ActiveSetQp {
   // Row f of L for index k against the rows above, and its entries of s and t. False when A_FF
   // would not be positive definite to working precision (the row is then not kept).
   FLATMTL_HD bool factor_row(int f, int k, const double* c) {
-    double* row = L + int64_t(f) * K;
+    double* row[1] = {L + int64_t(f) * K};
     const double* ak = A + int64_t(k) * K;
-    for (int g = 0; g < f; ++g) {
-      const double* lg = L + int64_t(g) * K;
-      row[g] = (ak[free_list[g]] - dot(row, lg, g)) / lg[g];
-    }
-    const double d = ak[k] - dot(row, row, f);
+    forward_substitute(L, K, f, [&](int g, int) { return ak[free_list[g]]; }, 1, row, partial, team);
+    const double d = ak[k] - dot(row[0], row[0], f);
     if (!(d > 0.0)) return false;
-    row[f] = sqrt(d);
-    s[f] = (-(c[k] - shift) - dot(row, s, f)) / row[f];
-    if (simplex) t[f] = (1.0 - dot(row, t, f)) / row[f];
+    const double root = sqrt(d);
+    const double sf = (-(c[k] - shift) - dot(row[0], s, f)) / root;
+    const double tf = simplex ? (1.0 - dot(row[0], t, f)) / root : 0.0;
+    if (owns(team, f)) {
+      row[0][f] = root;
+      s[f] = sf;
+      if (simplex) t[f] = tf;
+    }
+    team.sync();
     return true;
   }
 
@@ -198,25 +202,22 @@ struct ActiveSetQp {
       for (int f = 0; f < n_free; ++f) shift += c[free_list[f]];
       shift /= n_free;
     }
-    on_one_worker(team, [&] {
-      for (int f = 0; f < n_free; ++f) {
-        const double* row = L + int64_t(f) * K;
-        s[f] = (-(c[free_list[f]] - shift) - dot(row, s, f)) / row[f];
-        if (simplex) t[f] = (1.0 - dot(row, t, f)) / row[f];
-      }
-      return Status{0, 1};
-    });
+    double* solutions[2] = {s, t};
+    team.sync();  // every worker is done with the last s and t
+    forward_substitute(
+        L, K, n_free, [&](int f, int j) { return j == 0 ? -(c[free_list[f]] - shift) : 1.0; }, simplex ? 2 : 1,
+        solutions, partial, team);
   }
 
   // Frees index k (x_k stays 0 until the next step).
   FLATMTL_HD bool append(int k, const double* c) {
-    const Status appended = on_one_worker(team, [&] {
-      if (!factor_row(n_free, k, c)) return Status{0, 0};
+    team.sync();  // every worker has read is_free[k]
+    if (!factor_row(n_free, k, c)) return false;
+    if (team.rank() == 0) {
       free_list[n_free] = k;
       is_free[k] = 1.0;
-      return Status{0, 1};
-    });
-    if (!appended.converged) return false;
+    }
+    team.sync();
     ++n_free;
     return true;
   }

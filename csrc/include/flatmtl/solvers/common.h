@@ -201,6 +201,45 @@ FLATMTL_HD inline bool cholesky(double* A, int n, int lda, const Team& team = Te
   return true;
 }
 
+// x_f = (b(f, j) − dot(L_f, x_j, f)) / L_ff for f = 0 … n−1 (forward substitution by the rows of L, row
+// stride lda) for the right-hand sides j < rhs (one or two; x[j] receives solution j), rounded as dot()
+// rounds. A team goes by columns instead: once x_g is final every open x_f takes its L_fg x_g into the one of
+// its four partial sums that dot() would have put it in (partial: 8n doubles), and its owner completes it
+// after its last term. The same operations in the same order: the single worker's bits.
+template <class Team = SoloTeam, class Rhs>
+FLATMTL_HD inline void forward_substitute(const double* L, int lda, int n, const Rhs& b, int rhs, double* const* x,
+                                          double* partial, const Team& team = Team{}) {
+  if (team.size() == 1) {
+    for (int f = 0; f < n; ++f) {
+      const double* row = L + int64_t(f) * lda;
+      for (int j = 0; j < rhs; ++j) x[j][f] = (b(f, j) - dot(row, x[j], f)) / row[f];
+    }
+    return;
+  }
+  // partial[(4 j + p) n + f]: sum p of right-hand side j for row f.
+  for (int f = first_owned(team, 0); f < n; f += team.size()) {
+    for (int q = 0; q < 4 * rhs; ++q) partial[int64_t(q) * n + f] = 0.0;
+    if (f == 0) {
+      for (int j = 0; j < rhs; ++j) x[j][0] = (b(0, j) - ((0.0 + 0.0) + (0.0 + 0.0))) / L[0];
+    }
+  }
+  team.sync();
+  for (int g = 0; g + 1 < n; ++g) {
+    for (int f = first_owned(team, g + 1); f < n; f += team.size()) {
+      const double lfg = L[int64_t(f) * lda + g];
+      const int sum = g < (f & ~3) ? (g & 3) : 0;  // dot() groups the first 4⌊f/4⌋ terms by four, the rest in sum 0
+      for (int j = 0; j < rhs; ++j) {
+        double* p = partial + int64_t(4 * j) * n + f;
+        p[int64_t(sum) * n] += lfg * x[j][g];
+        if (f == g + 1) {
+          x[j][f] = (b(f, j) - ((p[0] + p[n]) + (p[2 * int64_t(n)] + p[3 * int64_t(n)]))) / L[int64_t(f) * lda + f];
+        }
+      }
+    }
+    team.sync();
+  }
+}
+
 // Solves L Lᵀ x = b in place (b -> x) with the factor from cholesky(), by columns of L: once x_k is
 // final, x_k L_k is taken off the entries still open (those below k, then those above it), which a team
 // splits, and each entry's owner divides it by its diagonal after its last update.

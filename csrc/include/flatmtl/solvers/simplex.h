@@ -111,7 +111,13 @@ FLATMTL_HD inline void normalise_on_simplex(double* w, int K, const Team& team =
   team.sync();
 }
 
-// w ∈ Δ minimising qᵀw + β √(wᵀMw) (squared: qᵀw + β wᵀMw), β ≥ 0, M PSD. work: 2K² + 8K.
+// Scratch of argmin_linear_plus_norm: A, c, Mw and the active set's.
+FLATMTL_HD inline int64_t argmin_work_size(int K) {
+  return int64_t(K) * K + 2 * int64_t(K) + ActiveSetQp<>::work_size(K);
+}
+
+// w ∈ Δ minimising qᵀw + β √(wᵀMw) (squared: qᵀw + β wᵀMw), β ≥ 0, M PSD.
+// work: argmin_work_size(K) doubles.
 template <class Team = SoloTeam>
 FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* M, int K, double beta, bool squared,
                                                  double* w, double* work, const Team& team = Team{}) {
@@ -210,7 +216,7 @@ struct CAGrad : TeamSolver {
   double c;
   int rescale;     // 0: r = 1, 1: r = 1 + c², 2: r = 1 + c
   int sum_scale;   // s = K when set, else 1
-  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 9 * int64_t(K); }
+  FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) + argmin_work_size(K); }
   template <class Team = SoloTeam>
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* b = work;
@@ -228,7 +234,7 @@ struct CAGrad : TeamSolver {
 struct IMGrad : TeamSolver {
   double alpha;
   int paper;  // 0: official variant, 1: the paper's Eq. 11
-  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 10 * int64_t(K); }
+  FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) + argmin_work_size(K); }
   template <class Team = SoloTeam>
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     double* b = work;
