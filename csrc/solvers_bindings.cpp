@@ -170,7 +170,7 @@ sv::AffinityPropagation make_affinity_propagation(int64_t, uintptr_t preference,
   require(max_iter >= 1, "max_iter must be >= 1");
   require(retries >= 0 && max_iter + int64_t(sv::kRetryIter) * retries <= INT32_MAX,
           "retries must be >= 0, with max_iter + 100 retries in int range");
-  return {ptr<const double>(preference), damping, convergence_iter, max_iter, retries, seed};
+  return {{}, ptr<const double>(preference), damping, convergence_iter, max_iter, retries, seed};
 }
 
 }  // namespace

@@ -51,8 +51,6 @@ Result run(const Make& make, const std::vector<double>& M, int K, int threads, i
 
 template <class Problem, class Make>
 int check(const char* name, const Make& make, const std::vector<double>& M, int K) {
-  std::printf("%s K=%d\n", name, K);
-  std::fflush(stdout);
   const Result single = run<Problem>(make, M, K, 0, 0);
   int mismatches = 0;
   for (int threads : {2, 3, 5}) {
@@ -109,6 +107,8 @@ int main() {
       mismatches += check<sv::CAGrad>("cagrad", [](State&) { return sv::CAGrad{{}, 0.4, 1, 0}; }, M, K);
       mismatches += check<sv::IMGrad>("imgrad", [](State&) { return sv::IMGrad{{}, 0.8, 0}; }, M, K);
       mismatches += check<sv::IMGrad>("imgrad_paper", [](State&) { return sv::IMGrad{{}, 0.8, 1}; }, M, K);
+      mismatches += check<sv::AffinityPropagation>(
+          "affinity_propagation", [](State&) { return sv::AffinityPropagation{{}, nullptr, 0.5, 15, 200, 2, 7}; }, M, K);
       mismatches += check<sv::PCGrad>("pcgrad", [](State& s) { return sv::PCGrad{{}, s.keys.data()}; }, M, K);
       mismatches += check<sv::GradVac>(
           "gradvac", [](State& s) { return sv::GradVac{{}, s.keys.data(), s.targets.data(), 0.5, 1e-8}; }, M, K);

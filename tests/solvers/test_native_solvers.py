@@ -512,13 +512,14 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
         "cagrad_sum": (0.9, 0, True),
         "imgrad": (0.8, False),
         "imgrad_paper": (0.8, True),
+        "affinity_propagation": (0, 0.5, 15, 200, 2, 7),
     }
 
 
 def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name.split("_")[0] if name != "nash_mtl" else name
+    name = name if name in ("nash_mtl", "affinity_propagation") else name.split("_")[0]
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)

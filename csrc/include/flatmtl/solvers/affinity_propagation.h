@@ -109,7 +109,7 @@ FLATMTL_HD inline void assign_exemplars(const double* S, int K, const double* ex
   for (int i = 0; i < K; ++i) out[i] = exemplar[i] ? i : masked_argmax(S + int64_t(i) * K, exemplar, K);
 }
 
-struct AffinityPropagation {
+struct AffinityPropagation : TeamSolver {
   const double* preference;  // K: the diagonal put into M; null: the median of M's entries
   double damping;            // in [0.5, 1)
   int convergence_iter;      // iterations of an unchanged exemplar set that stop the loop
@@ -123,46 +123,64 @@ struct AffinityPropagation {
   // w = the cluster labels (integers as doubles, numbered by their exemplars' indices), or −1 throughout
   // when no exemplar is found or M or the preference is not finite. iterations: those run; converged:
   // the exemplar set met the convergence rule (at an attempt's end it need not: the labels still stand).
-  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work) const {
+  // A team splits the rows of the messages and the columns of their sums; the median and the final
+  // refinement run on one worker.
+  template <class Team = SoloTeam>
+  FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
     const int64_t KK = int64_t(K) * K;
     double* S = work;
     double* R = S + KK;
     double* A = R + KK;
     double* colsum = A + KK;
     double* exemplar = colsum + K;
-    for (int i = 0; i < K; ++i) w[i] = -1.0;
+    for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = -1.0;
     if (K == 1) {  // as the torch version (and scikit-learn): one cluster whatever the preference
-      if (isfinite(M[0])) w[0] = 0.0;
+      if (owns(team, 0) && isfinite(M[0])) w[0] = 0.0;
+      team.sync();
       return {0, 1};
     }
-    const double common = preference ? 0.0 : np_median(M, KK, R);
+    double common = 0.0;
+    if (!preference) {
+      on_one_worker(team, [&] {
+        colsum[0] = np_median(M, KK, R);
+        return Status{0, 1};
+      });
+      common = colsum[0];
+    }
     bool finite = true, off_diagonal_equal = true, preference_equal = true;
     for (int i = 0; i < K; ++i) {
       const double p = preference ? preference[i] : common;
       preference_equal = preference_equal && p == (preference ? preference[0] : common);
       for (int k = 0; k < K; ++k) {
         const double s = i == k ? p : M[i * K + k];
-        S[i * K + k] = s;
         finite = finite && isfinite(s);
         off_diagonal_equal = off_diagonal_equal && (i == k || s == M[1]);
       }
     }
-    if (!finite) return {0, 0};
+    if (!finite) {
+      team.sync();
+      return {0, 0};
+    }
     if (off_diagonal_equal && preference_equal) {
       // Degenerate, as scikit-learn: each point its own cluster if the preference exceeds the similarity.
-      const bool apart = S[0] > M[K - 1];
-      for (int i = 0; i < K; ++i) w[i] = apart ? i : 0;
+      const bool apart = (preference ? preference[0] : common) > M[K - 1];
+      for (int i = first_owned(team, 0); i < K; i += team.size()) w[i] = apart ? i : 0;
+      team.sync();
       return {0, 1};
     }
-    if (seed >= 0) {
-      const int64_t offset = (seed % kNoiseModulus) * K % kNoiseModulus * K % kNoiseModulus;
-      for (int64_t e = 0; e < KK; ++e) {
-        S[e] = add_rn(S[e], mul_rn(add_rn(mul_rn(kDoubleEps, S[e]), kDoubleTiny * 100), tie_noise(e, offset)));
+    const int64_t offset = seed >= 0 ? (seed % kNoiseModulus) * K % kNoiseModulus * K % kNoiseModulus : 0;
+    team.sync();  // every worker has read colsum[0]
+    for (int i = first_owned(team, 0); i < K; i += team.size()) {
+      for (int k = 0; k < K; ++k) {
+        const int64_t e = int64_t(i) * K + k;
+        const double s = i == k ? (preference ? preference[i] : common) : M[e];
+        S[e] = seed >= 0 ? add_rn(s, mul_rn(add_rn(mul_rn(kDoubleEps, s), kDoubleTiny * 100), tie_noise(e, offset))) : s;
+        R[e] = 0.0;
+        A[e] = 0.0;
       }
+      exemplar[i] = 0.0;
     }
-
-    for (int64_t e = 0; e < 2 * KK; ++e) R[e] = 0.0;  // R and A
-    for (int k = 0; k < K; ++k) exemplar[k] = 0.0;
+    team.sync();
     // One loop runs every attempt: attempt k repeats attempt k − 1 (same S, same start) up to that one's
     // last iteration, where it stopped nowhere and ended without an exemplar, then goes on. So the first
     // iteration with an exemplar and either a converged set or an attempt's last iteration is where the
@@ -172,7 +190,7 @@ struct AffinityPropagation {
     bool converged = false;
     for (; it < iterations; ++it) {
       // R_ik ← S_ik − max_{k' ≠ k} (A + S)_ik', damped; on a tie first = second, so either index works.
-      for (int i = 0; i < K; ++i) {
+      for (int i = first_owned(team, 0); i < K; i += team.size()) {
         const double* s = S + int64_t(i) * K;
         const double* a = A + int64_t(i) * K;
         double* r = R + int64_t(i) * K;
@@ -191,18 +209,22 @@ struct AffinityPropagation {
         // torch.add(R · d, R_new, alpha = 1 − d) is one fma, on the CPU (vectorised) and on CUDA.
         for (int k = 0; k < K; ++k) r[k] = fma(1.0 - damping, s[k] - (k == top ? second : first), r[k] * damping);
       }
+      team.sync();
       // A_ik ← min(0, R_kk + Σ_{i' ∉ {i,k}} max(0, R_i'k)) off the diagonal, Σ_{i' ≠ k} max(0, R_i'k) on it:
       // −A_new = max(R⁺_ik − Σ_i' R⁺_i'k, 0) with R⁺ = max(R, 0), both clamps off the diagonal only.
-      for (int k = 0; k < K; ++k) colsum[k] = 0.0;
-      for (int i = 0; i < K; ++i) {
-        for (int k = 0; k < K; ++k) colsum[k] += clamp_off_diagonal(R[i * K + k], i == k);
+      for (int k = first_owned(team, 0); k < K; k += team.size()) {
+        double sum = 0.0;
+        for (int i = 0; i < K; ++i) sum += clamp_off_diagonal(R[i * K + k], i == k);
+        colsum[k] = sum;
       }
-      for (int i = 0; i < K; ++i) {
+      team.sync();
+      for (int i = first_owned(team, 0); i < K; i += team.size()) {
         for (int k = 0; k < K; ++k) {
           const double minus_new = clamp_off_diagonal(clamp_off_diagonal(R[i * K + k], i == k) - colsum[k], i == k);
           A[i * K + k] = fma(damping - 1.0, minus_new, A[i * K + k] * damping);
         }
       }
+      team.sync();
       // The exemplars E = {k : A_kk + R_kk > 0}; converged once unchanged for convergence_iter
       // iterations (tested from iteration convergence_iter on), as scikit-learn.
       bool changed = it == 0, found = false;
@@ -210,21 +232,34 @@ struct AffinityPropagation {
         const double e = A[k * K + k] + R[k * K + k] > 0.0 ? 1.0 : 0.0;
         changed = changed || e != exemplar[k];
         found = found || e != 0.0;
-        exemplar[k] = e;
+      }
+      team.sync();  // every worker has read the last exemplar set
+      for (int k = first_owned(team, 0); k < K; k += team.size()) {
+        exemplar[k] = A[k * K + k] + R[k * K + k] > 0.0 ? 1.0 : 0.0;
       }
       if (changed) last_change = it;
       converged = it >= convergence_iter && it - last_change + 1 >= convergence_iter;
       const bool attempt_end = it >= max_iter - 1 && (it - (max_iter - 1)) % kRetryIter == 0;
       if (found && (converged || attempt_end)) break;
     }
+    team.sync();
     if (it == iterations) return {iterations, 0};  // no exemplar: every label −1
 
+    on_one_worker(team, [&] {
+      refine(S, K, exemplar, w, R, colsum);
+      return Status{0, 1};
+    });
+    return {it + 1, converged ? 1 : 0};
+  }
+
+  // The labels from the exemplar set, into w. scratch: 2K (member, total), refined: K.
+  FLATMTL_HD static void refine(const double* S, int K, const double* exemplar, double* w, double* scratch,
+                                double* refined) {
     // Refinement: in each cluster, the member k with the largest Σ_{i in the cluster} S_ik (summed in
     // index order, as BLAS sums member · S) becomes the exemplar; points are then reassigned.
     double* cluster = w;
-    double* member = R;
-    double* total = R + K;
-    double* refined = colsum;
+    double* member = scratch;
+    double* total = scratch + K;
     assign_exemplars(S, K, exemplar, cluster);
     for (int k = 0; k < K; ++k) refined[k] = 0.0;
     for (int e = 0; e < K; ++e) {
@@ -244,7 +279,6 @@ struct AffinityPropagation {
     for (int k = 0, count = 0; k < K; ++k) number[k] = refined[k] ? count++ : -1.0;
     assign_exemplars(S, K, refined, cluster);
     for (int i = 0; i < K; ++i) w[i] = number[int(cluster[i])];
-    return {it + 1, converged ? 1 : 0};
   }
 };
 
