@@ -1,5 +1,5 @@
 // Solvers made of K independent per-task sub-problems (UPGrad's K dual-cone QPs, PCGrad's and GradVac's K
-// projection sequences), run by a team of workers: a single-block CUDA kernel spreads the tasks over its
+// projection sequences), run by a team of workers (team.h): a single-block CUDA kernel spreads the tasks over its
 // threads, the CPU module runs a team of one. The result does not depend on the team: every task writes
 // its contribution r_i (K doubles) and w_k = ((0 + r_0k) + r_1k) + ... is summed in task order, which is
 // also what one worker adding each r_i into w as it goes computes.

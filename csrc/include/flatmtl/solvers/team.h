@@ -1,12 +1,12 @@
 // Teams of workers that run one solve together: the threads of a CUDA block (csrc/cuda/solvers.cu), CPU
-// threads in the tests (csrc/solvers_bindings.cpp) or, in the CPU module, a single worker (SoloTeam).
+// threads in the tests (thread_team.h) or, in the CPU module, a single worker (SoloTeam).
 //
 // A team has rank(), size(), sync() (a barrier every worker reaches) and slots() (2 size() doubles that
 // every worker reads and writes, for the reductions below; SoloTeam has none and needs none).
 //
 // A team solve gives the single worker's result bit for bit, whatever the team size, by three rules:
-//  - the team splits the entries of an output (entry i belongs to worker i mod size), never a sum: each
-//    entry is computed by one worker with the single worker's sequence of operations;
+//  - the team splits the entries of an output (entry i belongs to worker i mod size) and never regroups a
+//    sum: each entry is computed by one worker with the single worker's sequence of operations;
 //  - scalars made of O(K) work (dot products, argmins, stopping tests) are computed by every worker from
 //    the shared data, identically, so every worker takes the same branches and no broadcast is needed;
 //  - a phase that writes an array another worker reads next, or that overwrites an array other workers
