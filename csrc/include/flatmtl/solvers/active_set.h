@@ -262,9 +262,13 @@ struct ActiveSetQp {
   // drops at once, refactoring is cheaper. Returns false, with an empty free set (x = 0), when A_FF is
   // not positive definite to working precision.
   FLATMTL_HD bool start_from(const double* c, double* x) {
-    // Confident indices from the front of free_list, the others from its back, then moved up. The
-    // iterations slot carries |F| to every worker.
-    n_free = on_one_worker(team, [&] {
+    // Confident indices from the front of free_list, the others from its back, then moved up. Every
+    // worker counts the guessed indices (the caller's marks, made by their owners) before worker 0
+    // rewrites them.
+    team.sync();
+    n_free = 0;
+    for (int k = 0; k < K; ++k) n_free += is_free[k] > 0.0 ? 1 : 0;
+    on_one_worker(team, [&] {
       double most = 0.0;
       for (int k = 0; k < K; ++k) most = max2(most, is_free[k]);
       int front = 0, back = 0;
@@ -282,8 +286,8 @@ struct ActiveSetQp {
         is_free[k] = 1.0;
       }
       for (int g = 0; g < back; ++g) free_list[front + g] = free_list[K - back + g];  // front ≤ K − back
-      return Status{front + back, 1};
-    }).iterations;
+      return Status{0, 1};
+    });
     mu = 0.0;
     bool factor = true;
     // Each round drops at least one index, so F is empty or positive within K rounds.
