@@ -30,6 +30,10 @@ void check_count(int64_t count) {
   if (count < 1) throw std::invalid_argument("flatmtl_fast._C: invalid vector length");
 }
 
+void check_buffer_stride(int64_t buffer_stride, int64_t cols) {
+  if (buffer_stride < cols) throw std::invalid_argument("flatmtl_fast._C: invalid buffer row stride");
+}
+
 #ifdef FLATMTL_WITH_CUDA
 void check_cuda(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("flatmtl_fast CUDA backend: " + error);
@@ -93,6 +97,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weight_dtype"), py::arg("out"), py::arg("num_threads"));
 
   m.def(
+      "cpu_ema_row_norms",
+      [](uintptr_t buffer, int64_t buffer_stride, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype,
+         double decay, uintptr_t gain, uintptr_t out, int num_threads) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        check_buffer_stride(buffer_stride, N);
+        py::gil_scoped_release release;
+        flatmtl::cpu::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g, float(decay),
+                                    reinterpret_cast<const float*>(gain), reinterpret_cast<double*>(out), num_threads);
+      },
+      py::arg("buffer"), py::arg("buffer_stride"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"),
+      py::arg("dtype"), py::arg("decay"), py::arg("gain"), py::arg("out"), py::arg("num_threads"));
+
+  m.def(
       "cpu_perturb",
       [](uintptr_t base, uintptr_t direction, int direction_dtype, uintptr_t scale, bool scale_is_double,
          uintptr_t out, int dtype, int64_t count, bool adaptive, int num_threads) {
@@ -149,6 +166,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("weight"),
       py::arg("weight_dtype"), py::arg("partials"), py::arg("splits"), py::arg("out"), py::arg("device"),
       py::arg("stream"));
+  m.def(
+      "cuda_ema_row_norms",
+      [](uintptr_t buffer, int64_t buffer_stride, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype,
+         double decay, uintptr_t gain, uintptr_t partials, int64_t splits, uintptr_t out, int device,
+         uintptr_t stream) {
+        const MatrixView g = view(G, K, N, row_stride, dtype);
+        check_buffer_stride(buffer_stride, N);
+        check_cuda(flatmtl::cuda::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g, float(decay),
+                                                reinterpret_cast<const float*>(gain),
+                                                reinterpret_cast<double*>(partials), splits,
+                                                reinterpret_cast<double*>(out), device, stream));
+      },
+      py::arg("buffer"), py::arg("buffer_stride"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"),
+      py::arg("dtype"), py::arg("decay"), py::arg("gain"), py::arg("partials"), py::arg("splits"), py::arg("out"),
+      py::arg("device"), py::arg("stream"));
   m.def(
       "cuda_perturb",
       [](uintptr_t base, uintptr_t direction, int direction_dtype, uintptr_t scale, bool scale_is_double,

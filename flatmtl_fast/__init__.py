@@ -26,7 +26,7 @@ from .aggregators import (
 )
 from .backends import BackendFallbackWarning, backends, current_backend, use_backend
 from .flat import FlatParameters, TaskGradients
-from .primitives import MAX_K, combine, gram, perturb, row_norms
+from .primitives import MAX_K, combine, ema_row_norms, gram, perturb, row_norms
 from .training import FAMO, FMTL, SelectiveGroupUpdate, backward, release_buffers
 
 __version__ = "0.1.0"
@@ -59,6 +59,7 @@ __all__ = [
     "backward",
     "combine",
     "current_backend",
+    "ema_row_norms",
     "gram",
     "perturb",
     "release_buffers",

@@ -280,24 +280,64 @@ inline void combine(const float* w, const MatrixView& G, void* out, DType out_dt
 }
 
 // ---------------------------------------------------------------------------------------------
-// row_norms
+// row_norms and the DB-MTL EMA: both sum the squares of a value per entry of each row; `Values` says which.
+// Values::at(k, c) gives kLanes values of row k from column c, Values::at_scalar(k, c) one value.
 
-// Sum over columns [c0, c1) (a multiple of kLanes, at most kMaxChunk) of (w[c] * row[c])^2 in float32
-// lanes (kMaxLaneTerms products per lane at most), returned as float64. w is unused unless WEIGHTED.
+// w ⊙ g_k (w unused unless WEIGHTED).
 template <typename T, typename W, bool WEIGHTED>
-double chunk_sum_squares(const T* row, const W* w, int64_t c0, int64_t c1) {
+struct WeightedRows {
+  const T* base;
+  int64_t row_stride;
+  const W* w;
+  vf at(int64_t k, int64_t c) const {
+    vf v = load(base + k * row_stride + c);
+    if constexpr (WEIGHTED) v *= load(w + c);
+    return v;
+  }
+  float at_scalar(int64_t k, int64_t c) const {
+    float v = load_scalar(base + k * row_stride + c);
+    if constexpr (WEIGHTED) v *= load_scalar(w + c);
+    return v;
+  }
+};
+
+// DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k in float32: stored into the buffer, and returned.
+template <typename T>
+struct EmaRows {
+  float* buffer;
+  int64_t buffer_stride;
+  const T* base;
+  int64_t row_stride;
+  float decay;
+  const float* gain;
+  vf at(int64_t k, int64_t c) const {
+    float* b = buffer + k * buffer_stride + c;
+    const vf v = decay * load(b) + gain[k] * load(base + k * row_stride + c);
+    store(b, v);
+    return v;
+  }
+  float at_scalar(int64_t k, int64_t c) const {
+    float* b = buffer + k * buffer_stride + c;
+    *b = decay * *b + gain[k] * load_scalar(base + k * row_stride + c);
+    return *b;
+  }
+};
+
+// Sum over columns [c0, c1) (a multiple of kLanes, at most kMaxChunk) of row k's squared values in float32
+// lanes (kMaxLaneTerms products per lane at most), returned as float64.
+template <class Values>
+double chunk_sum_squares(const Values& values, int64_t k, int64_t c0, int64_t c1) {
   vf acc = {};
   for (int64_t c = c0; c < c1; c += kLanes) {
-    vf v = load(row + c);
-    if constexpr (WEIGHTED) v *= load(w + c);
+    const vf v = values.at(k, c);
     acc += v * v;
   }
   return lane_sum(acc);
 }
 
-template <typename T, typename W, bool WEIGHTED>
-void row_norms_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, const W* w, double* out,
-                     int num_threads) {
+// out[k] = sqrt(sum over the N columns of row k's squared values), each value visited once.
+template <class Values>
+void row_sums_of_squares(const Values& values, int64_t K, int64_t N, double* out, int num_threads) {
   const int64_t vec_cols = N / kLanes * kLanes;
   const int64_t groups = vec_cols / kLanes;
   // Fixed column partition (it depends on N only), so the sums do not depend on the thread count.
@@ -308,12 +348,10 @@ void row_norms_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, co
     const int64_t c_begin = groups * s / slabs * kLanes;
     const int64_t c_end = groups * (s + 1) / slabs * kLanes;
     double* partial = partials.data() + s * K;
-    // Chunk-major: the weight chunk stays in L1 while every row passes over it.
+    // Chunk-major: a weight chunk stays in L1 while every row passes over it.
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kMaxChunk) {
       const int64_t c1 = std::min(c0 + kMaxChunk, c_end);
-      for (int64_t k = 0; k < K; ++k) {
-        partial[k] += chunk_sum_squares<T, W, WEIGHTED>(base + k * row_stride, w, c0, c1);
-      }
+      for (int64_t k = 0; k < K; ++k) partial[k] += chunk_sum_squares(values, k, c0, c1);
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -321,8 +359,7 @@ void row_norms_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, co
     for (int64_t s = 0; s < slabs; ++s) sum += partials[size_t(s * K + k)];
     // Columns past the last full SIMD group: few, their squares added one by one.
     for (int64_t c = vec_cols; c < N; ++c) {
-      float v = load_scalar(base + k * row_stride + c);
-      if constexpr (WEIGHTED) v *= load_scalar(w + c);
+      const float v = values.at_scalar(k, c);
       sum += double(v * v);
     }
     out[k] = std::sqrt(sum);
@@ -332,14 +369,16 @@ void row_norms_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, co
 template <typename T>
 void row_norms_weighted_by(const T* base, const MatrixView& G, const void* weight, DType weight_dtype, double* out,
                            int num_threads) {
+  const int64_t K = G.rows;
+  const int64_t N = G.cols;
   if (weight == nullptr) {
-    row_norms_typed<T, T, false>(base, G.rows, G.cols, G.row_stride, base, out, num_threads);
+    row_sums_of_squares(WeightedRows<T, T, false>{base, G.row_stride, base}, K, N, out, num_threads);
   } else if (weight_dtype == DType::BFloat16) {
-    row_norms_typed<T, uint16_t, true>(base, G.rows, G.cols, G.row_stride, static_cast<const uint16_t*>(weight), out,
-                                       num_threads);
+    const auto* w = static_cast<const uint16_t*>(weight);
+    row_sums_of_squares(WeightedRows<T, uint16_t, true>{base, G.row_stride, w}, K, N, out, num_threads);
   } else {
-    row_norms_typed<T, float, true>(base, G.rows, G.cols, G.row_stride, static_cast<const float*>(weight), out,
-                                    num_threads);
+    const auto* w = static_cast<const float*>(weight);
+    row_sums_of_squares(WeightedRows<T, float, true>{base, G.row_stride, w}, K, N, out, num_threads);
   }
 }
 
@@ -348,6 +387,18 @@ inline void row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
     row_norms_weighted_by(static_cast<const uint16_t*>(G.data), G, weight, weight_dtype, out, num_threads);
   } else {
     row_norms_weighted_by(static_cast<const float*>(G.data), G, weight, weight_dtype, out, num_threads);
+  }
+}
+
+inline void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+                          double* out, int num_threads) {
+  if (G.dtype == DType::BFloat16) {
+    const auto* base = static_cast<const uint16_t*>(G.data);
+    const EmaRows<uint16_t> rows{buffer, buffer_stride, base, G.row_stride, decay, gain};
+    row_sums_of_squares(rows, G.rows, G.cols, out, num_threads);
+  } else {
+    const EmaRows<float> rows{buffer, buffer_stride, static_cast<const float*>(G.data), G.row_stride, decay, gain};
+    row_sums_of_squares(rows, G.rows, G.cols, out, num_threads);
   }
 }
 

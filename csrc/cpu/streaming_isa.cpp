@@ -16,6 +16,10 @@ void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void
 void row_norms_entry(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads) {
   row_norms(G, weight, weight_dtype, out, num_threads);
 }
+void ema_row_norms_entry(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+                         double* out, int num_threads) {
+  ema_row_norms(buffer, buffer_stride, G, decay, gain, out, num_threads);
+}
 void perturb_entry(const void* base, const void* direction, DType direction_dtype, const void* scale,
                    bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive, int num_threads) {
   perturb(base, direction, direction_dtype, scale, scale_is_double, out, dtype, count, adaptive, num_threads);

@@ -1,5 +1,5 @@
-// CUDA streaming kernels (gram, combine, row_norms, perturb) on raw pointers and a caller's stream. No allocation
-// here: the caller passes every buffer, so a whole step can be captured in a CUDA graph.
+// CUDA streaming kernels (gram, combine, row_norms, the DB-MTL EMA, perturb) on raw pointers and a caller's
+// stream. No allocation here: the caller passes every buffer, so a whole step can be captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -103,15 +103,44 @@ __global__ void combine_kernel(const float* __restrict__ w, const T* __restrict_
   }
 }
 
+// The values whose squares row_norms_partials_kernel sums: w ⊙ g_k (w unused unless WEIGHTED) ...
+template <typename T, typename W, bool WEIGHTED>
+struct WeightedRows {
+  const T* __restrict__ G;
+  int64_t row_stride;
+  const W* __restrict__ w;
+  __device__ __forceinline__ float at(int64_t k, int64_t c) const {
+    float v = to_float(G[k * row_stride + c]);
+    if constexpr (WEIGHTED) v *= to_float(w[c]);
+    return v;
+  }
+};
+
+// ... or DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k (float32), stored into the buffer and returned.
+template <typename T>
+struct EmaRows {
+  float* __restrict__ buffer;
+  int64_t buffer_stride;
+  const T* __restrict__ G;
+  int64_t row_stride;
+  float decay;
+  const float* __restrict__ gain;
+  __device__ __forceinline__ float at(int64_t k, int64_t c) const {
+    float* b = buffer + k * buffer_stride + c;
+    const float v = fmaf(gain[k], to_float(G[k * row_stride + c]), decay * *b);
+    *b = v;
+    return v;
+  }
+};
+
 // One block: row blockIdx.y over the columns of split blockIdx.x. Each thread sums at most kNormTerms
 // squares in float32 per step, steps in float64; a fixed-order tree over the block's threads (float64).
-template <typename T, typename W, bool WEIGHTED>
+template <class Values>
 __global__ void __launch_bounds__(kNormThreads)
-    row_norms_partials_kernel(const T* __restrict__ G, int64_t N, int64_t row_stride, const W* __restrict__ w,
-                              int64_t cols_per_split, int64_t splits, double* __restrict__ partials) {
+    row_norms_partials_kernel(Values values, int64_t N, int64_t cols_per_split, int64_t splits,
+                              double* __restrict__ partials) {
   __shared__ double sums[kNormThreads];
   const int64_t k = blockIdx.y;
-  const T* row = G + k * row_stride;
   const int64_t c_begin = int64_t(blockIdx.x) * cols_per_split;
   const int64_t c_end = min(N, c_begin + cols_per_split);
   constexpr int64_t kStep = int64_t(kNormThreads) * kNormTerms;
@@ -121,8 +150,7 @@ __global__ void __launch_bounds__(kNormThreads)
     float acc = 0.0f;
 #pragma unroll 4
     for (int64_t c = c0 + threadIdx.x; c < c1; c += kNormThreads) {
-      float v = to_float(row[c]);
-      if constexpr (WEIGHTED) v *= to_float(w[c]);
+      const float v = values.at(k, c);
       acc = fmaf(v, v, acc);
     }
     total += double(acc);
@@ -199,25 +227,40 @@ void launch_combine_to(const float* w, const MatrixView& G, void* out, DType out
   }
 }
 
-template <typename T, typename W, bool WEIGHTED>
-void launch_row_norms(const MatrixView& G, const void* weight, double* partials, int64_t splits,
+// Sums of squares per (row, split) into partials, then their square roots into out.
+template <class Values>
+void launch_row_norms(const Values& values, int64_t K, int64_t N, double* partials, int64_t splits, double* out,
                       cudaStream_t stream) {
-  const int64_t cols_per_split = (G.cols + splits - 1) / splits;
-  const dim3 grid(unsigned(splits), unsigned(G.rows));
-  row_norms_partials_kernel<T, W, WEIGHTED><<<grid, kNormThreads, 0, stream>>>(
-      static_cast<const T*>(G.data), G.cols, G.row_stride, static_cast<const W*>(weight), cols_per_split, splits,
-      partials);
+  const int64_t cols_per_split = (N + splits - 1) / splits;
+  const dim3 grid{unsigned(splits), unsigned(K)};
+  row_norms_partials_kernel<Values><<<grid, kNormThreads, 0, stream>>>(values, N, cols_per_split, splits, partials);
+  row_norms_reduce_kernel<<<unsigned((K + 255) / 256), 256, 0, stream>>>(partials, splits, K, out);
+}
+
+template <typename T, typename W, bool WEIGHTED>
+void launch_weighted_row_norms(const MatrixView& G, const void* weight, double* partials, int64_t splits, double* out,
+                               cudaStream_t stream) {
+  const WeightedRows<T, W, WEIGHTED> values{static_cast<const T*>(G.data), G.row_stride, static_cast<const W*>(weight)};
+  launch_row_norms(values, G.rows, G.cols, partials, splits, out, stream);
 }
 
 template <typename T>
 void launch_row_norms_weighted_by(const MatrixView& G, const void* weight, DType weight_dtype, double* partials,
-                                  int64_t splits, cudaStream_t stream) {
-  if (weight == nullptr) return launch_row_norms<T, T, false>(G, G.data, partials, splits, stream);
+                                  int64_t splits, double* out, cudaStream_t stream) {
+  if (weight == nullptr) return launch_weighted_row_norms<T, T, false>(G, weight, partials, splits, out, stream);
   switch (weight_dtype) {
-    case DType::BFloat16: return launch_row_norms<T, __nv_bfloat16, true>(G, weight, partials, splits, stream);
-    case DType::Float16: return launch_row_norms<T, __half, true>(G, weight, partials, splits, stream);
-    default: return launch_row_norms<T, float, true>(G, weight, partials, splits, stream);
+    case DType::BFloat16:
+      return launch_weighted_row_norms<T, __nv_bfloat16, true>(G, weight, partials, splits, out, stream);
+    case DType::Float16: return launch_weighted_row_norms<T, __half, true>(G, weight, partials, splits, out, stream);
+    default: return launch_weighted_row_norms<T, float, true>(G, weight, partials, splits, out, stream);
   }
+}
+
+template <typename T>
+void launch_ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+                          double* partials, int64_t splits, double* out, cudaStream_t stream) {
+  const EmaRows<T> values{buffer, buffer_stride, static_cast<const T*>(G.data), G.row_stride, decay, gain};
+  launch_row_norms(values, G.rows, G.cols, partials, splits, out, stream);
 }
 
 template <typename O, typename D>
@@ -307,14 +350,32 @@ std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (G.dtype) {
     case DType::BFloat16:
-      launch_row_norms_weighted_by<__nv_bfloat16>(G, weight, weight_dtype, partials, num_splits, stream);
+      launch_row_norms_weighted_by<__nv_bfloat16>(G, weight, weight_dtype, partials, num_splits, out, stream);
       break;
-    case DType::Float16: launch_row_norms_weighted_by<__half>(G, weight, weight_dtype, partials, num_splits, stream); break;
-    default: launch_row_norms_weighted_by<float>(G, weight, weight_dtype, partials, num_splits, stream); break;
+    case DType::Float16:
+      launch_row_norms_weighted_by<__half>(G, weight, weight_dtype, partials, num_splits, out, stream);
+      break;
+    default: launch_row_norms_weighted_by<float>(G, weight, weight_dtype, partials, num_splits, out, stream); break;
   }
-  const unsigned blocks = unsigned((G.rows + 255) / 256);
-  row_norms_reduce_kernel<<<blocks, 256, 0, stream>>>(partials, num_splits, G.rows, out);
   return last_error("row_norms kernel launch");
+}
+
+std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+                          double* partials, int64_t num_splits, double* out, int device, uintptr_t stream_handle) {
+  if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  switch (G.dtype) {
+    case DType::BFloat16:
+      launch_ema_row_norms<__nv_bfloat16>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
+      break;
+    case DType::Float16:
+      launch_ema_row_norms<__half>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
+      break;
+    default:
+      launch_ema_row_norms<float>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
+      break;
+  }
+  return last_error("ema_row_norms kernel launch");
 }
 
 std::string perturb(const void* base, const void* direction, DType direction_dtype, const void* scale,

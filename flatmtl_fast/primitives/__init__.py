@@ -7,9 +7,9 @@ from torch import Tensor
 
 from ..backends import resolve
 from . import checks
-from .ops import combine_op, gram_op, implementations, perturb_op, row_norms_op
+from .ops import combine_op, ema_row_norms_op, gram_op, implementations, perturb_op, row_norms_op
 
-__all__ = ["MAX_K", "combine", "gram", "perturb", "row_norms"]
+__all__ = ["MAX_K", "combine", "ema_row_norms", "gram", "perturb", "row_norms"]
 
 MAX_K = checks.MAX_K
 
@@ -80,6 +80,23 @@ def row_norms(G: Tensor, *, weight: Tensor | None = None) -> Tensor:
     weight = checks.check_row_weight(weight, G)
     dtypes = (G.dtype,) if weight is None else (G.dtype, weight.dtype)
     return row_norms_op(G, weight, _backend_for("row_norms", G.device, *dtypes))
+
+
+def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float, gain: Tensor) -> Tensor:
+    """DB-MTL's EMA step and the norms it needs, in one pass: ``buffer`` ← decay · buffer + gain ⊙ G (row i
+    scaled by gain_i) in place, then the (K,) float64 norms ‖buffer_i‖₂ of the updated rows.
+
+    ``buffer``: the EMA state, float32 of G's shape with contiguous rows, not overlapping G. G as for
+    :func:`gram` (float32, bfloat16 or float16). ``decay``: a real in [0, 1] (a Python number: it changes
+    with the step count, not with the data). ``gain``: (K,) float32 on G's device, read by the kernel (no host
+    synchronisation; DB-MTL passes (1 − decay) / L_i). Each entry is updated in float32 (decay rounded to
+    float32; two products and a sum, or a fused multiply-add), so it is within 3 · 2⁻²⁴ (|decay · b| + |gain_i g|)
+    of the exact update; the norms are of the stored entries, summed as :func:`row_norms` sums. NaN/Inf in G,
+    gain or the buffer propagate into the affected entries and norms.
+    """
+    checks.check_G(G, "ema_row_norms")
+    decay, gain = checks.check_ema(buffer, G, decay, gain)
+    return ema_row_norms_op(buffer, G, decay, gain, _backend_for("ema_row_norms", G.device, G.dtype, buffer.dtype))
 
 
 def perturb(base: Tensor, direction: Tensor, scale: Tensor, *, out: Tensor, adaptive: bool = False) -> Tensor:

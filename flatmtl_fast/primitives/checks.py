@@ -111,10 +111,10 @@ def check_vector(x: object, name: str, op: str, N: int, like: Tensor, like_name:
     return x
 
 
-def _check_writable(out: Tensor, op: str) -> None:
+def _check_writable(out: Tensor, op: str, name: str = "out") -> None:
     if out.requires_grad:
         raise ValueError(
-            f"{op}: out requires grad; writing into it in place would bypass autograd (pass a buffer "
+            f"{op}: {name} requires grad; writing into it in place would bypass autograd (pass a buffer "
             "that does not require grad, e.g. a .grad tensor or FlatParameters.data)"
         )
 
@@ -184,6 +184,46 @@ def check_perturb(base: object, direction: object, scale: object, out: object) -
     if overlaps(out, scale):
         raise ValueError("perturb: out overlaps scale in memory")
     return base.detach(), direction, scale.detach().reshape(1)
+
+
+def check_ema(buffer: object, G: Tensor, decay: object, gain: object) -> tuple[float, Tensor]:
+    """Validate ema_row_norms' buffer (float32, G's shape, contiguous rows, disjoint from G), decay (a real in
+    [0, 1]) and gain ((K,) float32 on G's device, not overlapping the buffer); return (decay, gain detached)."""
+    op = "ema_row_norms"
+    K, N = G.shape
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"{op}: buffer must be a torch.Tensor of shape ({K}, {N}), got {type(buffer).__name__}")
+    if buffer.shape != G.shape:
+        raise ValueError(f"{op}: buffer must have G's shape ({K}, {N}), got shape {tuple(buffer.shape)}")
+    if buffer.dtype != torch.float32:
+        raise TypeError(f"{op}: buffer must have dtype float32 (the EMA's state), got {buffer.dtype}")
+    if buffer.device != G.device:
+        raise ValueError(f"{op}: buffer is on {buffer.device} but G is on {G.device}; they must be on the same device")
+    if (N > 1 and buffer.stride(1) != 1) or (K > 1 and buffer.stride(0) < N):
+        raise ValueError(f"{op}: the rows of buffer must be contiguous and disjoint, got strides {buffer.stride()}")
+    _check_writable(buffer, op, "buffer")
+    if overlaps(buffer, G):
+        raise ValueError(f"{op}: buffer overlaps G in memory")
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"{op}: decay must be a real number in [0, 1] (a Python number), got {type(decay).__name__}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{op}: decay must be a real number in [0, 1], got {decay!r}")
+    if not isinstance(gain, Tensor):
+        raise TypeError(f"{op}: gain must be a torch.Tensor of shape ({K},), got {type(gain).__name__}")
+    if gain.shape != (K,):
+        raise ValueError(f"{op}: gain must have shape ({K},) (one factor per row of G), got shape {tuple(gain.shape)}")
+    if gain.dtype != torch.float32:
+        raise TypeError(f"{op}: gain must have dtype float32, got {gain.dtype}")
+    if gain.device != G.device:
+        raise ValueError(
+            f"{op}: gain is on {gain.device} but G is on {G.device}; it must be on G's device "
+            "(the kernel reads it there, without a host synchronisation)"
+        )
+    if K > 1 and gain.stride(0) != 1:
+        raise ValueError(f"{op}: gain must be contiguous (stride 1), got stride {gain.stride()}")
+    if overlaps(buffer, gain):
+        raise ValueError(f"{op}: buffer overlaps gain in memory")
+    return float(decay), gain.detach()
 
 
 def check_alpha(alpha: object) -> float:

@@ -74,6 +74,17 @@ class CppPrimitives:
         )  # fmt: skip
         _mark_written(out)
 
+    def ema_row_norms(
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+    ) -> None:
+        K, N = G.shape
+        _native.module().cpu_ema_row_norms(
+            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], decay,
+            gain.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        _mark_written(buffer)
+        _mark_written(out)
+
     def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
         _native.module().cpu_perturb(*_perturb_args(base, direction, scale, out, adaptive), torch.get_num_threads())
         _mark_written(out)
@@ -119,6 +130,22 @@ class CudaPrimitives:
             G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], *_weight_args(weight), partials.data_ptr(),
             splits, out.data_ptr(), device, torch.cuda.current_stream(G.device).cuda_stream,
         )  # fmt: skip
+        _mark_written(out)
+
+    def ema_row_norms(
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+    ) -> None:
+        module = _native.module()
+        K, N = G.shape
+        device = _cuda_device(G)
+        splits = module.cuda_row_norms_num_splits(K, N, device)
+        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
+        module.cuda_ema_row_norms(
+            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], decay,
+            gain.data_ptr(), partials.data_ptr(), splits, out.data_ptr(), device,
+            torch.cuda.current_stream(G.device).cuda_stream,
+        )  # fmt: skip
+        _mark_written(buffer)
         _mark_written(out)
 
     def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:

@@ -56,6 +56,22 @@ class ReferencePrimitives:
             acc += block.square().sum(dim=1)
         torch.sqrt(acc, out=out)
 
+    def ema_row_norms(
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+    ) -> None:
+        # decay as the kernels read it (float32); the new entry in float64, rounded once to the float32 buffer,
+        # whose entries are then squared and summed in float64.
+        K, N = G.shape
+        decay64 = float(torch.tensor(decay, dtype=torch.float32))
+        gain64 = gain.double().unsqueeze(1)
+        acc = torch.zeros(K, dtype=torch.float64, device=G.device)
+        step = max(1, _BLOCK_ELEMENTS // K)
+        for start in _column_blocks(K, N):
+            columns = buffer[:, start : start + step]
+            columns.copy_(decay64 * columns.double() + gain64 * G[:, start : start + step].double())
+            acc += columns.double().square().sum(dim=1)
+        torch.sqrt(acc, out=out)
+
     def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
         # Each block is read into float64 copies before out is written: out may be base itself.
         s = scale.double()

@@ -103,11 +103,12 @@ def _combine_kernel(
 
 @triton.jit
 def _row_norms_partials_kernel(
-    G, W, Partials, K, N, row_stride, cols_per_split, splits,
-    WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    G, W, Buffer, Gain, decay, K, N, row_stride, buffer_stride, cols_per_split, splits, Partials,
+    WEIGHTED: tl.constexpr, EMA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Program (split s, row block r): float64 sum over split s's columns of (W ⊙ g_k)² for the BLOCK_K
-    rows of block r, each BLOCK_N-column step summed in float32; written to Partials[k, s]."""
+    """Program (split s, row block r): float64 sum over split s's columns of v² for the BLOCK_K rows of block r,
+    each BLOCK_N-column step summed in float32; written to Partials[k, s]. v = W ⊙ g_k (W = 1 unless WEIGHTED),
+    or with EMA DB-MTL's step v = decay · b_k + Gain_k · g_k, stored into the Buffer row b_k."""
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_rows = rows < K
@@ -115,13 +116,21 @@ def _row_norms_partials_kernel(
     col_begin = split.to(tl.int64) * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, N)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
+    if EMA:
+        gain = tl.load(Gain + rows, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+        buffer_offs = rows.to(tl.int64)[:, None] * buffer_stride
     for start in range(col_begin, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         in_cols = cols < col_end
-        g = tl.load(G + offs + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+        mask = in_rows[:, None] & in_cols[None, :]
+        v = tl.load(G + offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if WEIGHTED:
-            g = g * tl.load(W + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
-        acc += tl.sum(g * g, axis=1).to(tl.float64)
+            v = v * tl.load(W + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+        if EMA:
+            b = tl.load(Buffer + buffer_offs + cols[None, :], mask=mask, other=0.0)
+            v = decay * b + gain * v
+            tl.store(Buffer + buffer_offs + cols[None, :], v, mask=mask)
+        acc += tl.sum(v * v, axis=1).to(tl.float64)
     tl.store(Partials + rows.to(tl.int64) * splits + split, acc, mask=in_rows)
 
 
@@ -229,7 +238,24 @@ class TritonPrimitives:
             )
 
     def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
+        self._sums_of_squares(G, row_stride, out, weight=weight)
+
+    def ema_row_norms(
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+    ) -> None:
+        self._sums_of_squares(G, row_stride, out, ema=(buffer, buffer_stride, decay, gain))
+
+    def _sums_of_squares(
+        self,
+        G: Tensor,
+        row_stride: int,
+        out: Tensor,
+        weight: Tensor | None = None,
+        ema: tuple[Tensor, int, float, Tensor] | None = None,
+    ) -> None:
+        """row_norms (W ⊙ g_k) or, given ema = (buffer, buffer_stride, decay, gain), DB-MTL's EMA step."""
         K, N = G.shape
+        buffer, buffer_stride, decay, gain = ema or (G, row_stride, 0.0, G)
         block_k = min(8, triton.next_power_of_2(K))  # rows per program: no masked-off rows when K < 8
         row_blocks = triton.cdiv(K, block_k)
         block_n = 4096 if triton_interpreting() else 512
@@ -239,8 +265,9 @@ class TritonPrimitives:
         partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
         with torch.cuda.device(G.device) if G.is_cuda else contextlib.nullcontext():
             _row_norms_partials_kernel[(splits, row_blocks)](
-                G, G if weight is None else weight, partials, K, N, row_stride, cols_per_split, splits,
-                WEIGHTED=weight is not None, BLOCK_K=block_k, BLOCK_N=block_n, **TRITON_LAUNCH_OPTIONS,
+                G, G if weight is None else weight, buffer, gain, decay, K, N, row_stride, buffer_stride,
+                cols_per_split, splits, partials, WEIGHTED=weight is not None, EMA=ema is not None,
+                BLOCK_K=block_k, BLOCK_N=block_n, **TRITON_LAUNCH_OPTIONS,
             )  # fmt: skip
             block = 128
             _row_norms_reduce_kernel[(triton.cdiv(K, block),)](

@@ -43,6 +43,8 @@ def test_bad_G(case, make, error, match):
         flatmtl_fast.combine(torch.ones(3, device=case.device), G)
     with pytest.raises(error, match=match):
         flatmtl_fast.row_norms(G)
+    with pytest.raises(error, match=match):
+        flatmtl_fast.ema_row_norms(torch.zeros(3, 10, device=case.device), G, decay=0.5, gain=torch.ones(3))
 
 
 def test_bad_gram_dtype(case):
@@ -170,6 +172,47 @@ def test_bad_perturb_scale(case):
         flatmtl_fast.perturb(base, direction, torch.ones(1, dtype=torch.bfloat16, device=d), out=out)
 
 
+def test_bad_ema_arguments(case):
+    G, d = _G(case), case.device
+    buffer, gain = torch.zeros(3, 10, device=d), torch.ones(3, device=d)
+
+    def ema(buffer=buffer, decay=0.5, gain=gain):
+        flatmtl_fast.ema_row_norms(buffer, G, decay=decay, gain=gain)
+
+    with pytest.raises(TypeError, match=r"ema_row_norms: buffer must be a torch\.Tensor of shape \(3, 10\)"):
+        ema(buffer=None)
+    with pytest.raises(ValueError, match=r"ema_row_norms: buffer must have G's shape \(3, 10\), got shape \(3, 9\)"):
+        ema(buffer=torch.zeros(3, 9, device=d))
+    with pytest.raises(TypeError, match=r"ema_row_norms: buffer must have dtype float32 .*, got torch\.bfloat16"):
+        ema(buffer=buffer.bfloat16())
+    with pytest.raises(ValueError, match="ema_row_norms: the rows of buffer must be contiguous and disjoint"):
+        ema(buffer=torch.zeros(10, 3, device=d).T)
+    with pytest.raises(ValueError, match="ema_row_norms: the rows of buffer must be contiguous and disjoint"):
+        ema(buffer=torch.zeros(1, 10, device=d).expand(3, 10))
+    with pytest.raises(ValueError, match="ema_row_norms: buffer requires grad"):
+        ema(buffer=torch.zeros(3, 10, device=d, requires_grad=True))
+    with pytest.raises(ValueError, match="ema_row_norms: buffer overlaps G in memory"):
+        flatmtl_fast.ema_row_norms(G, G, decay=0.5, gain=gain)
+    for decay in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"ema_row_norms: decay must be a real number in \[0, 1\], got"):
+            ema(decay=decay)
+    for decay in (True, "0.5", torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=r"ema_row_norms: decay must be a real number in \[0, 1\] \(a Python"):
+            ema(decay=decay)
+    with pytest.raises(TypeError, match=r"ema_row_norms: gain must be a torch\.Tensor of shape \(3,\)"):
+        ema(gain=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"ema_row_norms: gain must have shape \(3,\) \(one factor per row of G\)"):
+        ema(gain=torch.ones(1, 3, device=d))
+    with pytest.raises(TypeError, match=r"ema_row_norms: gain must have dtype float32, got torch\.float64"):
+        ema(gain=gain.double())
+    with pytest.raises(ValueError, match="ema_row_norms: gain must be contiguous"):
+        ema(gain=torch.ones(6, device=d)[::2])
+    storage = torch.zeros(33, device=d)
+    with pytest.raises(ValueError, match="ema_row_norms: buffer overlaps gain in memory"):
+        ema(buffer=storage[:30].view(3, 10), gain=storage[28:31])
+    assert torch.equal(buffer, torch.zeros(3, 10, device=d)), "nothing was written before the errors"
+
+
 def test_mismatched_devices():
     G = torch.randn(3, 10)
     with pytest.raises(ValueError, match="w is on meta but G is on cpu"):
@@ -178,6 +221,10 @@ def test_mismatched_devices():
         flatmtl_fast.combine(torch.ones(3), G, out=torch.empty(10, device="meta"))
     with pytest.raises(ValueError, match="row_norms: weight is on meta but G is on cpu"):
         flatmtl_fast.row_norms(G, weight=torch.ones(10, device="meta"))
+    with pytest.raises(ValueError, match="ema_row_norms: buffer is on meta but G is on cpu"):
+        flatmtl_fast.ema_row_norms(torch.zeros(3, 10, device="meta"), G, decay=0.5, gain=torch.ones(3))
+    with pytest.raises(ValueError, match="ema_row_norms: gain is on meta but G is on cpu; it must be on G's device"):
+        flatmtl_fast.ema_row_norms(torch.zeros(3, 10), G, decay=0.5, gain=torch.ones(3, device="meta"))
     base, scale = torch.randn(10), torch.tensor([0.5])
     with pytest.raises(ValueError, match="perturb: direction is on meta but base is on cpu"):
         flatmtl_fast.perturb(base, torch.ones(10, device="meta"), scale, out=torch.empty(10))
@@ -195,6 +242,8 @@ def test_explicit_backend_that_cannot_run_raises():
         flatmtl_fast.gram(G.half())
     with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="cpp backend reads and writes"):
         flatmtl_fast.row_norms(G, weight=torch.ones(10, dtype=torch.float16))
+    with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' cannot run ema_row_norms"):
+        flatmtl_fast.ema_row_norms(torch.zeros(3, 10), G.half(), decay=0.5, gain=torch.ones(3))
     with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' cannot run perturb"):
         flatmtl_fast.perturb(torch.ones(10), G[0].half(), torch.ones(1), out=torch.empty(10))
 

@@ -7,18 +7,23 @@ import functools
 
 import pytest
 import torch
-from support.cases import ALL_CASES, CPU_CASES, U32
+from support.cases import (
+    ALL_CASES,
+    CPU_CASES,
+    NORM_SIZES,
+    U32,
+    exact_norms,
+    fits_interpreter,
+    norm_tolerance,
+    norms64,
+    scaled_rows,
+)
 
 import flatmtl_fast
 from flatmtl_fast.primitives.ops import perturb_op, row_norms_op
 
 DTYPES = [torch.float32, torch.bfloat16]
-# N = 1, 7, a prime past every block (cpp chunk ≤ 2048 columns, Triton ≤ 16384, CUDA step 32768) and ~1e6;
-# K across the row blocks (Triton: 8 rows per program). The Triton interpreter (~1000× slower) runs
-# K·N ≤ INTERPRETER_MAX_ELEMENTS only; larger shapes run there on the GPU marker.
-NORM_SIZES = [(K, N) for K in (1, 2, 3, 7, 40, 64) for N in (1, 7, 100_003)] + [(K, 1_000_003) for K in (1, 3, 7)]
 PERTURB_SIZES = [1, 7, 100_003, 1_000_003]
-INTERPRETER_MAX_ELEMENTS = 2_000_000
 # Output rounding of perturb: out's dtype after the float32 result; bfloat16/float16 may round twice
 # (float64 -> float32 -> 16 bits against the oracle's single rounding), so one full ulp, not half.
 OUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -26,42 +31,12 @@ OUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0*
 OUT_SUBNORMAL = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
 
-def _fits(case, elements: int) -> bool:
-    return not (case.backend == "triton" and case.device == "cpu" and elements > INTERPRETER_MAX_ELEMENTS)
-
-
 def _dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-@functools.lru_cache(maxsize=2)
-def _matrix(K: int, N: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Rows of very different scales, so a row mixed up with another one shows."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.logspace(-2, 2, K).unsqueeze(1) * torch.randn(K, N, generator=gen)).to(dtype)
-
-
 def _vector(N: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def norms64(G: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """The oracle: sum of squares in float64, one row at a time (bounded memory), then the square root."""
-    w = 1.0 if weight is None else weight.cpu().double()
-    return torch.stack([(g.double() * w).square().sum() for g in G.cpu()]).sqrt()
-
-
-def norm_tolerance(expected: torch.Tensor, terms: int = 4096) -> torch.Tensor:
-    """Entry-wise bound for |n̂_i − n_i|, n_i = sqrt(s_i), s_i = Σ_n t_n with t_n = (w_n g_in)² ≥ 0.
-
-    Inputs widen exactly; w·g rounds once in float32 (exact for 16-bit inputs), its square once:
-    t̂_n = t_n (1 + δ_n), |δ_n| ≤ 3u. A float32 partial sum of at most ``terms`` of them (cpp: 128 per
-    lane and 16 lanes; Triton: one ≤ 4096-column tile; CUDA: 128 per thread) then float64 (negligible).
-    All terms are ≥ 0, so every error is relative to s_i itself; rounding errors of random sign grow like
-    sqrt(terms)·u (as gram_tolerance) and we allow 5× that. The square root halves a relative error:
-    |n̂ − n| ≤ (3 + 5 sqrt(terms)) u / 2 · n.
-    """
-    return (3 + 5 * terms**0.5) * U32 / 2 * expected + 1e-300
 
 
 def _norm_params():
@@ -71,7 +46,7 @@ def _norm_params():
             for weighted in (False, True):
                 for param in ALL_CASES:
                     case = param.values[0]
-                    if _fits(case, K * N):
+                    if fits_interpreter(case, K * N):
                         name = f"{case.id}-K{K}-N{N}-{_dtype_id(dtype)}-{'weighted' if weighted else 'plain'}"
                         out.append(pytest.param(case, K, N, dtype, weighted, id=name, marks=param.marks))
     return out
@@ -80,7 +55,7 @@ def _norm_params():
 @functools.lru_cache(maxsize=1)
 def _norms_problem(K: int, N: int, dtype: torch.dtype, weighted: bool) -> tuple:
     """Inputs and their oracle, shared by the backends of one shape (the parameters run backend-innermost)."""
-    G = _matrix(K, N, dtype, seed=K * 1000 + N)
+    G = scaled_rows(K, N, dtype, seed=K * 1000 + N)
     weight = _vector(N, dtype, seed=N) if weighted else None
     return G, weight, norms64(G, weight)
 
@@ -108,7 +83,7 @@ def test_row_norms_weight_of_another_dtype(case, g_dtype, w_dtype):
     if case.backend == "cpp" and torch.float16 in (g_dtype, w_dtype):
         pytest.skip("the cpp backend reads float32 and bfloat16 only (test_bad_inputs checks that it says so)")
     K, N = 3, 10_007
-    G = _matrix(K, N, g_dtype, seed=7).to(case.device)
+    G = scaled_rows(K, N, g_dtype, seed=7).to(case.device)
     weight = _vector(N, w_dtype, seed=8).to(case.device)
     with case.active():
         norms = flatmtl_fast.row_norms(G, weight=weight)
@@ -129,7 +104,7 @@ def test_row_norms_exact_on_small_integers(case, weighted, dtype):
     G = torch.randint(-3, 4, (K, N), generator=gen).to(dtype)
     weight = torch.randint(-2, 3, (N,), generator=gen).to(dtype) if weighted else None
     squares = G.long().square() * (1 if weight is None else weight.long().square())
-    expected = squares.sum(dim=1).double().sqrt()
+    expected = exact_norms(squares, case.backend)
     with case.active():
         norms = flatmtl_fast.row_norms(G.to(case.device), weight=None if weight is None else weight.to(case.device))
     assert torch.equal(norms.cpu(), expected)
@@ -137,7 +112,7 @@ def test_row_norms_exact_on_small_integers(case, weighted, dtype):
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_row_norms_of_a_column_slice(case):
-    full = _matrix(6, 5000, torch.float32, seed=5).to(case.device)
+    full = scaled_rows(6, 5000, torch.float32, seed=5).to(case.device)
     G = full[:, 123:4567]  # rows contiguous, row stride 5000 > N
     weight = _vector(5000, torch.float32, seed=6).to(case.device)[123:4567]
     with case.active():
@@ -148,7 +123,7 @@ def test_row_norms_of_a_column_slice(case):
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_row_norms_non_finite_stays_in_its_row(case):
-    G = _matrix(4, 1000, torch.float32, seed=4).to(case.device, copy=True)
+    G = scaled_rows(4, 1000, torch.float32, seed=4).to(case.device, copy=True)
     G[1, 17] = float("nan")
     G[3, 999] = float("inf")
     with case.active():
@@ -159,7 +134,7 @@ def test_row_norms_non_finite_stays_in_its_row(case):
 
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_row_norms_are_deterministic(case):
-    G = _matrix(9, 200_003, torch.float32, seed=9).to(case.device)
+    G = scaled_rows(9, 200_003, torch.float32, seed=9).to(case.device)
     weight = _vector(200_003, torch.float32, seed=10).to(case.device)
     with case.active():
         first = flatmtl_fast.row_norms(G, weight=weight)
@@ -168,7 +143,7 @@ def test_row_norms_are_deterministic(case):
 
 
 def test_cpp_row_norms_do_not_depend_on_thread_count():
-    G = _matrix(7, 1_000_003, torch.float32, seed=1)
+    G = scaled_rows(7, 1_000_003, torch.float32, seed=1)
     weight = _vector(1_000_003, torch.bfloat16, seed=2)
     previous = torch.get_num_threads()
     try:
@@ -187,7 +162,7 @@ def test_cpp_row_offsets_past_int32():
     N, stride = 1000, 2**31 + 4099
     storage = torch.empty(stride + N, dtype=torch.bfloat16)
     G = storage.as_strided((2, N), (stride, 1))
-    G.copy_(_matrix(2, N, torch.bfloat16, seed=3))
+    G.copy_(scaled_rows(2, N, torch.bfloat16, seed=3))
     weight = _vector(N, torch.float32, seed=4)
     with flatmtl_fast.use_backend("cpp"):
         norms = flatmtl_fast.row_norms(G, weight=weight)
@@ -224,7 +199,7 @@ def _perturb_params():
                 for adaptive in (False, True):
                     for param in ALL_CASES:
                         case = param.values[0]
-                        if _fits(case, N):
+                        if fits_interpreter(case, N):
                             name = (
                                 f"{case.id}-N{N}-{_dtype_id(dtype)}-dir_{_dtype_id(dir_dtype)}-"
                                 f"{'adaptive' if adaptive else 'plain'}"
@@ -236,7 +211,7 @@ def _perturb_params():
 def _sam_inputs(N: int, dtype: torch.dtype, dir_dtype: torch.dtype, device: str):
     """A saved copy of θ, a task gradient as a row view of a K × N buffer, and per-task scales (K,) float64."""
     base = _vector(N, dtype, seed=N + 1).to(device)
-    G = _matrix(3, N, dir_dtype, seed=N + 2).to(device)
+    G = scaled_rows(3, N, dir_dtype, seed=N + 2).to(device)
     scales = torch.tensor([0.25, 0.7, 1.5], dtype=torch.float64, device=device)
     return base, G, scales
 
@@ -291,7 +266,7 @@ def test_perturb_writes_only_its_view_and_restores_exactly(case):
     original = flat.clone()
     live = flat[4 : 4 + N]
     saved = live.clone()
-    G = _matrix(2, N, torch.bfloat16, seed=4).to(case.device)
+    G = scaled_rows(2, N, torch.bfloat16, seed=4).to(case.device)
     with case.active():
         flatmtl_fast.perturb(saved, G[0], torch.tensor(0.5, device=case.device), out=live, adaptive=True)
     assert torch.equal(flat[:4], original[:4]) and torch.equal(flat[4 + N :], original[4 + N :])
