@@ -94,9 +94,12 @@ def main() -> None:
         print(f"\nwrote {path}")
 
     if "solvers" in args.suite:
-        rows = [r.finish(ceilings) for r in solvers.run(device, args.solve_K, max(repeat, 9))]
+        rows = []
+        for K in args.solve_K:  # saved after each K: a run cut short by a time limit keeps what it measured
+            rows += [r.finish(ceilings) for r in solvers.run(device, [K], max(repeat, 9))]
+            path = write_results(solvers.SUITE, device, ceilings, rows, {"K": args.solve_K})
         print_table(rows)
-        print(f"\nwrote {write_results(solvers.SUITE, device, ceilings, rows, {'K': args.solve_K})}")
+        print(f"\nwrote {path}")
 
     if "training" in args.suite:
         rows, batches = [], {}

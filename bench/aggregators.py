@@ -1,10 +1,13 @@
 """Benchmark of the aggregators: the full step (gram + solve + combine) and the solve alone, per method,
 beside the reference backend and torchjd's aggregator of the same method, on the same matrix.
 
-Bytes counted for the fused step: the two-read floor (G read by gram, G read again by combine, d
-written once). Peak extra memory: on CUDA from the caching allocator's high-water mark around one step;
-on the CPU separately, in a fresh process per case (see ``peak_extra_memory``), because the CPU allocator
-offers no resettable high-water mark.
+Bytes counted for the fused step: what the method must move at least (``floor_bytes``): for Gramian methods
+the two-read floor (G read by gram, G read again by combine, d written once); GradDrop's one pass reads G
+once; DB-MTL's EMA state B (K × N float32) is read and written by the update and read again by the combination.
+
+Peak extra memory: on CUDA from the caching allocator's high-water mark around one step; on the CPU
+separately, in a fresh process per case (see ``peak_extra_memory``), because the CPU allocator offers no
+resettable high-water mark.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 import flatmtl_fast
 
-from .common import Row, cuda_peak_bytes, median_time, rotation
+from .common import Row, add_speedups, cuda_peak_bytes, median_time, rotation
 
 SUITE = "aggregators"
 
@@ -43,6 +46,7 @@ TORCHJD_PEERS: dict[str, Callable[[int], object] | None] = {
     "IMGrad": None,
 }
 NEEDS_LOSSES = {"DBMTL"}
+KEEPS_KN_STATE = {"DBMTL"}  # its EMA buffer, allocated at the first step
 
 
 def _torchjd(name: str):
@@ -57,12 +61,22 @@ def _ours(name: str, impl: str):
     return getattr(flatmtl_fast.reference if impl == "reference" else flatmtl_fast, name)()
 
 
+def floor_bytes(name: str, G: torch.Tensor) -> int:
+    """Bytes the step of method ``name`` must move on G (K × N), d (N float32) included (see the module doc)."""
+    g_bytes, d_bytes = G.numel() * G.element_size(), G.shape[1] * 4
+    if name == "GradDrop":
+        return g_bytes + d_bytes
+    if name == "DBMTL":
+        return g_bytes + 3 * G.numel() * 4 + d_bytes
+    return 2 * g_bytes + d_bytes
+
+
 def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int) -> list[Row]:
     """Full step for fused / reference / torchjd, and the weights-only solve for the fused path."""
     G = torch.randn(K, N, device=device)
     losses = torch.rand(K, device=device) + 0.5 if name in NEEDS_LOSSES else None
     inputs = rotation(G, torch.empty(N, device=device))
-    two_reads = 2 * G.numel() * G.element_size() + N * 4
+    floor = floor_bytes(name, G)
     rows: list[Row] = []
 
     def add(op: str, impl: str, fn: Callable, step_inputs: list, nbytes: int, repeat: int = repeat) -> None:
@@ -75,32 +89,31 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
         rows.append(row)
 
     fused = _ours(name, "fused")
-    add("step", "flatmtl", lambda g, o: fused(g, losses, out=o), inputs, two_reads)
+    add("step", "flatmtl", lambda g, o: fused(g, losses, out=o), inputs, floor)
     if hasattr(fused, "weights"):
         M = flatmtl_fast.gram(G, dtype=torch.float64)
         add("solve", "flatmtl", lambda: fused.weights(M, losses), [()], M.numel() * 8)
     reference = _ours(name, "reference")
-    add("step", "reference", lambda g, o: reference(g, losses), inputs[:2], two_reads, repeat=3)
+    add("step", "reference", lambda g, o: reference(g, losses), inputs[:2], floor, repeat=3)
     peer = TORCHJD_PEERS.get(name)
     if peer is not None and torchjd_available():
         jd = peer(K)
-        add("step", "torchjd", lambda g, o: jd(g), inputs, two_reads)
-    flat = next(r for r in rows if r.impl == "flatmtl" and r.op.endswith("step")).seconds
-    for r in rows:
-        if r.op.endswith("step") and r.impl != "flatmtl":
-            r.extra["flatmtl_speedup"] = r.seconds / flat
+        add("step", "torchjd", lambda g, o: jd(g), inputs, floor)
+    add_speedups(rows)
     return rows
 
 
 def peak_extra_memory(name: str, impl: str, K: int, N: int) -> int:
-    """Bytes of memory the aggregation adds above its inputs, measured in a fresh CPU process.
+    """Bytes of memory one aggregation step adds above its inputs (and the state it keeps between steps: measured
+    at the second step for KEEPS_KN_STATE), in a fresh CPU process. Only those methods take a first step before
+    the measurement: the allocator could serve a second step from memory the first one freed.
 
     Uses VmHWM of /proc/self/status, reset through /proc/self/clear_refs right before the call
     (ru_maxrss would not do: a child inherits its parent's high-water mark at fork). Linux only.
     """
     code = f"""
 import re, torch, flatmtl_fast, flatmtl_fast.reference
-from bench.aggregators import TORCHJD_PEERS, NEEDS_LOSSES, _ours
+from bench.aggregators import KEEPS_KN_STATE, TORCHJD_PEERS, NEEDS_LOSSES, _ours
 
 def run(K, N):
     G = torch.randn(K, N); out = torch.zeros(N)
@@ -117,7 +130,9 @@ def status(field):
 
 run({K}, 4096)[1]()  # lazy imports and caches on a small problem, so they do not count
 G, call = run({K}, {N})
-base = status("VmRSS")  # inputs allocated and touched
+if {name!r} in KEEPS_KN_STATE:
+    call()  # a first step allocates the K x N state kept between steps: not per-step memory
+base = status("VmRSS")  # inputs (and state) allocated and touched
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
 call()
 print(status("VmHWM") - base)

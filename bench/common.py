@@ -140,6 +140,14 @@ class Row:
         return self
 
 
+def add_speedups(rows: list[Row]) -> None:
+    """Give every row but flatmtl's ``flatmtl_speedup``: its time over the flatmtl row's of the same case (op, K, N)."""
+    ours = {(r.op, r.K, r.N): r.seconds for r in rows if r.impl == "flatmtl"}
+    for r in rows:
+        if r.impl != "flatmtl" and (r.op, r.K, r.N) in ours:
+            r.extra["flatmtl_speedup"] = r.seconds / ours[(r.op, r.K, r.N)]
+
+
 def print_table(rows: list[Row]) -> None:
     header = (
         f"{'op':<22}{'impl':<12}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"

@@ -1,39 +1,76 @@
-"""Solve-alone timing: weights(M) per method at several K (median), the K × K part of a step."""
+"""Solve-alone timing: weights(M) per method at several K (median), the K × K part of a step, beside the reference
+backend (``flatmtl_fast.reference``) and torchjd's weighting of the same method, on the same matrix in the same run.
+
+torchjd (optional) is given M through its Gramian aggregators' ``gramian_weighting``; its NashMTL, Mean and Random
+(our RLW) only weight the matrix itself, so those rows are given G (``extra["input"] = "G"``; torchjd's NashMTL then
+forms G Gᵀ inside the timing). Its weightings accept float64: M and G go in as they are, no conversion. Every row but
+flatmtl's carries ``flatmtl_speedup``: its time over the flatmtl row's, same method and K. Every call solves the
+same M: NashMTL (ours and the reference) then starts from the previous call's solution, its steady state when M
+changes little between steps, while torchjd's re-solves its cvxpy problem each call.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 import flatmtl_fast
 
-from .common import Row, median_time
+from . import aggregators
+from .common import Row, add_speedups, median_time
 
 SUITE = "solvers"
 GRAMIAN = ["MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "FairGrad", "UPGrad", "DualProj",
            "GradVac", "IMGrad", "RLW", "Mean"]  # fmt: skip
+REFERENCE_REPEAT = 3  # the reference's literal loops take up to ~1 s a solve at K = 128
 
 
 def implementations(device: torch.device) -> dict[str, str | None]:
-    """Row label -> the backend the solves run under (None: ``auto``). On CUDA also the compiled solver kernels,
+    """Our row label -> the backend the solves run under (None: ``auto``). On CUDA also the compiled solver kernels,
     which ``auto`` does not pick yet (it runs the on-device torch solvers there): these rows are what decides
-    whether it should."""
+    whether it should. The reference and torchjd rows (see ``run``) come beside these."""
     impls: dict[str, str | None] = {"flatmtl": None}
     if device.type == "cuda" and flatmtl_fast.backends()["cuda"] == "available":
         impls["flatmtl-cuda-kernels"] = "cuda"
     return impls
 
 
+def torchjd_weighting(name: str, K: int) -> tuple[Callable[[Tensor], Tensor], bool] | None:
+    """torchjd's solve for method ``name`` (its aggregator from ``aggregators.TORCHJD_PEERS``) and whether it takes G
+    rather than M; None where torchjd has no such method or is not installed."""
+    peer = aggregators.TORCHJD_PEERS[name]
+    if peer is None or not aggregators.torchjd_available():
+        return None
+    jd = peer(K)
+    gramian_weighting = getattr(jd, "gramian_weighting", None)
+    return (jd.weighting, True) if gramian_weighting is None else (gramian_weighting, False)
+
+
+def solve_row(name: str, impl: str, solve: Callable[[Tensor], object], x: Tensor, repeat: int) -> Row:
+    """Median time of ``solve(x)`` (x: M, or G for torchjd's weightings of the matrix), as method ``name``'s row."""
+    seconds = median_time(solve, x.device, [(x,)], repeat=repeat)
+    dtype = str(x.dtype).removeprefix("torch.")
+    return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, seconds, x.numel() * x.element_size())
+
+
 def run(device: torch.device, Ks: list[int], repeat: int) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
     for K in Ks:
         G = torch.randn(K, 4 * K + 7, dtype=torch.float64, device=device)
         M = G @ G.T
-        for impl, backend in implementations(device).items():
-            with flatmtl_fast.use_backend(backend) if backend else contextlib.nullcontext():
-                for name in GRAMIAN:
-                    agg = getattr(flatmtl_fast, name)()
-                    seconds = median_time(lambda agg=agg, M=M: agg.weights(M), device, repeat=repeat)
-                    rows.append(Row(SUITE, f"{name}:solve", impl, K, 0, "float64", seconds, M.numel() * 8))
+        for name in GRAMIAN:
+            for impl, backend in implementations(device).items():
+                with flatmtl_fast.use_backend(backend) if backend else contextlib.nullcontext():
+                    rows.append(solve_row(name, impl, getattr(flatmtl_fast, name)().weights, M, repeat))
+            reference = getattr(flatmtl_fast.reference, name)()
+            rows.append(solve_row(name, "reference", reference.weights, M, min(repeat, REFERENCE_REPEAT)))
+            if (peer := torchjd_weighting(name, K)) is not None:
+                weighting, takes_G = peer
+                rows.append(solve_row(name, "torchjd", weighting, G if takes_G else M, repeat))
+                if takes_G:
+                    rows[-1].extra["input"] = "G"
+    add_speedups(rows)
     return rows
