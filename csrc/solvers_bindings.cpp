@@ -53,6 +53,9 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         return py::make_tuple(status.iterations, bool(status.converged));
       },
       py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), doc);
+  // Row-parallel solvers (K independent per-task problems) gain from CPU threads; a team solver's barriers cost
+  // more on CPU threads than its splits save, so only the former are threaded on the CPU.
+  m.attr(("solve_" + name + "_row_parallel").c_str()) = sv::is_row_parallel<Problem>;
   if constexpr (sv::is_row_parallel<Problem> || sv::is_team_solver<Problem>) {
     // A team solver takes the scratch of a single worker and all the threads (lanes = threads).
     m.def(

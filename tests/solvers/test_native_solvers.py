@@ -17,10 +17,11 @@ import zlib
 import pytest
 import torch
 
+import flatmtl_fast
 from flatmtl_fast import _native
 from flatmtl_fast import reference as R
 from flatmtl_fast.reference._simplex import FW_MAX_ITER, FW_STOP_CRIT
-from flatmtl_fast.solvers import fair_weights, imtlg_weights
+from flatmtl_fast.solvers import fair_weights, imtlg_weights, native
 
 C = _native.module()
 pytestmark = pytest.mark.skipif(C is None, reason=f"native module missing: {_native.load_error()}")
@@ -567,6 +568,28 @@ def test_team_solver_takes_every_thread():
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.parametrize("K", [64, 97, 130])
+@pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "GradVac"])
+def test_fused_row_parallel_solves_on_cpu_threads_keep_one_threads_bits(name, K):
+    """From TASKS_PER_SOLVE_THREAD tasks a thread on, the fused path spreads a row-parallel solve over torch's
+    threads: the weights (and GradVac's updated targets, seen through the second call) stay bit-identical."""
+    G = make_G(K, "full", 1.0, seed=K)
+    M = G @ G.T
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            expected_threads = min(threads, K // native.TASKS_PER_SOLVE_THREAD)
+            assert native._cpu_threads(C, name.lower(), K) == expected_threads
+            options = {} if name == "UPGrad" else {"generator": torch.Generator().manual_seed(5)}
+            agg = getattr(flatmtl_fast, name)(**options)
+            results.append([agg.weights(M), agg.weights(M)])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @pytest.mark.gpu
