@@ -121,32 +121,37 @@ class CudaPrimitives:
         _mark_written(out)
 
     def row_norms(self, G: Tensor, row_stride: int, weight: Tensor | None, out: Tensor) -> None:
-        module = _native.module()
         K, N = G.shape
-        device = _cuda_device(G)
-        splits = module.cuda_row_norms_num_splits(K, N, device)
-        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
-        module.cuda_row_norms(
-            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], *_weight_args(weight), partials.data_ptr(),
-            splits, out.data_ptr(), device, torch.cuda.current_stream(G.device).cuda_stream,
-        )  # fmt: skip
+        partials, trailing = self._split_sums(G, out)
+        _native.module().cuda_row_norms(
+            G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], *_weight_args(weight), *trailing
+        )
+        del partials  # freed after the launch: stream-ordered reuse
         _mark_written(out)
 
     def ema_row_norms(
         self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
     ) -> None:
-        module = _native.module()
         K, N = G.shape
-        device = _cuda_device(G)
-        splits = module.cuda_row_norms_num_splits(K, N, device)
-        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
-        module.cuda_ema_row_norms(
+        partials, trailing = self._split_sums(G, out)
+        _native.module().cuda_ema_row_norms(
             buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], decay,
-            gain.data_ptr(), partials.data_ptr(), splits, out.data_ptr(), device,
-            torch.cuda.current_stream(G.device).cuda_stream,
+            gain.data_ptr(), *trailing,
         )  # fmt: skip
+        del partials  # freed after the launch: stream-ordered reuse
         _mark_written(buffer)
         _mark_written(out)
+
+    @staticmethod
+    def _split_sums(G: Tensor, out: Tensor) -> tuple[Tensor, tuple]:
+        """For cuda_row_norms and cuda_ema_row_norms: the per-split partial sums (K × splits float64; the caller
+        holds the tensor over the launch) and the trailing arguments (partials, splits, out, device, stream)."""
+        K, N = G.shape
+        device = _cuda_device(G)
+        splits = _native.module().cuda_row_norms_num_splits(K, N, device)
+        partials = torch.empty(K, splits, dtype=torch.float64, device=G.device)
+        stream = torch.cuda.current_stream(G.device).cuda_stream
+        return partials, (partials.data_ptr(), splits, out.data_ptr(), device, stream)
 
     def perturb(self, base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool) -> None:
         _native.module().cuda_perturb(
