@@ -99,11 +99,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_ema_row_norms",
       [](uintptr_t buffer, int64_t buffer_stride, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype,
-         double decay, uintptr_t gain, uintptr_t out, int num_threads) {
+         uintptr_t decay, uintptr_t gain, uintptr_t out, int num_threads) {
         const MatrixView g = view(G, K, N, row_stride, dtype);
         check_buffer_stride(buffer_stride, N);
         py::gil_scoped_release release;
-        flatmtl::cpu::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g, float(decay),
+        flatmtl::cpu::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g,
+                                    reinterpret_cast<const float*>(decay),
                                     reinterpret_cast<const float*>(gain), reinterpret_cast<double*>(out), num_threads);
       },
       py::arg("buffer"), py::arg("buffer_stride"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"),
@@ -169,11 +170,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_ema_row_norms",
       [](uintptr_t buffer, int64_t buffer_stride, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype,
-         double decay, uintptr_t gain, uintptr_t partials, int64_t splits, uintptr_t out, int device,
+         uintptr_t decay, uintptr_t gain, uintptr_t partials, int64_t splits, uintptr_t out, int device,
          uintptr_t stream) {
         const MatrixView g = view(G, K, N, row_stride, dtype);
         check_buffer_stride(buffer_stride, N);
-        check_cuda(flatmtl::cuda::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g, float(decay),
+        check_cuda(flatmtl::cuda::ema_row_norms(reinterpret_cast<float*>(buffer), buffer_stride, g,
+                                                reinterpret_cast<const float*>(decay),
                                                 reinterpret_cast<const float*>(gain),
                                                 reinterpret_cast<double*>(partials), splits,
                                                 reinterpret_cast<double*>(out), device, stream));

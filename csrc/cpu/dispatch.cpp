@@ -15,7 +15,7 @@
                       int num_threads);                                                                      \
   void row_norms_entry(const MatrixView& G, const void* weight, DType weight_dtype, double* out,              \
                        int num_threads);                                                                     \
-  void ema_row_norms_entry(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay,            \
+  void ema_row_norms_entry(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,     \
                            const float* gain, double* out, int num_threads);                                 \
   void perturb_entry(const void* base, const void* direction, DType direction_dtype, const void* scale,      \
                      bool scale_is_double, void* out, DType dtype, int64_t count, bool adaptive,             \
@@ -109,7 +109,7 @@ void row_norms(const MatrixView& G, const void* weight, DType weight_dtype, doub
   FLATMTL_DISPATCH(row_norms_entry, G, weight, weight_dtype, out, num_threads);
 }
 
-void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay, const float* gain,
                    double* out, int num_threads) {
   FLATMTL_DISPATCH(ema_row_norms_entry, buffer, buffer_stride, G, decay, gain, out, num_threads);
 }

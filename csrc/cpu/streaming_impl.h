@@ -390,8 +390,9 @@ inline void row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
   }
 }
 
-inline void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
-                          double* out, int num_threads) {
+inline void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay_address,
+                          const float* gain, double* out, int num_threads) {
+  const float decay = *decay_address;
   if (G.dtype == DType::BFloat16) {
     const auto* base = static_cast<const uint16_t*>(G.data);
     const EmaRows<uint16_t> rows{buffer, buffer_stride, base, G.row_stride, decay, gain};

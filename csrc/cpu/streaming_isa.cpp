@@ -16,7 +16,8 @@ void graddrop_entry(const MatrixView& G, const double* leak, uint64_t seed, void
 void row_norms_entry(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads) {
   row_norms(G, weight, weight_dtype, out, num_threads);
 }
-void ema_row_norms_entry(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+void ema_row_norms_entry(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,
+                         const float* gain,
                          double* out, int num_threads) {
   ema_row_norms(buffer, buffer_stride, G, decay, gain, out, num_threads);
 }

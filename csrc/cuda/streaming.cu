@@ -123,11 +123,11 @@ struct EmaRows {
   int64_t buffer_stride;
   const T* __restrict__ G;
   int64_t row_stride;
-  float decay;
+  const float* __restrict__ decay;  // in device memory: a graph replay reads the current step's value
   const float* __restrict__ gain;
   __device__ __forceinline__ float at(int64_t k, int64_t c) const {
     float* b = buffer + k * buffer_stride + c;
-    const float v = fmaf(gain[k], to_float(G[k * row_stride + c]), decay * *b);
+    const float v = fmaf(gain[k], to_float(G[k * row_stride + c]), __ldg(decay) * *b);
     *b = v;
     return v;
   }
@@ -257,8 +257,8 @@ void launch_row_norms_weighted_by(const MatrixView& G, const void* weight, DType
 }
 
 template <typename T>
-void launch_ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
-                          double* partials, int64_t splits, double* out, cudaStream_t stream) {
+void launch_ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,
+                          const float* gain, double* partials, int64_t splits, double* out, cudaStream_t stream) {
   const EmaRows<T> values{buffer, buffer_stride, static_cast<const T*>(G.data), G.row_stride, decay, gain};
   launch_row_norms(values, G.rows, G.cols, partials, splits, out, stream);
 }
@@ -360,8 +360,9 @@ std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
   return last_error("row_norms kernel launch");
 }
 
-std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
-                          double* partials, int64_t num_splits, double* out, int device, uintptr_t stream_handle) {
+std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,
+                          const float* gain, double* partials, int64_t num_splits, double* out, int device,
+                          uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (G.dtype) {

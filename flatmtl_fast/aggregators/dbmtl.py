@@ -19,8 +19,10 @@ class DBMTL(reference.DBMTL):
     ``out`` if given): G read once, B read twice and written once, no temporary of G's size.
 
     Deviations: the buffer (state ``buffer``) is float32 — half the reference's float64 K × N, and readable by
-    ``combine`` — so d agrees with the reference to float32 rounding; the losses are not checked for being
-    finite and > 0 (that would synchronise): bad losses give NaN/Inf.
+    ``combine`` — so d agrees with the reference to float32 rounding; the step count (state ``step``) is a
+    float64 tensor on G's device, advanced in place, so the decay β/t^σ is computed there and a step captured
+    in a CUDA graph advances it at every replay (the reference's int ``step`` loads too); the losses are not
+    checked for being finite and > 0 (that would synchronise): bad losses give NaN/Inf.
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
@@ -30,10 +32,15 @@ class DBMTL(reference.DBMTL):
             self.buffer, self.step = torch.zeros(K, N, dtype=torch.float32, device=G.device), 0
         elif self.buffer.shape != (K, N):
             raise ValueError(f"DBMTL: the buffer has shape {tuple(self.buffer.shape)}, G {(K, N)}; call reset() first")
-        # A state loaded from elsewhere (another device, the reference's float64): as the reference, follow G.
+        # A state loaded from elsewhere (another device, the reference's float64 and int): as the reference,
+        # follow G. Unchanged state stays the same tensors, updated in place below.
         self.buffer = self.buffer.to(device=G.device, dtype=torch.float32)
-        self.step += 1
-        decay = self.beta / self.step**self.beta_sigma
+        if isinstance(self.step, Tensor):
+            self.step = self.step.to(device=G.device, dtype=torch.float64)
+        else:  # a fill on the device, not a host-to-device copy
+            self.step = torch.full((), float(self.step), dtype=torch.float64, device=G.device)
+        self.step.add_(1)
+        decay = self.beta / self.step.pow(self.beta_sigma)
         gain = ((1.0 - decay) / losses.to(torch.float64)).to(torch.float32)
         norms = ema_row_norms(self.buffer, G, decay=decay, gain=gain)
         alpha = torch.where(norms > 0, norms.max() / torch.where(norms > 0, norms, 1.0), 0.0)

@@ -82,14 +82,15 @@ def row_norms(G: Tensor, *, weight: Tensor | None = None) -> Tensor:
     return row_norms_op(G, weight, _backend_for("row_norms", G.device, *dtypes))
 
 
-def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float, gain: Tensor) -> Tensor:
+def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float | Tensor, gain: Tensor) -> Tensor:
     """DB-MTL's EMA step and the norms it needs, in one pass: ``buffer`` ← decay · buffer + gain ⊙ G (row i
     scaled by gain_i) in place, then the (K,) float64 norms ‖buffer_i‖₂ of the updated rows.
 
     ``buffer``: the EMA state, float32 of G's shape with contiguous rows, not overlapping G. G as for
-    :func:`gram` (float32, bfloat16 or float16). ``decay``: a real in [0, 1] (a Python number: it changes
-    with the step count, not with the data). ``gain``: (K,) float32 on G's device, read by the kernel (no host
-    synchronisation; DB-MTL passes (1 − decay) / L_i). Each entry is updated in float32 (decay rounded to
+    :func:`gram` (float32, bfloat16 or float16). ``decay``: a real in [0, 1], or a 1-element tensor on G's
+    device (not range-checked: that would synchronise), which the kernel reads there — so a step captured in a
+    CUDA graph replays with the decay the tensor holds at each replay. ``gain``: (K,) float32 on G's device,
+    read by the kernel too (DB-MTL passes (1 − decay) / L_i). Each entry is updated in float32 (decay rounded to
     float32; two products and a sum, or a fused multiply-add), so it is within 3 · 2⁻²⁴ (|decay · b| + |gain_i g|)
     of the exact update; the norms are of the stored entries, summed as :func:`row_norms` sums. NaN/Inf in G,
     gain or the buffer propagate into the affected entries and norms.

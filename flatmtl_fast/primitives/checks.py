@@ -186,9 +186,10 @@ def check_perturb(base: object, direction: object, scale: object, out: object) -
     return base.detach(), direction, scale.detach().reshape(1)
 
 
-def check_ema(buffer: object, G: Tensor, decay: object, gain: object) -> tuple[float, Tensor]:
+def check_ema(buffer: object, G: Tensor, decay: object, gain: object) -> tuple[Tensor, Tensor]:
     """Validate ema_row_norms' buffer (float32, G's shape, contiguous rows, disjoint from G), decay (a real in
-    [0, 1]) and gain ((K,) float32 on G's device, not overlapping the buffer); return (decay, gain detached)."""
+    [0, 1], or a 1-element floating tensor on G's device) and gain ((K,) float32 on G's device, not overlapping
+    the buffer); return (decay as a (1,) float32 tensor on G's device, gain detached)."""
     op = "ema_row_norms"
     K, N = G.shape
     if not isinstance(buffer, Tensor):
@@ -204,10 +205,7 @@ def check_ema(buffer: object, G: Tensor, decay: object, gain: object) -> tuple[f
     _check_writable(buffer, op, "buffer")
     if overlaps(buffer, G):
         raise ValueError(f"{op}: buffer overlaps G in memory")
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"{op}: decay must be a real number in [0, 1] (a Python number), got {type(decay).__name__}")
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"{op}: decay must be a real number in [0, 1], got {decay!r}")
+    decay = _check_decay(decay, G, op)
     if not isinstance(gain, Tensor):
         raise TypeError(f"{op}: gain must be a torch.Tensor of shape ({K},), got {type(gain).__name__}")
     if gain.shape != (K,):
@@ -223,7 +221,30 @@ def check_ema(buffer: object, G: Tensor, decay: object, gain: object) -> tuple[f
         raise ValueError(f"{op}: gain must be contiguous (stride 1), got stride {gain.stride()}")
     if overlaps(buffer, gain):
         raise ValueError(f"{op}: buffer overlaps gain in memory")
-    return float(decay), gain.detach()
+    if overlaps(buffer, decay):
+        raise ValueError(f"{op}: buffer overlaps decay in memory")
+    return decay, gain.detach()
+
+
+def _check_decay(decay: object, G: Tensor, op: str) -> Tensor:
+    """A Python real in [0, 1] becomes a device fill (no host-to-device copy); a tensor stays on the device,
+    where its range cannot be checked without a synchronisation."""
+    if isinstance(decay, Tensor):
+        if decay.numel() != 1 or not decay.is_floating_point():
+            raise ValueError(f"{op}: a decay tensor must be 1 floating-point element, got {decay.dtype} of shape "
+                             f"{tuple(decay.shape)}")  # fmt: skip
+        if decay.device != G.device:
+            raise ValueError(
+                f"{op}: decay is on {decay.device} but G is on {G.device}; it must be on G's device "
+                "(the kernel reads it there, without a host synchronisation)"
+            )
+        return decay.detach().reshape(1).to(torch.float32)
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        got = type(decay).__name__
+        raise TypeError(f"{op}: decay must be a real number in [0, 1] or a 1-element tensor, got {got}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{op}: decay must be a real number in [0, 1], got {decay!r}")
+    return torch.full((1,), float(decay), dtype=torch.float32, device=G.device)
 
 
 def check_alpha(alpha: object) -> float:

@@ -75,12 +75,12 @@ class CppPrimitives:
         _mark_written(out)
 
     def ema_row_norms(
-        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: Tensor, gain: Tensor, out: Tensor
     ) -> None:
         K, N = G.shape
         _native.module().cpu_ema_row_norms(
-            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], decay,
-            gain.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
+            decay.data_ptr(), gain.data_ptr(), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         _mark_written(buffer)
         _mark_written(out)
@@ -130,13 +130,13 @@ class CudaPrimitives:
         _mark_written(out)
 
     def ema_row_norms(
-        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: Tensor, gain: Tensor, out: Tensor
     ) -> None:
         K, N = G.shape
         partials, trailing = self._split_sums(G, out)
         _native.module().cuda_ema_row_norms(
-            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], decay,
-            gain.data_ptr(), *trailing,
+            buffer.data_ptr(), buffer_stride, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
+            decay.data_ptr(), gain.data_ptr(), *trailing,
         )  # fmt: skip
         del partials  # freed after the launch: stream-ordered reuse
         _mark_written(buffer)

@@ -71,16 +71,16 @@ def _row_norms_fake(G: Tensor, weight: Tensor | None, backend: str) -> Tensor:
 
 
 @torch.library.custom_op("flatmtl::ema_row_norms_", mutates_args=("buffer",))
-def ema_row_norms_op(buffer: Tensor, G: Tensor, decay: float, gain: Tensor, backend: str) -> Tensor:
-    """buffer = decay · buffer + gain ⊙ G in place, then its (K,) float64 row norms, with backend ``backend``
-    (validated by flatmtl_fast.ema_row_norms)."""
+def ema_row_norms_op(buffer: Tensor, G: Tensor, decay: Tensor, gain: Tensor, backend: str) -> Tensor:
+    """buffer = decay · buffer + gain ⊙ G in place (decay of shape (1,) float32), then its (K,) float64 row
+    norms, with backend ``backend`` (validated by flatmtl_fast.ema_row_norms)."""
     out = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
     implementations()[backend].ema_row_norms(buffer, row_stride(buffer), G, row_stride(G), decay, gain, out)
     return out
 
 
 @ema_row_norms_op.register_fake
-def _ema_row_norms_fake(buffer: Tensor, G: Tensor, decay: float, gain: Tensor, backend: str) -> Tensor:
+def _ema_row_norms_fake(buffer: Tensor, G: Tensor, decay: Tensor, gain: Tensor, backend: str) -> Tensor:
     return G.new_empty((G.shape[0],), dtype=torch.float64)
 
 

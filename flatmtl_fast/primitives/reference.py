@@ -57,12 +57,12 @@ class ReferencePrimitives:
         torch.sqrt(acc, out=out)
 
     def ema_row_norms(
-        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: Tensor, gain: Tensor, out: Tensor
     ) -> None:
         # decay as the kernels read it (float32); the new entry in float64, rounded once to the float32 buffer,
         # whose entries are then squared and summed in float64.
         K, N = G.shape
-        decay64 = float(torch.tensor(decay, dtype=torch.float32))
+        decay64 = decay.double()
         gain64 = gain.double().unsqueeze(1)
         acc = torch.zeros(K, dtype=torch.float64, device=G.device)
         step = max(1, _BLOCK_ELEMENTS // K)

@@ -103,12 +103,12 @@ def _combine_kernel(
 
 @triton.jit
 def _row_norms_partials_kernel(
-    G, W, Buffer, Gain, decay, K, N, row_stride, buffer_stride, cols_per_split, splits, Partials,
+    G, W, Buffer, Gain, Decay, K, N, row_stride, buffer_stride, cols_per_split, splits, Partials,
     WEIGHTED: tl.constexpr, EMA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (split s, row block r): float64 sum over split s's columns of v² for the BLOCK_K rows of block r,
     each BLOCK_N-column step summed in float32; written to Partials[k, s]. v = W ⊙ g_k (W = 1 unless WEIGHTED),
-    or with EMA DB-MTL's step v = decay · b_k + Gain_k · g_k, stored into the Buffer row b_k."""
+    or with EMA DB-MTL's step v = Decay[0] · b_k + Gain_k · g_k, stored into the Buffer row b_k."""
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_rows = rows < K
@@ -118,6 +118,7 @@ def _row_norms_partials_kernel(
     acc = tl.zeros((BLOCK_K,), dtype=tl.float64)
     if EMA:
         gain = tl.load(Gain + rows, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+        decay = tl.load(Decay)  # from memory: a CUDA graph replays the step's current value
         buffer_offs = rows.to(tl.int64)[:, None] * buffer_stride
     for start in range(col_begin, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -241,7 +242,7 @@ class TritonPrimitives:
         self._sums_of_squares(G, row_stride, out, weight=weight)
 
     def ema_row_norms(
-        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: float, gain: Tensor, out: Tensor
+        self, buffer: Tensor, buffer_stride: int, G: Tensor, row_stride: int, decay: Tensor, gain: Tensor, out: Tensor
     ) -> None:
         self._sums_of_squares(G, row_stride, out, ema=(buffer, buffer_stride, decay, gain))
 
@@ -251,11 +252,11 @@ class TritonPrimitives:
         row_stride: int,
         out: Tensor,
         weight: Tensor | None = None,
-        ema: tuple[Tensor, int, float, Tensor] | None = None,
+        ema: tuple[Tensor, int, Tensor, Tensor] | None = None,
     ) -> None:
         """row_norms (W ⊙ g_k) or, given ema = (buffer, buffer_stride, decay, gain), DB-MTL's EMA step."""
         K, N = G.shape
-        buffer, buffer_stride, decay, gain = ema or (G, row_stride, 0.0, G)
+        buffer, buffer_stride, decay, gain = ema or (G, row_stride, G, G)
         block_k = min(8, triton.next_power_of_2(K))  # rows per program: no masked-off rows when K < 8
         row_blocks = triton.cdiv(K, block_k)
         block_n = 4096 if triton_interpreting() else 512

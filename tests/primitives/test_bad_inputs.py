@@ -196,9 +196,14 @@ def test_bad_ema_arguments(case):
     for decay in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"ema_row_norms: decay must be a real number in \[0, 1\], got"):
             ema(decay=decay)
-    for decay in (True, "0.5", torch.tensor(0.5)):
-        with pytest.raises(TypeError, match=r"ema_row_norms: decay must be a real number in \[0, 1\] \(a Python"):
+    for decay in (True, "0.5", None):
+        with pytest.raises(TypeError, match=r"ema_row_norms: decay must be a real number in \[0, 1\] or a 1-element"):
             ema(decay=decay)
+    for decay in (torch.tensor([0.5, 0.5], device=d), torch.tensor(1, device=d), torch.ones(0, device=d)):
+        with pytest.raises(ValueError, match=r"ema_row_norms: a decay tensor must be 1 floating-point element, got"):
+            ema(decay=decay)
+    with pytest.raises(ValueError, match="ema_row_norms: buffer overlaps decay in memory"):
+        ema(decay=buffer[0, 4])
     with pytest.raises(TypeError, match=r"ema_row_norms: gain must be a torch\.Tensor of shape \(3,\)"):
         ema(gain=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"ema_row_norms: gain must have shape \(3,\) \(one factor per row of G\)"):
@@ -225,6 +230,8 @@ def test_mismatched_devices():
         flatmtl_fast.ema_row_norms(torch.zeros(3, 10, device="meta"), G, decay=0.5, gain=torch.ones(3))
     with pytest.raises(ValueError, match="ema_row_norms: gain is on meta but G is on cpu; it must be on G's device"):
         flatmtl_fast.ema_row_norms(torch.zeros(3, 10), G, decay=0.5, gain=torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="ema_row_norms: decay is on meta but G is on cpu; it must be on G's device"):
+        flatmtl_fast.ema_row_norms(torch.zeros(3, 10), G, decay=torch.ones((), device="meta"), gain=torch.ones(3))
     base, scale = torch.randn(10), torch.tensor([0.5])
     with pytest.raises(ValueError, match="perturb: direction is on meta but base is on cpu"):
         flatmtl_fast.perturb(base, torch.ones(10, device="meta"), scale, out=torch.empty(10))

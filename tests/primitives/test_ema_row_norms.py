@@ -130,6 +130,25 @@ def test_ema_without_memory_or_input_is_the_buffer_or_the_scaled_input(case):
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
+def test_a_decay_tensor_is_read_on_the_device_as_the_number_it_holds(case):
+    """decay as a 1-element tensor on G's device (any floating dtype, any shape of one element) updates the
+    buffer and gives the norms bit for bit as the same decay passed as a Python number; the kernel reads it at
+    every call, so changing the tensor in place changes the next update (what a CUDA graph replay relies on)."""
+    K, N = 3, 70_001
+    G = scaled_rows(K, N, torch.float32, seed=41).to(case.device)
+    start = scaled_rows(K, N, torch.float32, seed=42).to(case.device)
+    gain = _gain(K, seed=43).to(case.device)
+    by_number, by_tensor = start.clone(), start.clone()
+    decay = torch.full((1, 1), 0.3, dtype=torch.float64, device=case.device)
+    with case.active():
+        for value in (0.3, 0.7):
+            expected = flatmtl_fast.ema_row_norms(by_number, G, decay=value, gain=gain)
+            got = flatmtl_fast.ema_row_norms(by_tensor, G, decay=decay, gain=gain)
+            assert torch.equal(by_tensor, by_number) and torch.equal(got, expected), value
+            decay.fill_(0.7)
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_ema_on_column_slices_writes_only_its_view(case):
     """G a column slice (row stride > N) and the buffer a column slice of a larger buffer: the columns
     outside the view stay as they were."""
@@ -212,12 +231,14 @@ OP_BACKENDS = sorted({c.backend for c in CPU_CASES} - {"triton"})  # the interpr
 def test_opcheck(backend, dtype):
     G = torch.randn(5, 1003).to(dtype)
     gain = _gain(5, seed=91)
-    torch.library.opcheck(ema_row_norms_op, (torch.randn(5, 1003), G, DECAY, gain, backend))
-    torch.library.opcheck(ema_row_norms_op, (torch.randn(5, 1003)[:, 2:899], G[:, 3:900], 0.0, gain, backend))
+    decay = torch.tensor([DECAY], dtype=torch.float32)
+    torch.library.opcheck(ema_row_norms_op, (torch.randn(5, 1003), G, decay, gain, backend))
+    torch.library.opcheck(ema_row_norms_op, (torch.randn(5, 1003)[:, 2:899], G[:, 3:900], decay * 0, gain, backend))
 
 
-def _dbmtl_step(buffer: torch.Tensor, G: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    norms = flatmtl_fast.ema_row_norms(buffer, G, decay=0.45, gain=(0.55 / losses).float())
+def _dbmtl_step(buffer: torch.Tensor, G: torch.Tensor, losses: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    decay = 0.9 / step.sqrt()  # a tensor computed in the graph
+    norms = flatmtl_fast.ema_row_norms(buffer, G, decay=decay, gain=((1 - decay) / losses).float())
     return flatmtl_fast.combine(norms.max() / norms, buffer)
 
 
@@ -227,7 +248,8 @@ def test_compiles_without_graph_breaks(compiler):
     G, start, losses = torch.randn(3, 2049), torch.randn(3, 2049), torch.tensor([0.5, 1.0, 3.0])
     compiled = torch.compile(_dbmtl_step, fullgraph=True, backend=compiler)
     eager_buffer, compiled_buffer = start.clone(), start.clone()
-    d_eager = _dbmtl_step(eager_buffer, G, losses)
-    d_compiled = compiled(compiled_buffer, G, losses)
+    step = torch.tensor(2.0, dtype=torch.float64)
+    d_eager = _dbmtl_step(eager_buffer, G, losses, step)
+    d_compiled = compiled(compiled_buffer, G, losses, step)
     assert torch.equal(eager_buffer, compiled_buffer)
     assert torch.allclose(d_eager, d_compiled, rtol=1e-6, atol=1e-6)

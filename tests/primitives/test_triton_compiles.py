@@ -126,10 +126,11 @@ def _run_launch_code(G: torch.Tensor, *, out_dtypes, weight_dtypes, flags, pertu
     for weight_dtype in weight_dtypes:  # None: unweighted
         weight = None if weight_dtype is None else _meta(N, dtype=weight_dtype)
         prims.row_norms(G, row_stride, weight, _meta(K, dtype=torch.float64))  # ops.row_norms_op
-    # ops.ema_row_norms_op: a float32 buffer of G's shape, float32 gain (checks.check_ema), a float decay
+    # ops.ema_row_norms_op: a float32 buffer of G's shape, float32 gain and (1,) float32 decay (checks.check_ema)
     buffer = _meta(K, N, dtype=torch.float32, offset=G.storage_offset())
     gain = _meta(K, dtype=torch.float32)
-    prims.ema_row_norms(buffer, N, G, row_stride, 0.45, gain, _meta(K, dtype=torch.float64))
+    decay = _meta(1, dtype=torch.float32)
+    prims.ema_row_norms(buffer, N, G, row_stride, decay, gain, _meta(K, dtype=torch.float64))
     w = _meta(K, dtype=torch.float32)  # checks.check_weights converts w to float32
     for out_dtype in out_dtypes:
         out = _meta(N, dtype=out_dtype, offset=G.storage_offset())

@@ -49,10 +49,11 @@ void graddrop(const MatrixView& G, const double* leak, uint64_t seed, void* out,
 // in float64 over a fixed partition of the columns, so the result does not depend on the thread count.
 void row_norms(const MatrixView& G, const void* weight, DType weight_dtype, double* out, int num_threads);
 
-// DB-MTL's EMA: buffer[k, n] = decay * buffer[k, n] + gain[k] * G[k, n] in float32 (buffer: G.rows x G.cols
+// DB-MTL's EMA: buffer[k, n] = *decay * buffer[k, n] + gain[k] * G[k, n] in float32 (buffer: G.rows x G.cols
 // float32, row k at buffer + k * buffer_stride, disjoint from G), then out[k] = the norm of the updated row k,
-// summed as row_norms does. One pass: each entry is read, updated and squared while in registers.
-void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
+// summed as row_norms does. One pass: each entry is read, updated and squared while in registers. decay points
+// to one float (in memory, not an argument: a captured CUDA graph then replays the step's current decay).
+void ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay, const float* gain,
                    double* out, int num_threads);
 
 // out[n] = base[n] + s * (adaptive ? base[n]^2 direction[n] : direction[n]) for n < count, float32 arithmetic,
@@ -91,9 +92,10 @@ std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
 int64_t row_norms_num_splits(int64_t K, int64_t N, int device);
 
 // Same contract as cpu::ema_row_norms (G may also be Float16), with partials and num_splits as for row_norms;
-// gain is read from device memory by the kernel.
-std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, float decay, const float* gain,
-                          double* partials, int64_t num_splits, double* out, int device, uintptr_t stream);
+// decay and gain are read from device memory by the kernel.
+std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,
+                          const float* gain, double* partials, int64_t num_splits, double* out, int device,
+                          uintptr_t stream);
 
 // Same contract as cpu::perturb (Float16 allowed too); scale is read from device memory by the kernel.
 std::string perturb(const void* base, const void* direction, DType direction_dtype, const void* scale,
