@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._random import draw
+from .._random import draw_on
 from ..backends import resolve
 from ..primitives import checks as primitive_checks
 from ..reference import graddrop as reference
@@ -34,7 +34,7 @@ class GradDrop(reference.GradDrop):
         check_losses(losses, K, G.device, required=False, owner="GradDrop")
         primitive_checks.check_G(G, "GradDrop")  # dtype, layout and K limit of the kernels
         leak = self._leak_column(K, G.device).reshape(K).contiguous()
-        seed = draw(torch.randint, 0, 2**62, (1,), generator=self.generator, device=self._draw_device(G)).to(G.device)
+        seed = draw_on(G.device, torch.randint, 0, 2**62, (1,), generator=self.generator)
         if out is None:
             out = torch.empty(N, dtype=G.dtype, device=G.device)
         else:

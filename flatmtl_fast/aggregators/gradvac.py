@@ -31,13 +31,13 @@ class GradVac(FusedGramian, reference.GradVac):
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         K = M.shape[0]
         phi_hat = self._targets(M)
-        keys = draw_keys(K, self.generator, self._draw_device(M)).to(M.device)
+        keys = draw_keys(K, self.generator, M.device)
         correction, targets = gradvac_correction(phi_hat, self.beta, self.eps)
         w = corrected_weights(M, visiting_orders(keys), correction)
-        self.phi_hat = targets()
+        phi_hat.copy_(targets())  # in place, as the native solver: a CUDA graph replay carries it to the next
         return w
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
         phi_hat = self._targets(M)  # the native solver updates it in place
-        keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device).contiguous()
+        keys = draw_keys(M.shape[0], self.generator, M.device).contiguous()
         return "gradvac", [keys, phi_hat, float(self.beta), float(self.eps)]

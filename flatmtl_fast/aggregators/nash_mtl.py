@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._device import forbid_in_capture
 from ..reference import nash_mtl as reference
 from ..solvers import nash_weights
 from ._fused import FusedGramian
@@ -17,24 +18,28 @@ class NashMTL(FusedGramian, reference.NashMTL):
     state (``_alpha``, ``_step``) and semantics for zero rows and unsolvable steps (keep the previous α)."""
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
-        K = M.shape[0]
-        previous = torch.ones(K, dtype=torch.float64, device=M.device) if self._alpha is None else self._alpha
-        if previous.shape != (K,):
-            raise ValueError(f"NashMTL was used with {previous.shape[0]} tasks, now {K}: call reset() first")
-        step = self._step or 0
-        alpha = nash_weights(M, previous, self.optim_niter) if step % self.update_weights_every == 0 else previous
-        self._alpha, self._step = alpha, step + 1
+        previous, update = self._advance(M)
+        alpha = nash_weights(M, previous, self.optim_niter) if update else previous
+        previous.copy_(alpha)
         norm = (alpha @ M @ alpha).clamp_min(0.0).sqrt()
         clip = (self.max_norm > 0) & (norm > self.max_norm)
         return alpha * torch.where(clip, self.max_norm / torch.where(clip, norm, 1.0), 1.0)
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
+        alpha, update = self._advance(M)
+        return "nash_mtl", [alpha, self.optim_niter, float(self.max_norm), update]
+
+    def _advance(self, M: Tensor) -> tuple[Tensor, bool]:
+        """(the warm start α, created at 𝟏 and then updated in place — so a CUDA graph replay carries it to
+        the next replay —, whether this step solves), advancing the step count."""
         K = M.shape[0]
         if self._alpha is None:
             self._alpha = torch.ones(K, dtype=torch.float64, device=M.device)
         if self._alpha.shape != (K,):
             raise ValueError(f"NashMTL was used with {self._alpha.shape[0]} tasks, now {K}: call reset() first")
-        self._alpha = self._alpha.to(device=M.device, dtype=torch.float64).contiguous()  # updated in place
+        self._alpha = self._alpha.to(device=M.device, dtype=torch.float64).contiguous()
+        if self.update_weights_every > 1:
+            forbid_in_capture(M.device, "NashMTL with update_weights_every > 1 (its step count lives on the host)")
         step = self._step or 0
         self._step = step + 1
-        return "nash_mtl", [self._alpha, self.optim_niter, float(self.max_norm), step % self.update_weights_every == 0]
+        return self._alpha, step % self.update_weights_every == 0

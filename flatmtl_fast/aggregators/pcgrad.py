@@ -17,9 +17,9 @@ class PCGrad(FusedGramian, reference.PCGrad):
     _weights_in_input_dtype = True
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
-        keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device)
+        keys = draw_keys(M.shape[0], self.generator, M.device)
         return corrected_weights(M, visiting_orders(keys), pcgrad_correction)
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
-        keys = draw_keys(M.shape[0], self.generator, self._draw_device(M)).to(M.device).contiguous()
+        keys = draw_keys(M.shape[0], self.generator, M.device).contiguous()
         return "pcgrad", [keys]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._device import as_device_tensor
 from .._random import draw
 from ..aggregators.base import Aggregator
 from ..aggregators.checks import check_losses, check_matrix
@@ -63,7 +64,7 @@ class GradDrop(GeneratorMixin, Aggregator):
 
     def _leak_column(self, K: int, device: torch.device) -> Tensor:
         """The leak as a (K, 1) float64 column (broadcast over coordinates)."""
-        leak = torch.as_tensor(self.leak, dtype=torch.float64, device=device)
+        leak = as_device_tensor(self.leak, device, torch.float64, what="GradDrop's leak (put it on G's device)")
         if leak.dim() == 1 and leak.shape != (K,):
             raise ValueError(f"GradDrop: leak has {leak.shape[0]} entries but G has K = {K} rows")
         return leak.expand(K).unsqueeze(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._random import draw
+from .._random import draw_on
 from ..aggregators.base import GramianAggregator
 from ..aggregators.checks import check_gramian, check_losses, check_matrix
 from ._generator import GeneratorMixin
@@ -40,5 +40,5 @@ class RLW(GeneratorMixin, GramianAggregator):
         return self._draw_weights(K, M).to(M.dtype)
 
     def _draw_weights(self, K: int, like: Tensor) -> Tensor:
-        z = draw(torch.randn, K, generator=self.generator, device=self._draw_device(like), dtype=torch.float64)
-        return torch.softmax(z, dim=0).to(like.device)
+        z = draw_on(like.device, torch.randn, K, generator=self.generator, dtype=torch.float64)
+        return torch.softmax(z, dim=0)

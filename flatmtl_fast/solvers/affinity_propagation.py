@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._device import as_device_tensor
 from .native import run_native_solver
 
 #: Each retry runs this many iterations more than the previous attempt.
@@ -122,7 +123,7 @@ def affinity_propagation(
     device = S.device
     S = S.to(torch.float64)
     n = S.shape[0]
-    given = None if preference is None else torch.as_tensor(preference, dtype=torch.float64, device=device)
+    given = None if preference is None else as_device_tensor(preference, device, torch.float64, what="preference")
     if given is not None and given.shape not in ((), (n,)):
         raise ValueError(
             f"affinity_propagation: preference must be a number or have shape ({n},), got {tuple(given.shape)}"

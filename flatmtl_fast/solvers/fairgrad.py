@@ -10,10 +10,9 @@ from .nash import _decoupled
 #: Converged when max_i |w_i^{1/α} (Mw)_i − 1| is below this (the reference's tolerance).
 FAIR_TOL = 1e-10
 MAX_NEWTON_ITER = 100
+
+
 #: The reference halves t from 1 while t > 1e-12: it tries 2^0 … 2^-39 and otherwise takes 2^-40.
-_STEP_SIZES = 2.0 ** -torch.arange(41, dtype=torch.float64)
-
-
 def fair_weights(M: Tensor, alpha: float) -> Tensor:
     """w on the active rows (M_ii > 0), 0 on the others; 𝟏/K if no solution is found (as the reference).
 
@@ -26,7 +25,7 @@ def fair_weights(M: Tensor, alpha: float) -> Tensor:
     Mn, scale = _decoupled(M, active)
     n_active = active.sum().to(M.dtype)
     power = 1.0 - 1.0 / alpha
-    step_sizes = _STEP_SIZES.to(M.device)
+    step_sizes = 2.0 ** -torch.arange(41, dtype=torch.float64, device=M.device)  # made there: a copy would wait
 
     def objective(w: Tensor) -> Tensor:
         """f(w) = ½ wᵀMw − Σ u(w_i) over the active rows, for w of shape (..., K)."""
@@ -59,7 +58,7 @@ def fair_weights(M: Tensor, alpha: float) -> Tensor:
         )
         # First acceptable trial, else the last halving 2^-40 (appended as an always-true sentinel).
         first = torch.argmax(torch.cat([acceptable, acceptable.new_ones(1)]).to(torch.float32))
-        new = w + step_sizes[first] * step
+        new = w + step_sizes.index_select(0, first.reshape(1)) * step  # not step_sizes[first]: a host read
         failed = failed | (~done & ((info != 0) | ~torch.isfinite(new).all()))
         w = torch.where(done | failed, w, new)
     solution = torch.where(active, w * scale ** (-alpha / (alpha + 1)), 0.0)

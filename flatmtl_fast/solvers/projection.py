@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._random import draw
+from .._random import draw_on
 
 #: ``correction(rows, j, dot, sq_norm_i, sq_norm_j) -> c`` for all rows at once (tensors of shape (K,)),
 #: dot = g_i'·g_j, sq_norm_i = ‖g_i'‖², sq_norm_j = ‖g_j‖²; then g_i' ← g_i' + c_i g_j.
@@ -21,8 +21,8 @@ BatchedCorrection = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def draw_keys(K: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """The reference's single draw that fixes the visiting orders."""
-    return draw(torch.rand, (K, K), generator=generator, device=device, dtype=torch.float64)
+    """The reference's single draw that fixes the visiting orders, on ``device`` (drawn on the generator's)."""
+    return draw_on(device, torch.rand, (K, K), generator=generator, dtype=torch.float64)
 
 
 def visiting_orders(keys: Tensor) -> Tensor:

@@ -14,6 +14,9 @@ GRAMIAN = (
     "FairGrad", "UPGrad", "DualProj", "GradVac", "RLW", "IMGrad",
 )  # fmt: skip
 ALL = (*GRAMIAN, "GradDrop", "DBMTL")
+#: The documented exceptions to "no host sync": on CUDA the torch solvers of these methods call an aten op that
+#: waits for torch's host-side check of LAPACK's status (the native solver of IMTL-G does not).
+SYNC_ON_CUDA = {"AlignedMTL": "_linalg_eigh", "IMTLG": "_linalg_svd"}
 
 # Relative accuracy of the weights the fused solver returns vs the reference's, on the *same* float64 M
 # (argued per method):
@@ -27,9 +30,10 @@ WEIGHT_RTOL = dict.fromkeys(ALL, 1e-10) | {"UPGrad": 1e-9, "DualProj": 1e-9, "CA
 
 
 def make(name: str, seed: int = 0, fused: bool = True, **kwargs):
-    """A fused (or reference) aggregator; randomised ones get a generator seeded with ``seed``."""
+    """A fused (or reference) aggregator; randomised ones get a CPU generator seeded with ``seed`` unless
+    ``generator`` is given (None: torch's default generator of the inputs' device)."""
     module = flatmtl_fast if fused else reference
-    if name in RANDOMISED:
+    if name in RANDOMISED and "generator" not in kwargs:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return getattr(module, name)(**kwargs)
 

@@ -8,23 +8,28 @@ import sys
 
 import pytest
 import torch
-from fused._util import ALL, RANDOMISED, losses_for, make, random_G
+from fused._util import ALL, RANDOMISED, SYNC_ON_CUDA, losses_for, make, random_G
 from support.host_sync import forbid_host_sync
 
 import flatmtl_fast
 from flatmtl_fast import solvers
 
 
-def test_no_host_synchronisation() -> None:
-    """Every fused aggregator runs with the sync-prone Tensor methods made to raise (CPU proxy for
-    torch.cuda.set_sync_debug_mode('error'))."""
+@pytest.mark.parametrize("backend", ["cpp", "reference"], ids=["native-solver", "torch-solver"])
+def test_no_host_synchronisation(backend: str) -> None:
+    """Every fused aggregator runs with the sync-prone Tensor methods and the aten ops that synchronise on CUDA
+    made to raise (CPU proxy for torch.cuda.set_sync_debug_mode('error')), on both solve paths; the only
+    exceptions are the documented ones of the torch solvers (``SYNC_ON_CUDA``)."""
     G = random_G(5, 257)
     aggregators = {name: make(name) for name in ALL}
-    for name, agg in aggregators.items():  # warm-up outside the patch (caches, first-call state)
-        agg(G, losses_for(name, 5))
-
-    with forbid_host_sync():
-        results = {name: agg(G, losses_for(name, 5)) for name, agg in aggregators.items()}
+    torch_solved = set(SYNC_ON_CUDA) if backend == "reference" else {"AlignedMTL"}  # IMTL-G has a native solver
+    results = {}
+    with flatmtl_fast.use_backend(backend):
+        for name, agg in aggregators.items():  # warm-up outside the guard (caches, first-call state)
+            agg(G, losses_for(name, 5))
+        for name, agg in aggregators.items():
+            with forbid_host_sync(allowed=[SYNC_ON_CUDA[name]] if name in torch_solved else []):
+                results[name] = agg(G, losses_for(name, 5))
     for name, d in results.items():
         assert d.shape == (257,), name
         assert bool(torch.isfinite(d).all()), name
@@ -62,14 +67,54 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
     torch.testing.assert_close(agg(Gs[0], losses), make(name)(Gs[0], losses), rtol=0, atol=0)
 
 
+SOLVE_PATHS = pytest.mark.parametrize("backend", ["cpp", "reference"], ids=["native-solver", "torch-solver"])
+
+
+@SOLVE_PATHS
 @pytest.mark.parametrize("name", ["GradVac", "NashMTL"])
-def test_state_matches_reference_over_steps(name: str) -> None:
+def test_state_matches_reference_over_steps(name: str, backend: str) -> None:
     fused, ref = make(name), make(name, fused=False)
     for s in range(3):
         G = random_G(4, 60, seed=s)
-        torch.testing.assert_close(fused(G).double(), ref(G).double(), rtol=1e-4, atol=1e-6)
+        with flatmtl_fast.use_backend(backend):
+            d = fused(G)
+        torch.testing.assert_close(d.double(), ref(G).double(), rtol=1e-4, atol=1e-6)
     key = "phi_hat" if name == "GradVac" else "_alpha"
     torch.testing.assert_close(fused.state_dict()[key], ref.state_dict()[key], rtol=1e-5, atol=1e-7)
+
+
+@SOLVE_PATHS
+@pytest.mark.parametrize("name", ["GradVac", "NashMTL", "DBMTL"])
+def test_state_tensors_advance_in_place(name: str, backend: str) -> None:
+    """After the first step each state tensor stays the same tensor and is advanced in place — what a CUDA graph
+    replay needs to carry the state to the next replay (a reassigned attribute would leave the graph reading
+    the state it was captured with, step after step)."""
+    agg, losses = make(name), losses_for(name, 4)
+    with flatmtl_fast.use_backend(backend):
+        agg(random_G(4, 33, seed=0), losses)
+        keys = [key for key in agg._state_attributes if isinstance(vars(agg).get(key), torch.Tensor)]
+        state = {key: getattr(agg, key) for key in keys}
+        before = {key: tensor.clone() for key, tensor in state.items()}
+        agg(random_G(4, 33, seed=1), losses)
+    assert state, "no state tensor to check"
+    for key, tensor in state.items():
+        assert getattr(agg, key) is tensor, f"{key} was replaced"
+        assert not torch.equal(tensor, before[key]), f"{key} did not change"
+
+
+def test_dbmtl_continues_from_a_reference_state() -> None:
+    """The reference's state (float64 buffer, int step) loads into the fused DB-MTL, which continues as the
+    reference does (to float32 rounding of its buffer) with its step count a device tensor."""
+    ref, losses = make("DBMTL", fused=False), losses_for("DBMTL", 4)
+    for s in range(2):
+        ref(random_G(4, 60, seed=s), losses)
+    fused = make("DBMTL")
+    fused.load_state_dict(ref.state_dict())
+    for s in range(2, 4):
+        G = random_G(4, 60, seed=s)
+        torch.testing.assert_close(fused(G, losses).double(), ref(G, losses).double(), rtol=1e-5, atol=1e-6)
+    assert isinstance(fused.step, torch.Tensor) and fused.step.dtype == torch.float64
+    assert float(fused.step) == ref.step == 4
 
 
 @pytest.mark.parametrize("name", ["UPGrad", "DualProj", "MGDA", "FairGrad"])

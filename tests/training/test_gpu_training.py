@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from support.host_sync import forbid_host_sync
+from support.host_sync import forbid_host_sync, on_side_stream
 from torch.nn.utils import parameters_to_vector
 from training.test_backward import Net, _batch, _expected, _make
 
@@ -74,18 +74,6 @@ def _training(device: torch.device, method: str, kind: str, optimizer: str) -> t
     return net, step
 
 
-def _on_side_stream(fn: Callable[[], None], device: torch.device) -> None:
-    """Run ``fn`` on a side stream (CUDA graphs need their warm-up off the capturing stream)."""
-    if device.type != "cuda":
-        fn()
-        return
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-
-
 def _replayable(step: Step, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """``step`` on the static batch (x, y) captured in a CUDA graph; its replay. On the CPU: the eager step."""
     if device.type != "cuda":
@@ -117,7 +105,7 @@ def test_a_whole_training_step_replays_from_one_cuda_graph(method: str, kind: st
             feed(batch)
             graphed_step(static_x, static_y)
 
-    _on_side_stream(warm_up, device)
+    on_side_stream(warm_up, device)
     for batch in batches[:warmup]:
         eager_step(*batch)
     replay = _replayable(graphed_step, static_x, static_y, device)
