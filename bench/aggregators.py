@@ -80,9 +80,8 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
     rows: list[Row] = []
 
     def add(op: str, impl: str, fn: Callable, step_inputs: list, nbytes: int, repeat: int = repeat) -> None:
-        row = Row(
-            SUITE, f"{name}:{op}", impl, K, N, "float32", median_time(fn, device, step_inputs, repeat=repeat), nbytes
-        )
+        seconds = median_time(fn, device, step_inputs, repeat=repeat)
+        row = Row(SUITE, f"{name}:{op}", impl, K, N, "float32", seconds, nbytes, streaming=op == "step")
         if device.type == "cuda" and op == "step":
             peak, base = cuda_peak_bytes(lambda: fn(*inputs[0]), device)
             row.extra["peak_extra_MB"] = (peak - base) / 1e6

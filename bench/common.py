@@ -121,7 +121,9 @@ class Ceilings:
 
 @dataclass
 class Row:
-    """One measured case: what moved, how long it took, how close to the ceilings."""
+    """One measured case: what moved, how long it took, how close to the ceilings. Bandwidth and floor are given
+    for streaming passes only: a K × K solve (``streaming=False``) is bound by its arithmetic and its steps'
+    latency, not by the bytes it reads, and a training step (no bytes counted) by its forward and backward."""
 
     suite: str
     op: str
@@ -132,8 +134,11 @@ class Row:
     seconds: float
     bytes: int
     extra: dict = field(default_factory=dict)
+    streaming: bool = True
 
     def finish(self, ceilings: Ceilings) -> Row:
+        if not self.streaming or self.bytes == 0:
+            return self
         self.extra["GB/s"] = self.bytes / self.seconds / 1e9
         self.extra["copy_fraction"] = self.bytes / self.seconds / ceilings.copy_bandwidth
         self.extra["read_floor_ms"] = self.bytes / ceilings.read_bandwidth * 1e3
@@ -161,10 +166,11 @@ def print_table(rows: list[Row]) -> None:
         ratio = e.get("speedup_vs_torch", e.get("flatmtl_speedup"))
         speedup = f"{ratio:.1f}x" if ratio is not None else ""
         memory = "" if "peak_extra_MB" not in e else "n/a" if e["peak_extra_MB"] < 0 else f"{e['peak_extra_MB']:.1f}"
-        print(
-            f"{r.op:<22}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}{e['GB/s']:>7.1f}"
-            f"{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}{speedup:>9}{memory:>10}"
-        )
+        stream = " " * 24  # GB/s, copy%, floor: streaming passes only
+        if "GB/s" in e:
+            stream = f"{e['GB/s']:>7.1f}{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}"
+        case = f"{r.op:<22}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}"
+        print(f"{case}{stream}{speedup:>9}{memory:>10}")
 
 
 def write_results(suite: str, device: torch.device, ceilings: Ceilings, rows: list[Row], config: dict) -> Path:

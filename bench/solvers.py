@@ -53,7 +53,8 @@ def solve_row(name: str, impl: str, solve: Callable[[Tensor], object], x: Tensor
     """Median time of ``solve(x)`` (x: M, or G for torchjd's weightings of the matrix), as method ``name``'s row."""
     seconds = median_time(solve, x.device, [(x,)], repeat=repeat)
     dtype = str(x.dtype).removeprefix("torch.")
-    return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, seconds, x.numel() * x.element_size())
+    nbytes = x.numel() * x.element_size()
+    return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, seconds, nbytes, streaming=False)
 
 
 def run(device: torch.device, Ks: list[int], repeat: int) -> list[Row]:
