@@ -132,6 +132,11 @@ sv::Imtlg make_imtlg(int64_t, double dtype_eps) {
   return {{}, dtype_eps};
 }
 
+sv::AlignedMtl make_aligned_mtl(int64_t, double rank_eps) {
+  require(rank_eps > 0, "rank_eps must be > 0");
+  return {{}, rank_eps};
+}
+
 template <class Problem>
 Problem make_dual_cone(int64_t, uintptr_t pref, double norm_eps, double reg_eps) {
   require(norm_eps >= 0, "norm_eps must be >= 0");
@@ -191,6 +196,9 @@ void bind_solvers(py::module_& m) {
              py::arg("phi_hat"), py::arg("beta"), py::arg("eps"));
   def_solver(m, "imtlg", &make_imtlg, "IMTL-G closed form; dtype_eps: unit roundoff in the pinv cut-off.",
              py::arg("dtype_eps"));
+  def_solver(m, "aligned_mtl", &make_aligned_mtl,
+             "Aligned-MTL w = B1; rank_eps: unit roundoff in the rank cut-off (lambda > lambda_max K rank_eps).",
+             py::arg("rank_eps"));
   def_solver(m, "upgrad", &make_dual_cone<sv::UPGrad>, "UPGrad weights (pref 0: 1/K).", py::arg("pref"),
              py::arg("norm_eps"), py::arg("reg_eps"));
   def_solver(m, "dualproj", &make_dual_cone<sv::DualProj>, "DualProj weights (pref 0: 1/K).", py::arg("pref"),

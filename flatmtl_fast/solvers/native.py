@@ -9,9 +9,9 @@ Solvers used outside the aggregators (affinity propagation) are called by name t
 
 The CUDA kernels are compiled and bound but have not yet been validated on a GPU, so ``auto`` does not
 pick them: they run only under an explicit ``use_backend("cuda")``; ``auto`` on CUDA tensors uses the
-torch solvers (no host sync either way, except IMTL-G's, whose ``torch.linalg.svd`` checks LAPACK's status on
-the host). Under ``torch.compile`` the torch solvers are traced (the native
-ones take raw addresses, which traced tensors do not have).
+torch solvers (no host sync either way, except IMTL-G's ``torch.linalg.svd`` and Aligned-MTL's
+``torch.linalg.eigh``, which check LAPACK's status on the host). Under ``torch.compile`` the torch solvers are
+traced (the native ones take raw addresses, which traced tensors do not have).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from support.host_sync import forbid_host_sync, on_side_stream
 import flatmtl_fast
 
 pytestmark = pytest.mark.gpu
-NATIVE = ("MGDA", "PCGrad", "GradVac", "IMTLG", "NashMTL", "UPGrad", "DualProj", "CAGrad", "IMGrad")
+NATIVE = ("MGDA", "PCGrad", "GradVac", "IMTLG", "AlignedMTL", "NashMTL", "UPGrad", "DualProj", "CAGrad", "IMGrad")
 #: Every fused method but the documented exceptions (SYNC_ON_CUDA, torch solvers) neither syncs nor breaks a graph.
 SYNC_FREE = tuple(name for name in ALL if name not in SYNC_ON_CUDA)
 

@@ -92,6 +92,7 @@ int main() {
           "nash_mtl", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1}; }, M, K);
       mismatches += check<sv::FairGrad>("fairgrad", [](State&) { return sv::FairGrad{{}, 0.5}; }, M, K);
       mismatches += check<sv::Imtlg>("imtlg", [](State&) { return sv::Imtlg{{}, 1.2e-7}; }, M, K);
+      mismatches += check<sv::AlignedMtl>("aligned_mtl", [](State&) { return sv::AlignedMtl{{}, 1.2e-7}; }, M, K);
       mismatches += check<sv::UPGrad>("upgrad", [](State&) {
         sv::UPGrad p{};
         p.norm_eps = 0.0;
@@ -112,6 +113,11 @@ int main() {
       mismatches += check<sv::PCGrad>("pcgrad", [](State& s) { return sv::PCGrad{{}, s.keys.data()}; }, M, K);
       mismatches += check<sv::GradVac>(
           "gradvac", [](State& s) { return sv::GradVac{{}, s.keys.data(), s.targets.data(), 0.5, 1e-8}; }, M, K);
+      // Not positive semidefinite: Aligned-MTL's Jacobi on M itself instead of on its Cholesky factor.
+      std::vector<double> indefinite = M;
+      for (int i = 0; i < K; ++i) indefinite[size_t(i) * K + i] -= 0.3 * M[0];
+      mismatches += check<sv::AlignedMtl>(
+          "aligned_mtl_indefinite", [](State&) { return sv::AlignedMtl{{}, 1.2e-7}; }, indefinite, K);
     }
   }
   std::printf("%d mismatches\n", mismatches);

@@ -256,6 +256,47 @@ def test_imtlg_singular_values_near_the_cutoff():
     assert paths == {False, True}  # both the QR and the Jacobi path ran
 
 
+# -------------------------------------------------------------------------------------------- Aligned-MTL
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize(("K", "kind", "scale"), cases(ks=LARGE_KS))
+def test_aligned_mtl(K, kind, scale):
+    G = make_G(K, kind, scale, seed_of(K, kind, scale, "aligned"))
+    M = G @ G.T
+    w, sweeps, converged = solve("aligned_mtl", M, EPS32)
+    # Both compute the same spectral function w = √λ_min f(M)𝟏, f(λ) = λ^(-1/2) on the kept eigenvalues, whatever
+    # the eigenvectors of repeated eigenvalues. Backward errors: LAPACK's eigh ~ K eps ‖M‖; the pivoted Cholesky
+    # (its dropped Schur complement) and the rotations here ~ K eps max M_ii. Such a perturbation moves w by about
+    # its size over λ_min relative, and λ_min > K eps32 λ_max: ≤ eps64 / eps32 ≈ 2e-9 (measured ≤ 5e-14). The
+    # eigenvalues of rank-deficient, duplicated and collinear G are either O(1) λ_max or rounding, far from the
+    # cut-off K eps32 λ_max, so both keep the same ones.
+    assert converged and 0 <= sweeps < 64
+    w_ref = R.AlignedMTL().weights(M)
+    assert float((w - w_ref).abs().max()) <= 1e-8 * float(w_ref.abs().max()), (w, w_ref)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 7, 40])
+def test_aligned_mtl_of_a_symmetric_matrix_that_is_not_a_gram(K):
+    """Not positive semidefinite beyond rounding: the Cholesky factor would misrepresent M, so Jacobi runs on M
+    itself and gives the reference's answer (its negative eigenvalues are dropped, as any below the cut-off),
+    on a team of CPU threads too."""
+    G = make_G(K, "full", 1.0, seed_of(K, "indefinite"))
+    # Shifted by the mean eigenvalue: some eigenvalues are negative, the largest positive.
+    M = G @ G.T - float(G.norm(dim=1).square().mean()) * torch.eye(K, dtype=torch.float64)
+    if K == 1:
+        M = -(G @ G.T)  # no eigenvalue kept: w = 𝟏
+    assert float(torch.linalg.eigvalsh(M)[0]) < 0
+    w, _, converged = solve("aligned_mtl", M, EPS32)
+    w_ref = R.AlignedMTL().weights(M)
+    assert converged
+    # As test_aligned_mtl, with the symmetric Jacobi's backward error K eps max|M_ij|.
+    assert float((w - w_ref).abs().max()) <= 1e-8 * float(w_ref.abs().max()), (w, w_ref)
+    for threads in (2, 3, K + 2):
+        assert torch.equal(_run("aligned_mtl", M, (EPS32,), threads, threads)[0], w)
+
+
 # --------------------------------------------------------------------------------------- UPGrad / DualProj
 
 
@@ -472,6 +513,8 @@ def test_bad_arguments():
         C.solve_cagrad(p, 3, 0.4, 3, False, q, r)
     with pytest.raises(ValueError, match="dtype_eps"):
         C.solve_imtlg(p, 3, 0.0, q, r)
+    with pytest.raises(ValueError, match="rank_eps"):
+        C.solve_aligned_mtl(p, 3, 0.0, q, r)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         C.solve_fairgrad(p, 3, 0.0, q, r)
     with pytest.raises(ValueError, match="lanes must be in"):
@@ -507,6 +550,7 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
         "fairgrad_half": (0.5,),
         "imtlg": (EPS64,),
         "imtlg_float32": (torch.finfo(torch.float32).eps,),
+        "aligned_mtl": (torch.finfo(torch.float32).eps,),
         "dualproj": (0, 0.0, 1e-4),
         "dualproj_pref": (pref, 0.0, 1e-4),
         "cagrad": (0.4, 1, False),
@@ -520,7 +564,7 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
 def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name if name in ("nash_mtl", "affinity_propagation") else name.split("_")[0]
+    name = name if name in ("nash_mtl", "affinity_propagation", "aligned_mtl") else name.split("_")[0]
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)
@@ -605,6 +649,7 @@ def test_cuda_matches_cpu(K):
         "pcgrad": (keys,),
         "gradvac": (keys, torch.zeros(K, K, dtype=torch.float64), 0.5, 1e-8),
         "imtlg": (EPS64,),
+        "aligned_mtl": (torch.finfo(torch.float32).eps,),
         "upgrad": (0, 0.0, 1e-4),
         "dualproj": (0, 0.0, 1e-4),
         "nash_mtl": (ones, 100, 1.0, True),

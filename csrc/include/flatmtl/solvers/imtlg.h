@@ -3,49 +3,9 @@
 #pragma once
 
 #include "flatmtl/solvers/common.h"
+#include "flatmtl/solvers/jacobi.h"
 
 namespace flatmtl::solvers {
-
-// One-sided Jacobi (Hestenes) SVD of an n x n matrix A given by its transpose B = Aᵀ (row-major, so
-// A's columns are B's contiguous rows), in place: on return row k of B is σ_k U_k and row k of W is
-// the right singular vector V_k (A V = U Σ). Accurate to rounding for the small singular values too
-// (unlike an eigen-decomposition of AᵀA), which the cut-off needs. Returns the sweeps used and
-// whether the rows became orthogonal within max_sweeps.
-FLATMTL_HD inline Status jacobi_svd(double* B, int n, double* W, int max_sweeps) {
-  for (int i = 0; i < n; ++i) {
-    for (int j = 0; j < n; ++j) W[i * n + j] = i == j ? 1.0 : 0.0;
-  }
-  // Rows below eps ‖A‖_F are rounding noise: rotating them against the others can cycle at the
-  // rounding level, and IMTL-G's cut-off 4 K eps max‖g_i‖ ≥ eps ‖A‖_F (|A_ij| ≤ 4 max‖g_i‖) drops them.
-  const double noise = kDoubleEps * kDoubleEps * dot(B, B, n * n);
-  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
-    bool rotated = false;
-    for (int p = 0; p < n - 1; ++p) {
-      double* bp = B + p * n;
-      double* wp = W + p * n;
-      for (int q = p + 1; q < n; ++q) {
-        double* bq = B + q * n;
-        double* wq = W + q * n;
-        const double app = dot(bp, bp, n), aqq = dot(bq, bq, n), apq = dot(bp, bq, n);
-        if (!(fabs(apq) > kDoubleEps * sqrt(app * aqq)) || min2(app, aqq) <= noise) continue;  // or NaN
-        rotated = true;
-        const double zeta = (aqq - app) / (2.0 * apq);
-        const double t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
-        const double cs = 1.0 / sqrt(1.0 + t * t), sn = cs * t;
-        for (int r = 0; r < n; ++r) {
-          const double x = bp[r], y = bq[r];
-          bp[r] = cs * x - sn * y;
-          bq[r] = sn * x + cs * y;
-          const double vx = wp[r], vy = wq[r];
-          wp[r] = cs * vx - sn * vy;
-          wq[r] = sn * vx + cs * vy;
-        }
-      }
-    }
-    if (!rotated) return {sweep, 1};
-  }
-  return {max_sweeps, 0};
-}
 
 // Householder reflector (LAPACK dlarfg) annihilating x[1..m) of the m-vector x in place: on return
 // x[0] = β (the new leading entry), x[1..m) = v[1..m) (v[0] = 1 implied); returns τ, so that
@@ -118,7 +78,7 @@ struct Imtlg : TeamSolver {
     team.sync();
     // rest = b A⁺ is the minimum-norm solution x of Aᵀx = bᵀ once the singular values ≤ cutoff are
     // dropped. Column-pivoted QR Aᵀ P = Q R (⅔n³ multiply-adds, less than one sweep of the Jacobi SVD
-    // below) with R = [R11 R12; 0 R22] proves the SVD's rank is r when σ_r ≥ 1/‖R11⁻¹‖_F > cutoff and
+    // of jacobi.h) with R = [R11 R12; 0 R22] proves the SVD's rank is r when σ_r ≥ 1/‖R11⁻¹‖_F > cutoff and
     // σ_{r+1} ≤ ‖R22‖_F ≤ cutoff; then x = P T⁺ Q₁ᵀb with T = [R11 R12] (for r = n, P R⁻¹ Qᵀb), which
     // equals the truncated-SVD solution up to O(‖R22‖ / σ_r) (rounding-level R22). Only when a singular
     // value is too close to the cut-off for these bounds does the Jacobi SVD decide.
@@ -260,7 +220,7 @@ struct Imtlg : TeamSolver {
     double* At = b + 6 * int64_t(n);
     double* V = At + int64_t(n) * n;
     build(M, K, s, true, b, At);
-    const Status status = jacobi_svd(At, n, V, kMaxSweeps);
+    const Status status = jacobi_svd(At, n, n, V, b + n, kMaxSweeps);  // b + n: free scratch (5n)
     // rest = Σ_k (b·V_k)/σ_k U_kᵀ over σ_k > cutoff; row k of At now holds σ_k U_k.
     for (int j = 0; j < K; ++j) w[j] = 0.0;
     for (int k = 0; k < n; ++k) {

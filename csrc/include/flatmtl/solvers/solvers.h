@@ -8,6 +8,7 @@
 #include <string>
 
 #include "flatmtl/solvers/affinity_propagation.h"
+#include "flatmtl/solvers/aligned_mtl.h"
 #include "flatmtl/solvers/dual_cone.h"
 #include "flatmtl/solvers/fairgrad.h"
 #include "flatmtl/solvers/imtlg.h"
