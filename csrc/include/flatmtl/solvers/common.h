@@ -269,4 +269,17 @@ FLATMTL_HD inline void cholesky_solve(const double* L, int n, int lda, double* b
   }
 }
 
+// Of two starts x and y of a descent (Nash-MTL, FairGrad), each first moved by to_ray(v) onto its ray, x keeps
+// the one with the lower objective(v).
+template <class Team, class ToRay, class Objective>
+FLATMTL_HD inline void keep_lower_start(double* x, double* y, int n, const ToRay& to_ray, const Objective& objective,
+                                        const Team& team) {
+  to_ray(x);
+  to_ray(y);
+  if (objective(y) < objective(x)) {
+    for (int i = first_owned(team, 0); i < n; i += team.size()) x[i] = y[i];
+    team.sync();
+  }
+}
+
 }  // namespace flatmtl::solvers

@@ -56,12 +56,9 @@ struct FairGrad : TeamSolver {
       trial[i] = pow(M[i * n + i], -alpha / (alpha + 1.0));
     }
     team.sync();
-    to_ray(M, n, w, Mw, team);
-    to_ray(M, n, trial, Mw, team);
-    if (objective(M, n, trial, Mw, team) < objective(M, n, w, Mw, team)) {
-      for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] = trial[i];
-      team.sync();
-    }
+    keep_lower_start(
+        w, trial, n, [&](double* v) { to_ray(M, n, v, Mw, team); },
+        [&](const double* v) { return objective(M, n, v, Mw, team); }, team);
     for (int it = 0; it <= kFairMaxNewton; ++it) {
       matvec(M, n, w, Mw, team);
       double residual = 0.0;

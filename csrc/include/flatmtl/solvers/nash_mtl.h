@@ -47,12 +47,9 @@ FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_i
     other[i] = 1.0 / sqrt(M[i * n + i]);
   }
   team.sync();
-  nash_rescale(M, n, alpha, Ma, team);
-  nash_rescale(M, n, other, Ma, team);
-  if (nash_objective(M, n, other, Ma, team) < nash_objective(M, n, alpha, Ma, team)) {
-    for (int i = first_owned(team, 0); i < n; i += team.size()) alpha[i] = other[i];
-    team.sync();
-  }
+  keep_lower_start(
+      alpha, other, n, [&](double* v) { nash_rescale(M, n, v, Ma, team); },
+      [&](const double* v) { return nash_objective(M, n, v, Ma, team); }, team);
   for (int it = 0; it <= max_iter; ++it) {
     matvec(M, n, alpha, Ma, team);
     double residual = 0.0;
