@@ -39,7 +39,7 @@ def test_no_host_sync(name):
 @pytest.mark.parametrize("name", sorted(SYNC_ON_CUDA))
 def test_documented_syncs(name):
     """The exceptions are real (if torch stops synchronising there, move them to SYNC_FREE) and go away with the
-    native CUDA solver where there is one."""
+    native CUDA solver where there is one, which a CUDA graph then captures."""
     G, losses = _on_cuda(name, 7, seed=1)
     agg = make(name)
     agg(G, losses)
@@ -52,9 +52,18 @@ def test_documented_syncs(name):
         torch.cuda.set_sync_debug_mode("default")
     if name in NATIVE:
         with flatmtl_fast.use_backend("cuda"):
-            agg(G, losses)
+            expected = agg(G, losses)
             with forbid_host_sync("cuda"):
                 agg(G, losses)
+            # ... and a step with the native solver is captured and replayed
+            out = torch.empty_like(expected)
+            on_side_stream(lambda: agg(G, losses, out=out), G.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                agg(G, losses, out=out)
+            out.zero_()
+            graph.replay()
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("name", SYNC_FREE)
