@@ -19,39 +19,54 @@ FLATMTL_HD inline void tournament_pair(int m, int round, int k, int* p, int* q) 
   *q = a < b ? b : a;
 }
 
-// Rotates rows p and q of B (n entries), and of W (m entries) unless W is null, so that they become
-// orthogonal; returns whether they needed it. norm_p and norm_q hold the rows' squared norms, updated with the
-// rotation (as LAPACK's dgesvj does: one dot product a pair instead of three). Rows below `noise` (squared
-// norms) are rounding: rotating them against the others can cycle at the rounding level, and every caller's
-// cut-off drops them.
-FLATMTL_HD inline bool jacobi_rotate(double* bp, double* bq, int n, double* wp, double* wq, int m, double* norm_p,
-                                     double* norm_q, double noise) {
-  const double app = *norm_p, aqq = *norm_q, apq = dot(bp, bq, n);
-  if (!(fabs(apq) > kDoubleEps * sqrt(app * aqq)) || min2(app, aqq) <= noise) return false;  // or NaN
-  const double zeta = (aqq - app) / (2.0 * apq);
-  const double t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
-  const double cs = 1.0 / sqrt(1.0 + t * t), sn = cs * t;
-  for (int r = 0; r < n; ++r) {
-    const double x = bp[r], y = bq[r];
-    bp[r] = cs * x - sn * y;
-    bq[r] = sn * x + cs * y;
-  }
-  for (int r = 0; wp != nullptr && r < m; ++r) {
-    const double x = wp[r], y = wq[r];
-    wp[r] = cs * x - sn * y;
-    wq[r] = sn * x + cs * y;
-  }
-  // The rotation keeps app + aqq and app aqq − apq² and makes apq 0 (t² + 2ζt = 1).
-  *norm_p = max2(0.0, app - t * apq);
-  *norm_q = max2(0.0, aqq + t * apq);
-  return true;
+// Lane `lane` (0-3) of dot(a, b, n): its interleaved partial sum (entries k ≡ lane mod 4 of the groups of four,
+// plus the tail for lane 0), so that (lane 0 + lane 1) + (lane 2 + lane 3) is dot()'s result bit for bit.
+FLATMTL_HD inline double dot_lane(const double* a, const double* b, int n, int lane) {
+  const int whole = n - n % 4;
+  double s = 0.0;
+  for (int k = lane; k < whole; k += 4) s += a[k] * b[k];
+  for (int k = whole; lane == 0 && k < n; ++k) s += a[k] * b[k];
+  return s;
 }
+
+// The rotation making two rows with squared norms app, aqq and inner product apq orthogonal: t = tan θ. None
+// (false) when they are orthogonal to working precision, or one is below `noise` (squared norm): such rows are
+// rounding, rotating them against the others can cycle at the rounding level, and every caller's cut-off drops
+// them.
+struct JacobiRotation {
+  double cs, sn, t;
+  FLATMTL_HD bool make(double app, double aqq, double apq, double noise) {
+    if (!(fabs(apq) > kDoubleEps * sqrt(app * aqq)) || min2(app, aqq) <= noise) return false;  // or NaN
+    const double zeta = (aqq - app) / (2.0 * apq);
+    t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+    cs = 1.0 / sqrt(1.0 + t * t);
+    sn = cs * t;
+    return true;
+  }
+  // Entries first, first + step, ... below n of rows x and y.
+  FLATMTL_HD void apply(double* x, double* y, int n, int first = 0, int step = 1) const {
+    for (int r = first; r < n; r += step) {
+      const double u = x[r], v = y[r];
+      x[r] = cs * u - sn * v;
+      y[r] = sn * u + cs * v;
+    }
+  }
+  // The squared norms after the rotation, which keeps app + aqq and app aqq − apq² and makes apq 0 (t² + 2ζt = 1):
+  // one dot product a pair instead of three, as LAPACK's dgesvj.
+  FLATMTL_HD void update_norms(double* norm_p, double* norm_q, double apq) const {
+    const double app = *norm_p, aqq = *norm_q;
+    *norm_p = max2(0.0, app - t * apq);
+    *norm_q = max2(0.0, aqq + t * apq);
+  }
+};
 
 // The SVD of the n x rows matrix A (rows ≤ n) given by its transpose B = Aᵀ (row-major, so A's columns are
 // B's rows), in place: on return row k of B is σ_k U_k and, unless W (rows x rows) is null, row k of W is the
 // right singular vector V_k (A V = U Σ). Accurate to rounding for the small singular values too (unlike an
 // eigendecomposition of AᵀA), which the callers' cut-offs need. norms: rows doubles of scratch. Returns the
-// sweeps used and whether the rows became orthogonal within max_sweeps. A team splits each round's pairs.
+// sweeps used and whether the rows became orthogonal within max_sweeps.
+// A team splits each round's pairs; a team of at least two workers a pair (a CUDA block at K ≤ size) gives
+// each pair a group of up to four, which share its dot product by dot()'s four lanes and its rotation by entries.
 template <class Team = SoloTeam>
 FLATMTL_HD inline Status jacobi_svd(double* B, int rows, int n, double* W, double* norms, int max_sweeps,
                                     const Team& team = Team{}) {
@@ -62,6 +77,8 @@ FLATMTL_HD inline Status jacobi_svd(double* B, int rows, int n, double* W, doubl
   const double noise = kDoubleEps * kDoubleEps * dot(B, B, int(int64_t(rows) * n));
   team.sync();
   const int players = rows + (rows & 1);  // an odd count gets a bye each round: pairs with player `rows`
+  const int pairs = players / 2;
+  const int group = pairs > 0 && team.size() >= 2 * pairs ? int(min2(4.0, double(team.size() / pairs))) : 1;
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     // Exact norms at each sweep's start: the updated ones drift, and a sweep without rotations (the stopping
     // test) then decides on exact ones.
@@ -72,16 +89,47 @@ FLATMTL_HD inline Status jacobi_svd(double* B, int rows, int n, double* W, doubl
     team.sync();
     bool rotated = false;
     for (int round = 0; round < players - 1; ++round) {
-      for (int k = first_owned(team, 0); k < players / 2; k += team.size()) {
-        int p, q;
-        tournament_pair(players, round, k, &p, &q);
-        if (q >= rows) continue;
-        double* wp = W == nullptr ? nullptr : W + int64_t(p) * rows;
-        double* wq = W == nullptr ? nullptr : W + int64_t(q) * rows;
-        rotated |= jacobi_rotate(B + int64_t(p) * n, B + int64_t(q) * n, n, wp, wq, rows, norms + p, norms + q, noise);
+      if (group == 1) {
+        for (int k = first_owned(team, 0); k < pairs; k += team.size()) {
+          int p, q;
+          tournament_pair(players, round, k, &p, &q);
+          if (q >= rows) continue;
+          double* bp = B + int64_t(p) * n;
+          double* bq = B + int64_t(q) * n;
+          const double apq = dot(bp, bq, n);
+          JacobiRotation rotation;
+          if (!rotation.make(norms[p], norms[q], apq, noise)) continue;
+          rotated = true;
+          rotation.apply(bp, bq, n);
+          if (W != nullptr) rotation.apply(W + int64_t(p) * rows, W + int64_t(q) * rows, rows);
+          rotation.update_norms(norms + p, norms + q, apq);
+        }
+        team.sync();
+        continue;
       }
+      // Worker `member` of group k: the lanes member, member + group, ... of the dot product into the team's
+      // slots (4 a pair: 4 pairs ≤ 2 size), then the entries member, member + group, ... of the rotation.
+      const int k = team.rank() / group, member = team.rank() % group;
+      int p = 0, q = rows;
+      if (k < pairs) tournament_pair(players, round, k, &p, &q);
+      const bool mine = q < rows;
+      double* slots = team.slots() + 4 * k;
+      double* bp = B + int64_t(p) * n;
+      double* bq = B + int64_t(q) * n;
+      for (int lane = member; mine && lane < 4; lane += group) slots[lane] = dot_lane(bp, bq, n, lane);
       team.sync();
+      const double apq = mine ? (slots[0] + slots[1]) + (slots[2] + slots[3]) : 0.0;
+      JacobiRotation rotation;
+      const bool rotate = mine && rotation.make(norms[p], norms[q], apq, noise);
+      if (rotate) {
+        rotated = true;
+        rotation.apply(bp, bq, n, member, group);
+        if (W != nullptr) rotation.apply(W + int64_t(p) * rows, W + int64_t(q) * rows, rows, member, group);
+      }
+      team.sync();  // every member has read the norms and the slots
+      if (rotate && member == 0) rotation.update_norms(norms + p, norms + q, apq);
     }
+    team.sync();
     // "Did any worker rotate?" as a team minimum (every worker must call it, even the single one).
     if (team_first_min(team, rotated ? 0.0 : INFINITY, rotated ? 0 : -1) < 0) return {sweep, 1};
   }
