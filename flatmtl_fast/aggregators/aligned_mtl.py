@@ -18,8 +18,8 @@ class AlignedMTL(FusedGramian, reference.AlignedMTL):
     The torch solver calls ``torch.linalg.eigh``, which checks LAPACK's status on the host: on CUDA one
     synchronisation, and no CUDA graph capture (as IMTL-G's torch solver). The native CUDA solver
     (``use_backend("cuda")``) has neither: a Jacobi eigendecomposition of a pivoted Cholesky factor in the
-    kernel. On the CPU the torch solver runs under every backend: LAPACK's eigh is faster there (0.4 ms
-    against 2.6 ms at K = 64) and synchronises with nothing."""
+    kernel. On the CPU the torch solver runs under every backend: LAPACK's eigh is faster there (0.3-0.5 ms
+    against 1.9-2.6 ms at K = 64, 2 cores) and synchronises with nothing."""
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         return aligned_weights(M)
