@@ -14,8 +14,14 @@ struct AlignedMtl : TeamSolver {
   double rank_eps;
   static constexpr int kMaxSweeps = 64;
 
-  // Scratch: A (M, then its Schur complements), the factor's rows R (K x K each); then K each: the
+  // The scratch: A (M, then its Schur complements), the factor's rows R (K x K each); then K each: the
   // eliminated indices, the eigenvalues, B's coefficients and the Jacobi norms.
+  struct Scratch {
+    double *A, *R, *eliminated, *lambda, *coef, *norms;
+    FLATMTL_HD Scratch(double* work, int K)
+        : A(work), R(A + int64_t(K) * K), eliminated(R + int64_t(K) * K), lambda(eliminated + K),
+          coef(lambda + K), norms(coef + K) {}
+  };
   FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 4 * int64_t(K); }
 
   // The eigenvectors of M come from the SVD of a factor: pivoted Cholesky M = Rᵀ R (R's rows r_j, in M's own
@@ -28,21 +34,20 @@ struct AlignedMtl : TeamSolver {
   // c ≥ −λ_min (the same eigenvectors, eigenvalues σ_k² − c: absolute accuracy eps c, as LAPACK's).
   template <class Team = SoloTeam>
   FLATMTL_HD Status operator()(const double* M, int K, double* w, double* work, const Team& team = Team{}) const {
-    double* R = work + int64_t(K) * K;
-    double* lambda = R + int64_t(K) * K + K;
-    double* coef = lambda + K;
-    double* norms = coef + K;
+    const Scratch at(work, K);
+    double* R = at.R;
+    double* lambda = at.lambda;
     double shift = 0.0;
     int rank = 0;
-    if (!factor(M, K, shift, work, &rank, team)) {
+    if (!factor(M, K, shift, at, &rank, team)) {
       for (int i = 0; i < K; ++i) {
         double row = 0.0;
         for (int j = 0; j < K; ++j) row += fabs(M[int64_t(i) * K + j]);
         shift = max2(shift, row);
       }
-      factor(M, K, shift, work, &rank, team);
+      factor(M, K, shift, at, &rank, team);
     }
-    const Status status = jacobi_svd(R, rank, K, nullptr, norms, kMaxSweeps, team);
+    const Status status = jacobi_svd(R, rank, K, nullptr, at.norms, kMaxSweeps, team);
     for (int k = first_owned(team, 0); k < rank; k += team.size()) {
       double* rk = R + int64_t(k) * K;
       const double squared = dot(rk, rk, K);
@@ -51,18 +56,19 @@ struct AlignedMtl : TeamSolver {
       for (int j = 0; j < K; ++j) rk[j] *= inverse;  // v_k
     }
     team.sync();
-    balance(K, R, lambda, rank, w, coef, team);
+    balance(K, R, lambda, rank, w, at.coef, team);
     return status;
   }
 
-  // Pivoted Cholesky of M + shift I into R's rows (work: A, R, the eliminated flags), down to pivots ≤ eps
+  // Pivoted Cholesky of M + shift I into R's rows (using A and the eliminated flags), down to pivots ≤ eps
   // max diagonal; *rank gets the rows made. Returns whether the Schur complement left is rounding (every entry
   // ≤ 4 K eps max diagonal), as it is for a positive semidefinite matrix.
   template <class Team>
-  FLATMTL_HD static bool factor(const double* M, int K, double shift, double* work, int* rank, const Team& team) {
-    double* A = work;
-    double* R = A + int64_t(K) * K;
-    double* eliminated = R + int64_t(K) * K;
+  FLATMTL_HD static bool factor(const double* M, int K, double shift, const Scratch& at, int* rank,
+                                const Team& team) {
+    double* A = at.A;
+    double* R = at.R;
+    double* eliminated = at.eliminated;
     double max_diag = 0.0;
     for (int k = 0; k < K; ++k) max_diag = max2(max_diag, M[int64_t(k) * K + k] + shift);
     for (int i = first_owned(team, 0); i < K; i += team.size()) {

@@ -129,7 +129,7 @@ FLATMTL_HD inline Status jacobi_svd(double* B, int rows, int n, double* W, doubl
       team.sync();  // every member has read the norms and the slots
       if (rotate && member == 0) rotation.update_norms(norms + p, norms + q, apq);
     }
-    team.sync();
+    if (group > 1) team.sync();  // the last round's norms are written before the next sweep recomputes them
     // "Did any worker rotate?" as a team minimum (every worker must call it, even the single one).
     if (team_first_min(team, rotated ? 0.0 : INFINITY, rotated ? 0 : -1) < 0) return {sweep, 1};
   }
