@@ -6,8 +6,11 @@
 // {iterations, converged} to an optional int32 device buffer `status`).
 #include "flatmtl/solvers_bindings.h"
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "flatmtl/solvers/solvers.h"
 #include "flatmtl/solvers/thread_team.h"
@@ -34,7 +37,19 @@ void check_buffers(uintptr_t M, int64_t K, uintptr_t w, uintptr_t work) {
   require(work != 0 || Problem::work_size(int(K)) == 0, "work is a null pointer");
 }
 
-// Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...).
+// Runs solve(m) on m = M or, when nan_if_nonfinite is set and M holds a NaN or Inf, on M = 0 and then makes w NaN
+// (common.h's non-finite policy).
+template <class Solve>
+sv::Status solve_with_policy(const double* M, int64_t K, double* w, bool nan_if_nonfinite, const Solve& solve) {
+  if (!nan_if_nonfinite || sv::all_finite(M, K * K)) return solve(M);
+  const std::vector<double> zeros(size_t(K * K), 0.0);
+  const sv::Status status = solve(zeros.data());
+  std::fill(w, w + K, NAN);
+  return status;
+}
+
+// Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...). Each takes a last
+// argument nan_if_nonfinite (default false): apply common.h's non-finite policy in the same call.
 template <class Problem, class... Params, class... Names>
 void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t, Params...), const char* doc,
                 Names... names) {
@@ -42,17 +57,19 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         "Scratch doubles the solver needs for K tasks.");
   m.def(
       ("solve_" + name).c_str(),
-      [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work) {
+      [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, bool nan_if_nonfinite) {
         check_buffers<Problem>(M, K, w, work);
         const Problem problem = make(K, params...);
         sv::Status status;
         {
           py::gil_scoped_release release;
-          status = problem(ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work));
+          status = solve_with_policy(ptr<const double>(M), K, ptr<double>(w), nan_if_nonfinite, [&](const double* m) {
+            return problem(m, int(K), ptr<double>(w), ptr<double>(work));
+          });
         }
         return py::make_tuple(status.iterations, bool(status.converged));
       },
-      py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), doc);
+      py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), py::arg("nan_if_nonfinite") = false, doc);
   // Row-parallel solvers (K independent per-task problems) gain from CPU threads; a team solver's barriers cost
   // more on CPU threads than its splits save, so only the former are threaded on the CPU.
   m.attr(("solve_" + name + "_row_parallel").c_str()) = sv::is_row_parallel<Problem>;
@@ -67,7 +84,8 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         py::arg("K"), py::arg("lanes"), "Scratch doubles of solve_<name>_threaded with `lanes` workers.");
     m.def(
         ("solve_" + name + "_threaded").c_str(),
-        [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, int threads, int lanes) {
+        [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, int threads, int lanes,
+               bool nan_if_nonfinite) {
           check_buffers<Problem>(M, K, w, work);
           require(threads >= 1 && threads <= sv::cuda::kBlockThreads,
                   "threads must be in [1, " + std::to_string(sv::cuda::kBlockThreads) + "]");
@@ -77,12 +95,14 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
           sv::Status status;
           {
             py::gil_scoped_release release;
-            status = sv::solve_threaded(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work),
-                                        threads, lanes);
+            status = solve_with_policy(ptr<const double>(M), K, ptr<double>(w), nan_if_nonfinite, [&](const double* m) {
+              return sv::solve_threaded(problem, m, int(K), ptr<double>(w), ptr<double>(work), threads, lanes);
+            });
           }
           return py::make_tuple(status.iterations, bool(status.converged));
         },
         py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), py::arg("threads"), py::arg("lanes"),
+        py::arg("nan_if_nonfinite") = false,
         "The solve spread over `threads` CPU threads (a row-parallel one's tasks over `lanes` of them), as the CUDA "
         "kernel runs it.");
   }
@@ -92,14 +112,15 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
   m.def(
       ("cuda_solve_" + name).c_str(),
       [make](uintptr_t M, int64_t K, Params... params, uintptr_t w, uintptr_t work, uintptr_t status, int device,
-             uintptr_t stream) {
+             uintptr_t stream, bool nan_if_nonfinite) {
         check_buffers<Problem>(M, K, w, work);
-        const std::string error = sv::cuda::launch(make(K, params...), ptr<const double>(M), int(K), ptr<double>(w),
-                                                   ptr<double>(work), ptr<int>(status), device, stream);
+        const std::string error =
+            sv::cuda::launch(make(K, params...), ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work),
+                             ptr<int>(status), nan_if_nonfinite, device, stream);
         if (!error.empty()) throw std::runtime_error("flatmtl_fast CUDA backend: " + error);
       },
       py::arg("M"), py::arg("K"), names..., py::arg("w"), py::arg("work"), py::arg("status"), py::arg("device"),
-      py::arg("stream"), doc);
+      py::arg("stream"), py::arg("nan_if_nonfinite") = false, doc);
 #endif
 }
 

@@ -37,12 +37,13 @@ class FusedGramian(GramianAggregator):
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=self.needs_losses, owner=type(self).__name__)
         if self._uses_gram:
-            M = gram(G, dtype=torch.float64, check_finite=check_finite)
+            w = self._guarded_weights(gram(G, dtype=torch.float64, check_finite=check_finite), losses, G.dtype)
         else:
             if check_finite and not bool(torch.isfinite(G).all()):
                 raise FloatingPointError(f"{type(self).__name__}: G contains NaN or Inf")
-            M = torch.zeros(K, K, dtype=torch.float64, device=G.device)
-        return combine(self._guarded_weights(M, losses, G.dtype), G, out=out)
+            # The weights ignore M, so a zero (finite) one needs no guard; a NaN in G reaches d column by column.
+            w = self._solve(torch.zeros(K, K, dtype=torch.float64, device=G.device), losses, G.dtype)
+        return combine(w, G, out=out)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         K = check_gramian(M)
@@ -51,11 +52,12 @@ class FusedGramian(GramianAggregator):
         return w.to(M.dtype) if self._weights_in_input_dtype else w
 
     def _guarded_weights(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
+        # A native solver applies the non-finite policy (class docstring) inside its own call.
+        w = solve_natively(self, M, losses, input_dtype)
+        if w is not None:
+            return w
         finite = torch.isfinite(M).all()
-        safe = torch.where(finite, M, 0.0)
-        w = solve_natively(self, safe, losses, input_dtype)
-        if w is None:
-            w = self._solve(safe, losses, input_dtype)
+        w = self._solve(torch.where(finite, M, 0.0), losses, input_dtype)
         return torch.where(finite, w, torch.nan)
 
     #: Methods with a compiled solver (csrc/include/flatmtl/solvers) define

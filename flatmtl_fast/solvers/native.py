@@ -47,7 +47,12 @@ class _NativeSolvers:
             return f"the {self.name} solvers run on {wanted} tensors, got {device}"
         return None
 
-    def solve(self, solver: str, M: Tensor, parameters: Sequence[Parameter]) -> Tensor:
+    def solve(
+        self, solver: str, M: Tensor, parameters: Sequence[Parameter], *, nan_if_nonfinite: bool = False
+    ) -> Tensor:
+        """The K doubles ``solver`` writes for M. ``nan_if_nonfinite``: an M with a NaN or Inf is solved as M = 0
+        (so the solve cannot fail, and state it keeps moves as for M = 0) and gives NaN weights, in the same call
+        (the aggregators' policy, see ``FusedGramian``)."""
         module = _native.module()
         K = M.shape[0]
         M = M.contiguous()
@@ -59,18 +64,20 @@ class _NativeSolvers:
             if threads > 1:  # the tasks spread over the threads, each with its scratch; same bits as one thread
                 work = _scratch(getattr(module, f"solve_{solver}_threaded_work_size")(K, threads), M.device)
                 getattr(module, f"solve_{solver}_threaded")(
-                    M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), threads, threads
+                    M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), threads, threads, nan_if_nonfinite
                 )
             else:
                 work = _scratch(getattr(module, f"solve_{solver}_work_size")(K), M.device)
-                getattr(module, f"solve_{solver}")(M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr())
+                getattr(module, f"solve_{solver}")(
+                    M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), nan_if_nonfinite
+                )
         else:
             # The CUDA kernels may spread a solve over the threads of their block, with scratch for each.
             work = _scratch(getattr(module, f"cuda_solve_{solver}_work_size")(K), M.device)
             device = M.device.index if M.device.index is not None else torch.cuda.current_device()
             stream = torch.cuda.current_stream(M.device).cuda_stream
             getattr(module, f"cuda_solve_{solver}")(
-                M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), 0, device, stream
+                M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), 0, device, stream, nan_if_nonfinite
             )
         return w
 
@@ -114,7 +121,8 @@ def _native_backend(M: Tensor) -> _NativeSolvers | None:
 
 
 def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor | None:
-    """The aggregator's weights from its native solver, or None when the torch solver should run."""
+    """The aggregator's weights from its native solver, with the aggregators' non-finite policy applied (NaN
+    weights from a solve on M = 0 where M holds a NaN or Inf), or None when the torch solver should run."""
     describe = getattr(aggregator, "_native_solver", None)
     impl = None if describe is None else _native_backend(M)
     if impl is None:
@@ -123,7 +131,7 @@ def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_d
     if call is None:
         return None
     solver, parameters = call
-    return impl.solve(solver, M, parameters)
+    return impl.solve(solver, M, parameters, nan_if_nonfinite=True)
 
 
 def run_native_solver(solver: str, M: Tensor, parameters: Sequence[Parameter]) -> Tensor | None:

@@ -157,6 +157,24 @@ def test_nan_input_gives_nan_direction_or_raises(name: str) -> None:
         make(name)(G, check_finite=True)
 
 
+@SOLVE_PATHS
+@pytest.mark.parametrize("K", [3, 70])
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("GradDrop", "DBMTL")])
+def test_a_nonfinite_gram_is_solved_as_zero(name: str, K: int, backend: str) -> None:
+    """The non-finite policy, applied inside the native solve call or around the torch solver: NaN weights, and
+    the aggregator's state (generator, GradVac's targets, Nash-MTL's α) moves exactly as for M = 0, so the
+    next steps are those after a step on M = 0. K = 70: the row-parallel native solvers run on threads."""
+    M = (lambda G: G.double() @ G.double().T)(random_G(K, 3 * K, seed=K))
+    corrupted = M.clone()
+    corrupted[1, 0] = torch.inf
+    hit, clean = make(name), make(name)
+    with flatmtl_fast.use_backend(backend):
+        assert bool(hit.weights(corrupted).isnan().all())
+        assert not bool(clean.weights(torch.zeros_like(M)).isnan().any())
+        for _ in range(2):
+            assert torch.equal(hit.weights(M), clean.weights(M))
+
+
 def test_nan_propagates_per_column_in_elementwise_methods() -> None:
     G = random_G(3, 20, seed=6)
     G[1, 5] = torch.nan

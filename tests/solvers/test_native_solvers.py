@@ -561,10 +561,22 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
     }
 
 
-def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, lanes: int | None = None):
+def _solver_of(problem: str) -> str:
+    """The solver a _team_problems entry runs ("upgrad_pref" -> "upgrad")."""
+    return problem if problem in ("nash_mtl", "affinity_propagation", "aligned_mtl") else problem.split("_")[0]
+
+
+def _run(
+    name: str,
+    M: torch.Tensor,
+    params: tuple,
+    threads: int | None = None,
+    lanes: int | None = None,
+    nan_if_nonfinite: bool = False,
+):
     """(w, status, the state tensors after the call) of one solve on fresh copies of the state."""
     K = M.shape[0]
-    name = name if name in ("nash_mtl", "affinity_propagation", "aligned_mtl") else name.split("_")[0]
+    name = _solver_of(name)
     copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
     args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
     w = torch.full((K,), float("nan"), dtype=torch.float64)
@@ -575,7 +587,7 @@ def _run(name: str, M: torch.Tensor, params: tuple, threads: int | None = None, 
         size = getattr(C, f"solve_{name}_threaded_work_size")(K, lanes)
         call, extra = getattr(C, f"solve_{name}_threaded"), (threads, lanes)
     work = torch.full((max(1, size),), float("nan"), dtype=torch.float64)
-    status = call(M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), *extra)
+    status = call(M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), *extra, nan_if_nonfinite=nan_if_nonfinite)
     return w, status, [p for p in copies if isinstance(p, torch.Tensor)]
 
 
@@ -601,6 +613,31 @@ def test_team_solve_gives_the_single_worker_result_exactly(K, kind):
             assert status_team == status, (name, threads, lanes)
             for before, after in zip(state, state_team, strict=True):
                 assert torch.equal(before, after), (name, threads, lanes)  # GradVac's targets, Nash-MTL's α
+
+
+@pytest.mark.parametrize("K", [1, 3, 40, 70])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_if_nonfinite_solves_on_zero_and_gives_nan(K, bad):
+    """The aggregators' non-finite policy inside the solve call, on one worker and on teams: an M with a NaN or
+    Inf gives NaN weights, and the status and updated state (GradVac's targets, Nash-MTL's α) of a solve on
+    M = 0. A finite M is solved as without the flag."""
+    G = make_G(K, "full", 1.0, seed_of(K, "policy"))
+    M = G @ G.T
+    corrupted = M.clone()
+    corrupted[K // 2, K - 1] = bad
+    zeros = torch.zeros(K, K, dtype=torch.float64)
+    for name, params in _team_problems(K, seed_of(K, "policy")).items():
+        row_parallel = name.startswith(("upgrad", "pcgrad", "gradvac"))
+        for threads, lanes in [(None, None), (3, 2 if row_parallel else 3)]:
+            _, status, state = _run(name, zeros, params, threads, lanes)
+            w, status_nan, state_nan = _run(name, corrupted, params, threads, lanes, nan_if_nonfinite=True)
+            assert torch.isnan(w).all(), (name, threads)
+            assert status_nan == status, (name, threads)
+            for on_zero, on_bad in zip(state, state_nan, strict=True):
+                assert torch.equal(on_zero, on_bad), (name, threads)
+            w_finite, _, _ = _run(name, M, params, threads, lanes)
+            w_flagged, _, _ = _run(name, M, params, threads, lanes, nan_if_nonfinite=True)
+            assert torch.equal(w_flagged, w_finite), (name, threads)
 
 
 def test_team_solver_takes_every_thread():
@@ -657,28 +694,53 @@ def test_cuda_matches_cpu(K):
         "cagrad": (0.4, 1, False),
         "imgrad": (0.8, False),
     }
-    stream = torch.cuda.current_stream()
     for name, params in problems.items():
-        # State inputs are updated in place: each side gets its own copy (kept alive while in use).
-        cpu_copies = [p.clone() if isinstance(p, torch.Tensor) else p for p in params]
-        gpu_copies = [p.cuda() if isinstance(p, torch.Tensor) else p for p in params]
-        cpu_params = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in cpu_copies]
-        gpu_params = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in gpu_copies]
-        w_cpu, _, _ = solve(name, M, *cpu_params)
-        Md = M.cuda()
-        w = torch.empty(K, dtype=torch.float64, device="cuda")
-        work = torch.empty(max(1, getattr(C, f"cuda_solve_{name}_work_size")(K)), dtype=torch.float64, device="cuda")
-        status = torch.zeros(2, dtype=torch.int32, device="cuda")
-        getattr(C, f"cuda_solve_{name}")(
-            Md.data_ptr(),
-            K,
-            *gpu_params,
-            w.data_ptr(),
-            work.data_ptr(),
-            status.data_ptr(),
-            Md.device.index,
-            stream.cuda_stream,
-        )
-        torch.cuda.synchronize()
-        assert torch.allclose(w.cpu(), w_cpu, rtol=1e-6, atol=1e-9 * float(w_cpu.abs().max())), name
+        w_cpu, _, _ = _run(name, M, params)
+        w, status, _ = _cuda_run(name, M, params)
+        assert torch.allclose(w, w_cpu, rtol=1e-6, atol=1e-9 * float(w_cpu.abs().max())), name
         assert int(status[1]) in (0, 1)
+
+
+def _cuda_run(name: str, M: torch.Tensor, params: tuple, nan_if_nonfinite: bool = False):
+    """(w, status, the state tensors after the call) of one CUDA solve on fresh device copies of the state, on the
+    CPU."""
+    K = M.shape[0]
+    name = _solver_of(name)
+    copies = [p.cuda() if isinstance(p, torch.Tensor) else p for p in params]
+    args = [p.data_ptr() if isinstance(p, torch.Tensor) else p for p in copies]
+    Md = M.cuda()
+    w = torch.empty(K, dtype=torch.float64, device="cuda")
+    work = torch.empty(max(1, getattr(C, f"cuda_solve_{name}_work_size")(K)), dtype=torch.float64, device="cuda")
+    status = torch.zeros(2, dtype=torch.int32, device="cuda")
+    getattr(C, f"cuda_solve_{name}")(
+        Md.data_ptr(),
+        K,
+        *args,
+        w.data_ptr(),
+        work.data_ptr(),
+        status.data_ptr(),
+        Md.device.index,
+        torch.cuda.current_stream().cuda_stream,
+        nan_if_nonfinite=nan_if_nonfinite,
+    )
+    return w.cpu(), status.cpu(), [p.cpu() for p in copies if isinstance(p, torch.Tensor)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [3, 64, 100])
+def test_cuda_nan_if_nonfinite_solves_on_zero_and_gives_nan(K):
+    """The kernel's non-finite policy, on a staged M (K ≤ 64) and on one read from global memory (K = 100: the
+    zeros come from the scratch): NaN weights, and the status and state of the same kernel run on M = 0."""
+    M = (lambda G: G @ G.T)(make_G(K, "full", 1.0, seed_of(K, "cuda-policy")))
+    corrupted = M.clone()
+    corrupted[K - 1, K // 2] = float("nan")
+    for name, params in _team_problems(K, seed_of(K, "cuda-policy")).items():
+        w, status, state = _cuda_run(name, corrupted, params, nan_if_nonfinite=True)
+        _, status_on_zero, state_on_zero = _cuda_run(name, torch.zeros_like(M), params)
+        assert torch.isnan(w).all(), name
+        assert torch.equal(status, status_on_zero), name
+        for on_zero, on_bad in zip(state_on_zero, state, strict=True):
+            assert torch.equal(on_zero, on_bad), name
+        w_finite, _, _ = _cuda_run(name, M, params)
+        w_flagged, _, _ = _cuda_run(name, M, params, nan_if_nonfinite=True)
+        assert torch.equal(w_flagged, w_finite), name
