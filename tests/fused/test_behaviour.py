@@ -8,8 +8,9 @@ import sys
 
 import pytest
 import torch
-from fused._util import ALL, RANDOMISED, SYNC_ON_CUDA, losses_for, make, random_G
+from fused._util import ALL, GRAMIAN, RANDOMISED, SYNC_ON_CUDA, losses_for, make, random_G
 from support.host_sync import forbid_host_sync
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatmtl_fast
 from flatmtl_fast import solvers
@@ -173,6 +174,29 @@ def test_a_nonfinite_gram_is_solved_as_zero(name: str, K: int, backend: str) -> 
         assert not bool(clean.weights(torch.zeros_like(M)).isnan().any())
         for _ in range(2):
             assert torch.equal(hit.weights(M), clean.weights(M))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", [n for n in GRAMIAN if n != "AlignedMTL"])  # AlignedMTL: LAPACK eigh on the CPU
+def test_a_step_with_a_native_solver_is_a_handful_of_torch_ops(name: str) -> None:
+    """gram, one solver call, combine and the few tiny tensors around them (on a GPU, each op is a launch, and the
+    GPU target leaves room for a handful): no guard of the non-finite policy around the solve (the solver applies
+    it inside its call) and no K × K work in torch."""
+    G, out = random_G(5, 1001, seed=2), torch.empty(1001)
+    agg = make(name)
+    agg(G, out=out)
+    with flatmtl_fast.use_backend("cpp"), _CountOps() as counted:
+        agg(G, out=out)
+    assert len(counted.ops) <= 7, counted.ops
 
 
 def test_nan_propagates_per_column_in_elementwise_methods() -> None:
