@@ -6,8 +6,6 @@
 // {iterations, converged} to an optional int32 device buffer `status`).
 #include "flatmtl/solvers_bindings.h"
 
-#include <algorithm>
-#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,17 +35,6 @@ void check_buffers(uintptr_t M, int64_t K, uintptr_t w, uintptr_t work) {
   require(work != 0 || Problem::work_size(int(K)) == 0, "work is a null pointer");
 }
 
-// Runs solve(m) on m = M or, when nan_if_nonfinite is set and M holds a NaN or Inf, on M = 0 and then makes w NaN
-// (common.h's non-finite policy).
-template <class Solve>
-sv::Status solve_with_policy(const double* M, int64_t K, double* w, bool nan_if_nonfinite, const Solve& solve) {
-  if (!nan_if_nonfinite || sv::all_finite(M, K * K)) return solve(M);
-  const std::vector<double> zeros(size_t(K * K), 0.0);
-  const sv::Status status = solve(zeros.data());
-  std::fill(w, w + K, NAN);
-  return status;
-}
-
 // Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...). Each takes a last
 // argument nan_if_nonfinite (default false): apply common.h's non-finite policy in the same call.
 template <class Problem, class... Params, class... Names>
@@ -63,9 +50,10 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
         sv::Status status;
         {
           py::gil_scoped_release release;
-          status = solve_with_policy(ptr<const double>(M), K, ptr<double>(w), nan_if_nonfinite, [&](const double* m) {
-            return problem(m, int(K), ptr<double>(w), ptr<double>(work));
-          });
+          // One worker runs what the kernel runs (staging aside): the non-finite policy included.
+          std::vector<double> zeros(nan_if_nonfinite ? size_t(K * K) : 0);
+          status = sv::solve_as_kernel(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work),
+                                       nullptr, zeros.data(), nan_if_nonfinite, 1, sv::SoloTeam{});
         }
         return py::make_tuple(status.iterations, bool(status.converged));
       },
@@ -95,9 +83,8 @@ void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t
           sv::Status status;
           {
             py::gil_scoped_release release;
-            status = solve_with_policy(ptr<const double>(M), K, ptr<double>(w), nan_if_nonfinite, [&](const double* m) {
-              return sv::solve_threaded(problem, m, int(K), ptr<double>(w), ptr<double>(work), threads, lanes);
-            });
+            status = sv::solve_threaded(problem, ptr<const double>(M), int(K), ptr<double>(w), ptr<double>(work),
+                                        threads, lanes, nan_if_nonfinite);
           }
           return py::make_tuple(status.iterations, bool(status.converged));
         },

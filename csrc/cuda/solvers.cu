@@ -19,35 +19,16 @@ struct BlockTeam {
   __device__ double* slots() const { return shared_slots; }
 };
 
-// zeros: solver_work_size(K) doubles into work, where an unstaged non-finite M is replaced (common.h's policy).
+// The block runs solve_as_kernel (solvers.h) with M staged in shared memory when K ≤ kMaxStagedK; zeros (K x K
+// doubles past the solver's scratch in work) stand in for an unstaged non-finite M.
 template <class Problem>
 __global__ void __launch_bounds__(kThreads)
     solve_kernel(Problem problem, const double* __restrict__ M, int K, double* w, double* work, double* zeros,
                  int* status, bool nan_if_nonfinite, int lanes) {
   extern __shared__ double staged[];
   __shared__ double slots[2 * kThreads];
-  const int KK = K * K;
-  // Uniform over the block (a kernel argument, then a block-wide vote), so every thread takes the same branches.
-  const bool nonfinite = nan_if_nonfinite && __syncthreads_or(!all_finite(M, KK, threadIdx.x, blockDim.x));
-  const bool stage = K <= kMaxStagedK;
-  if (stage || nonfinite) {
-    double* copy = stage ? staged : zeros;
-    for (int e = threadIdx.x; e < KK; e += blockDim.x) copy[e] = nonfinite ? 0.0 : M[e];
-    __syncthreads();
-  }
-  const double* m = stage ? staged : nonfinite ? zeros : M;
-  Status s{};
-  if constexpr (is_row_parallel<Problem>) {
-    s = solve_by_rows(problem, m, K, w, work, lanes, BlockTeam{slots});
-  } else if constexpr (is_team_solver<Problem>) {
-    s = problem(m, K, w, work, BlockTeam{slots});
-  } else if (threadIdx.x == 0) {
-    s = problem(m, K, w, work);
-  }
-  if (nonfinite) {
-    __syncthreads();  // every write of the solve's w is done
-    for (int k = threadIdx.x; k < K; k += blockDim.x) w[k] = NAN;
-  }
+  const Status s = solve_as_kernel(problem, M, K, w, work, K <= kMaxStagedK ? staged : nullptr, zeros,
+                                   nan_if_nonfinite, lanes, BlockTeam{slots});
   if (threadIdx.x == 0 && status != nullptr) {
     status[0] = s.iterations;
     status[1] = s.converged;

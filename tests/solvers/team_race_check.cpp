@@ -36,26 +36,31 @@ struct Result {
   }
 };
 
-// threads = 0: the single worker.
+// threads = 0: the single worker. nan_if_nonfinite: the threads apply the kernel's non-finite policy.
 template <class Problem, class Make>
-Result run(const Make& make, const std::vector<double>& M, int K, int threads, int lanes) {
+Result run(const Make& make, const std::vector<double>& M, int K, int threads, int lanes, bool nan_if_nonfinite) {
   State state(K);
   const Problem problem = make(state);
   int64_t size = Problem::work_size(K);
   if constexpr (sv::is_row_parallel<Problem>) size = sv::rows_work_size<Problem>(K, threads ? lanes : 1);
   std::vector<double> w(K), work(size + 1);
-  const sv::Status status = threads ? sv::solve_threaded(problem, M.data(), K, w.data(), work.data(), threads, lanes)
-                                    : problem(M.data(), K, w.data(), work.data());
+  const sv::Status status =
+      threads ? sv::solve_threaded(problem, M.data(), K, w.data(), work.data(), threads, lanes, nan_if_nonfinite)
+              : problem(M.data(), K, w.data(), work.data());
   return {w, state.targets, state.alpha, status};
 }
 
+// The teams' result equals the single worker's on M, or, with a non-finite M (its first entry NaN), the single
+// worker's on M = 0 with NaN weights: the policy's staging of zeros and its vote run on the threads too.
 template <class Problem, class Make>
 int check(const char* name, const Make& make, const std::vector<double>& M, int K) {
-  const Result single = run<Problem>(make, M, K, 0, 0);
+  const bool nonfinite = M[0] != M[0];
+  Result single = run<Problem>(make, nonfinite ? std::vector<double>(M.size(), 0.0) : M, K, 0, 0, false);
+  if (nonfinite) single.w.assign(size_t(K), NAN);
   int mismatches = 0;
   for (int threads : {2, 3, 5}) {
     const int lanes = sv::is_row_parallel<Problem> ? threads - 1 + (threads == 2) : threads;
-    if (!(run<Problem>(make, M, K, threads, lanes) == single)) {
+    if (!(run<Problem>(make, M, K, threads, lanes, nonfinite) == single)) {
       std::printf("MISMATCH %s K=%d threads=%d lanes=%d\n", name, K, threads, lanes);
       ++mismatches;
     }
@@ -119,6 +124,17 @@ int main() {
       mismatches += check<sv::AlignedMtl>(
           "aligned_mtl_indefinite", [](State&) { return sv::AlignedMtl{{}, 1.2e-7}; }, indefinite, K);
     }
+  }
+  // The non-finite policy on a team solver, a row-parallel one and a stateful one; K = 70: M is not staged.
+  for (int K : {3, 70}) {
+    std::vector<double> corrupted = random_gram(K, K, rng);
+    corrupted[0] = NAN;
+    mismatches += check<sv::Mgda>("mgda_nan", [](State&) { return sv::Mgda{{}, 1, nullptr, 250, 1e-5}; }, corrupted, K);
+    mismatches += check<sv::GradVac>(
+        "gradvac_nan", [](State& s) { return sv::GradVac{{}, s.keys.data(), s.targets.data(), 0.5, 1e-8}; }, corrupted,
+        K);
+    mismatches += check<sv::NashMtl>(
+        "nash_mtl_nan", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1}; }, corrupted, K);
   }
   std::printf("%d mismatches\n", mismatches);
   return mismatches != 0;

@@ -24,6 +24,40 @@ namespace flatmtl::solvers {
 // Largest K the bindings accept (K² indices stay far inside int range).
 constexpr int64_t kMaxK = 4096;
 
+// The solve as the CUDA kernel runs it on its block (csrc/cuda/solvers.cu), for any team: the CPU threads of
+// thread_team.h run this very code, so the tests cover the kernel's staging and non-finite policy too.
+// M is first copied into `staged` (K x K doubles; null: read in place). With nan_if_nonfinite, an M holding a NaN
+// or Inf is replaced by zeros (in `staged`, else in `zeros`, K x K doubles) and w is NaN afterwards (common.h's
+// policy). A row-parallel problem runs on the first `lanes` workers, a team solver on all, any other on worker 0.
+// Every worker must call it; worker 0 returns the status.
+template <class Problem, class Team>
+FLATMTL_HD inline Status solve_as_kernel(const Problem& problem, const double* M, int K, double* w, double* work,
+                                         double* staged, double* zeros, bool nan_if_nonfinite, int lanes,
+                                         const Team& team) {
+  const int64_t KK = int64_t(K) * K;
+  const bool nonfinite = nan_if_nonfinite && team_any(team, !all_finite(M, KK, team.rank(), team.size()));
+  if (staged != nullptr || nonfinite) {
+    double* copy = staged != nullptr ? staged : zeros;
+    for (int64_t e = team.rank(); e < KK; e += team.size()) copy[e] = nonfinite ? 0.0 : M[e];
+    team.sync();
+  }
+  const double* m = staged != nullptr ? staged : nonfinite ? zeros : M;
+  Status status{0, 1};
+  if constexpr (is_row_parallel<Problem>) {
+    status = solve_by_rows(problem, m, K, w, work, lanes, team);
+  } else if constexpr (is_team_solver<Problem>) {
+    status = problem(m, K, w, work, team);
+  } else if (team.rank() == 0) {
+    status = problem(m, K, w, work);
+  }
+  if (nonfinite) {
+    team.sync();  // every write of the solve's w is done
+    for (int k = team.rank(); k < K; k += team.size()) w[k] = NAN;
+    team.sync();
+  }
+  return status;
+}
+
 namespace cuda {
 
 constexpr int kBlockThreads = 128;

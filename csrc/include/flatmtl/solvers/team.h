@@ -71,6 +71,19 @@ FLATMTL_HD inline int team_first_min(const Team& team, double key, int index) {
   return best;
 }
 
+// Whether any worker's `mine` is true, on every worker. Every worker must call it.
+template <class Team>
+FLATMTL_HD inline bool team_any(const Team& team, bool mine) {
+  if (team.size() == 1) return mine;
+  double* slots = team.slots();
+  slots[team.rank()] = mine ? 1.0 : 0.0;
+  team.sync();
+  bool any = false;
+  for (int r = 0; r < team.size(); ++r) any = any || slots[r] != 0.0;
+  team.sync();  // the slots are free again
+  return any;
+}
+
 // Runs `solve` (returning a Status) on worker 0 alone, for sequential steps and rare paths not worth
 // splitting, once every worker has finished reading what it may overwrite, and gives every worker its
 // status once its writes are visible.

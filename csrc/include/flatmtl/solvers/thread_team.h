@@ -46,20 +46,20 @@ struct ThreadTeam {
   double* slots() const { return shared_slots; }
 };
 
-// Runs a solve on `threads` CPU threads as the CUDA kernel runs it on the threads of its block: a row-parallel
-// problem with its tasks spread over the first `lanes`, a team solver on all of them. Lets the tests check,
-// without a GPU, that the team gives exactly the single worker's result.
+// Runs a solve on `threads` CPU threads as the CUDA kernel runs it on the threads of its block: solve_as_kernel,
+// with M staged (here in host memory) where the kernel stages it, a row-parallel problem's tasks spread over the
+// first `lanes`, a team solver on all of them. Lets the tests check, without a GPU, that the team gives exactly
+// the single worker's result, and the kernel's non-finite policy (nan_if_nonfinite).
 template <class Problem>
-Status solve_threaded(const Problem& problem, const double* M, int K, double* w, double* work, int threads, int lanes) {
+Status solve_threaded(const Problem& problem, const double* M, int K, double* w, double* work, int threads, int lanes,
+                      bool nan_if_nonfinite = false) {
   Barrier barrier(threads);
   std::vector<double> slots(2 * size_t(threads));
+  const bool stage = K <= cuda::kMaxStagedK;
+  std::vector<double> staged(stage ? size_t(K) * K : 0), zeros(!stage && nan_if_nonfinite ? size_t(K) * K : 0);
   auto run = [&](int r) {
-    const ThreadTeam team{r, threads, &barrier, slots.data()};
-    if constexpr (is_row_parallel<Problem>) {
-      return solve_by_rows(problem, M, K, w, work, lanes, team);
-    } else {
-      return problem(M, K, w, work, team);
-    }
+    return solve_as_kernel(problem, M, K, w, work, stage ? staged.data() : nullptr, zeros.data(), nan_if_nonfinite,
+                           lanes, ThreadTeam{r, threads, &barrier, slots.data()});
   };
   std::vector<std::thread> others;
   for (int r = 1; r < threads; ++r) others.emplace_back([&, r] { run(r); });
