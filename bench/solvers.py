@@ -49,15 +49,26 @@ def torchjd_weighting(name: str, K: int) -> tuple[Callable[[Tensor], Tensor], bo
     return (jd.weighting, True) if gramian_weighting is None else (gramian_weighting, False)
 
 
-def solve_row(name: str, impl: str, solve: Callable[[Tensor], object], x: Tensor, repeat: int) -> Row:
+#: A solve row takes at least ``repeat`` calls and, when they are cheap, as many more as fit in ``seconds`` (default
+#: SOLVE_SECONDS, up to MAX_SOLVE_REPEAT calls): a solve of tens of µs is then the median of hundreds, which a few
+#: milliseconds of another process's load cannot move (on a shared 2-core machine a median of 7 moved by 10×).
+SOLVE_SECONDS = 0.1
+MAX_SOLVE_REPEAT = 1001
+
+
+def solve_row(
+    name: str, impl: str, solve: Callable[[Tensor], object], x: Tensor, repeat: int, seconds: float = SOLVE_SECONDS
+) -> Row:
     """Median time of ``solve(x)`` (x: M, or G for torchjd's weightings of the matrix), as method ``name``'s row."""
-    seconds = median_time(solve, x.device, [(x,)], repeat=repeat)
+    once = median_time(solve, x.device, [(x,)], warmup=1, repeat=1)
+    affordable = int(seconds / max(once, 1e-6))
+    seconds = median_time(solve, x.device, [(x,)], repeat=max(repeat, min(affordable, MAX_SOLVE_REPEAT)))
     dtype = str(x.dtype).removeprefix("torch.")
     nbytes = x.numel() * x.element_size()
     return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, seconds, nbytes, streaming=False)
 
 
-def run(device: torch.device, Ks: list[int], repeat: int) -> list[Row]:
+def run(device: torch.device, Ks: list[int], repeat: int, seconds: float = SOLVE_SECONDS) -> list[Row]:
     rows: list[Row] = []
     for K in Ks:
         G = torch.randn(K, 4 * K + 7, dtype=torch.float64, device=device)
@@ -65,12 +76,12 @@ def run(device: torch.device, Ks: list[int], repeat: int) -> list[Row]:
         for name in GRAMIAN:
             for impl, backend in implementations(device).items():
                 with flatmtl_fast.use_backend(backend) if backend else contextlib.nullcontext():
-                    rows.append(solve_row(name, impl, getattr(flatmtl_fast, name)().weights, M, repeat))
+                    rows.append(solve_row(name, impl, getattr(flatmtl_fast, name)().weights, M, repeat, seconds))
             reference = getattr(flatmtl_fast.reference, name)()
-            rows.append(solve_row(name, "reference", reference.weights, M, min(repeat, REFERENCE_REPEAT)))
+            rows.append(solve_row(name, "reference", reference.weights, M, min(repeat, REFERENCE_REPEAT), seconds))
             if (peer := torchjd_weighting(name, K)) is not None:
                 weighting, takes_G = peer
-                rows.append(solve_row(name, "torchjd", weighting, G if takes_G else M, repeat))
+                rows.append(solve_row(name, "torchjd", weighting, G if takes_G else M, repeat, seconds))
                 if takes_G:
                     rows[-1].extra["input"] = "G"
     add_speedups(rows)
