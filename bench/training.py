@@ -273,19 +273,31 @@ def _literal_fmtl_step(net: MultiTaskModel, forward: Forward, optimizer, method:
 
 
 def breakdown(method: str, case: Case, repeat: int) -> dict[str, float]:
-    """Seconds of the parts of flatmtl_fast.backward: forward, K backward passes, gram + solve + combine."""
+    """Seconds of the parts of a flatmtl step: forward, K backward passes, gram + solve + combine (the parts of
+    flatmtl_fast.backward), and the optimizer's step, which the step rows include too."""
     net, forward = build(case)
     device = case.device
     shared = flatmtl_fast.FlatParameters(net.trunk)
     agg = getattr(flatmtl_fast, method)()
     capture = flatmtl_fast.TaskGradients(shared, case.K)
     forward_seconds = median_time(forward, device, repeat=repeat)
-    # The backward passes alone: each consumes the graph of a forward pass made outside the timed region.
-    backward_seconds = median_time(capture.capture, device, repeat=repeat, setup=lambda: (forward()[1],))
+    # The backward passes alone, over the heads too as backward() runs them: each consumes the graph of a forward
+    # pass made outside the timed region.
+    heads = list(net.heads.parameters())
+    backward_seconds = median_time(
+        lambda losses: capture.capture(losses, extra_inputs=heads), device, repeat=repeat, setup=lambda: (forward()[1],)
+    )
     G = capture.buffer
     aggregate = median_time(lambda: agg(G, out=shared.grad), device, repeat=repeat)
     capture.close()
-    return {"forward": forward_seconds, "K_backward": backward_seconds, "aggregate": aggregate}
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)  # as make_step's; every parameter has its .grad here
+    optimizer_seconds = median_time(optimizer.step, device, repeat=repeat)
+    return {
+        "forward": forward_seconds,
+        "K_backward": backward_seconds,
+        "aggregate": aggregate,
+        "optimizer": optimizer_seconds,
+    }
 
 
 def peak_extra_memory(impl: str, method: str, case: Case) -> int:

@@ -62,14 +62,14 @@ def test_every_step_moves_the_shared_parameters_as_its_peers_do(model: str, amp:
 def test_breakdown_times_every_part(model: str) -> None:
     config, batch = CASES[model]
     parts = training.breakdown("UPGrad", training.Case(3, batch, CPU, model, config), 5)
-    assert set(parts) == {"forward", "K_backward", "aggregate"}
+    assert set(parts) == {"forward", "K_backward", "aggregate", "optimizer"}
     assert all(seconds > 0 for seconds in parts.values()), parts
 
 
 def test_run_gives_prefixed_vit_rows_with_their_memory() -> None:
     rows = training.run(CPU, "UPGrad", [2], 4, 1, "vit-b", ["flatmtl"], config=TINY_VIT)
     n_shared = sum(p.numel() for p in training.ViT(2, **TINY_VIT).trunk.parameters())
-    ops = ["vit-b:step:UPGrad", "vit-b:part:forward", "vit-b:part:K_backward", "vit-b:part:aggregate"]
+    ops = ["vit-b:step:UPGrad", *(f"vit-b:part:{part}" for part in ("forward", "K_backward", "aggregate", "optimizer"))]
     assert [r.op for r in rows] == ops and {r.impl for r in rows} == {"flatmtl"}
     assert all(r.N == n_shared and r.K == 2 and r.dtype == "float32" and r.seconds > 0 for r in rows)
     # -1: the fresh measuring process failed; ≥ 50 MB: it measured another model than this 0.2 MB K × N buffer's
