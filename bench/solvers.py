@@ -62,10 +62,10 @@ def solve_row(
     """Median time of ``solve(x)`` (x: M, or G for torchjd's weightings of the matrix), as method ``name``'s row."""
     once = median_time(solve, x.device, [(x,)], warmup=1, repeat=1)
     affordable = int(seconds / max(once, 1e-6))
-    seconds = median_time(solve, x.device, [(x,)], repeat=max(repeat, min(affordable, MAX_SOLVE_REPEAT)))
+    median = median_time(solve, x.device, [(x,)], repeat=max(repeat, min(affordable, MAX_SOLVE_REPEAT)))
     dtype = str(x.dtype).removeprefix("torch.")
     nbytes = x.numel() * x.element_size()
-    return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, seconds, nbytes, streaming=False)
+    return Row(SUITE, f"{name}:solve", impl, x.shape[0], 0, dtype, median, nbytes, streaming=False)
 
 
 def run(device: torch.device, Ks: list[int], repeat: int, seconds: float = SOLVE_SECONDS) -> list[Row]:

@@ -36,7 +36,7 @@ void check_buffers(uintptr_t M, int64_t K, uintptr_t w, uintptr_t work) {
 }
 
 // Binds solve_<name> (and cuda_solve_<name>) for the solver built by make(K, params...). Each takes a last
-// argument nan_if_nonfinite (default false): apply common.h's non-finite policy in the same call.
+// argument nan_if_nonfinite (default false): apply the non-finite policy of solve_as_kernel (solvers.h).
 template <class Problem, class... Params, class... Names>
 void def_solver(py::module_& m, const std::string& name, Problem (*make)(int64_t, Params...), const char* doc,
                 Names... names) {

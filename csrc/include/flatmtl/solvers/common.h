@@ -22,10 +22,7 @@ struct Status {
 constexpr double kDoubleEps = 2.220446049250313e-16;  // DBL_EPSILON, usable in device code
 constexpr double kDoubleMax = 1.7976931348623157e308;  // DBL_MAX, likewise
 
-// The aggregators' policy for an M holding a NaN or Inf (a non-finite G, aggregators/_fused.py): the solve runs
-// on M = 0 instead, so it cannot fail or loop and the state it keeps moves as for M = 0, and every weight is
-// then NaN. The bindings and the CUDA kernel apply it when asked (nan_if_nonfinite), in the same call.
-// all_finite: whether x[first], x[first + step], ... (below n) are all finite.
+// Whether x[first], x[first + step], ... (below n) are all finite.
 FLATMTL_HD inline bool all_finite(const double* x, int64_t n, int64_t first = 0, int64_t step = 1) {
   int finite = 1;
   for (int64_t i = first; i < n; i += step) finite &= fabs(x[i]) <= kDoubleMax;  // false for NaN and ±Inf

@@ -26,10 +26,11 @@ constexpr int64_t kMaxK = 4096;
 
 // The solve as the CUDA kernel runs it on its block (csrc/cuda/solvers.cu), for any team: the CPU threads of
 // thread_team.h run this very code, so the tests cover the kernel's staging and non-finite policy too.
-// M is first copied into `staged` (K x K doubles; null: read in place). With nan_if_nonfinite, an M holding a NaN
-// or Inf is replaced by zeros (in `staged`, else in `zeros`, K x K doubles) and w is NaN afterwards (common.h's
-// policy). A row-parallel problem runs on the first `lanes` workers, a team solver on all, any other on worker 0.
-// Every worker must call it; worker 0 returns the status.
+// M is first copied into `staged` (K x K doubles; null: read in place). With nan_if_nonfinite it applies the
+// aggregators' policy for an M holding a NaN or Inf (a non-finite G, aggregators/_fused.py): the solve runs on
+// M = 0 instead (zeros in `staged`, else in `zeros`, K x K doubles), so it cannot fail or loop and the state it
+// keeps moves as for M = 0, and every weight is then NaN. A row-parallel problem runs on the first `lanes`
+// workers, a team solver on all, any other on worker 0. Every worker must call it; worker 0 returns the status.
 template <class Problem, class Team>
 FLATMTL_HD inline Status solve_as_kernel(const Problem& problem, const double* M, int K, double* w, double* work,
                                          double* staged, double* zeros, bool nan_if_nonfinite, int lanes,
@@ -92,7 +93,7 @@ inline int64_t work_size(int K) {
 // its tasks over row_lanes(K) threads, a team solver (team.h) runs on all of them, any other runs
 // problem(M, K, w, work) in thread 0. M, w, work
 // (work_size(K) doubles) and every pointer inside `problem` are device addresses. status, when not null,
-// receives {iterations, converged} (int32). nan_if_nonfinite applies common.h's non-finite policy. Returns an
+// receives {iterations, converged} (int32). nan_if_nonfinite: see solve_as_kernel. Returns an
 // empty string on success, else the CUDA error. Instantiated in csrc/cuda/solvers.cu.
 template <class Problem>
 std::string launch(const Problem& problem, const double* M, int K, double* w, double* work, int* status,
