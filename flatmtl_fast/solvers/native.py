@@ -27,9 +27,11 @@ from ..backends import current_backend, resolve
 Parameter = Tensor | float | int | bool | None
 
 #: A row-parallel solver (UPGrad, PCGrad, GradVac: K independent per-task problems) spreads its tasks over CPU
-#: threads, each taking at least this many: starting a thread and its barriers cost ~0.1 ms, which 32 tasks repay
-#: (2 cores, K = 128: UPGrad 5.3 -> 4.1 ms, PCGrad 1.9 -> 1.4 ms, GradVac 2.7 -> 2.5 ms; at K = 32 threads lose).
-TASKS_PER_SOLVE_THREAD = 32
+#: threads, each taking at least this many. Starting a thread and its barriers cost ~0.1 ms, and on a shared machine
+#: a thread that another process preempts stalls the solve for a time slice (ms): 2 cores, one kept busy by another
+#: process, K = 64: UPGrad on 2 threads 1.03 ms median (p90 4.0 ms), on one 0.54 ms (quiet: 0.45 against 0.53 ms).
+#: So a solve under ~1 ms stays on one thread; from K = 96 on, the split repays (quiet, UPGrad K = 96: 1.96 -> 0.99 ms).
+TASKS_PER_SOLVE_THREAD = 48
 #: The bindings' limit (the threads of one CUDA block, whose splits the CPU threads reproduce).
 MAX_SOLVE_THREADS = 128
 

@@ -651,7 +651,7 @@ def test_team_solver_takes_every_thread():
 # ------------------------------------------------------------------------------------------------------ CUDA
 
 
-@pytest.mark.parametrize("K", [64, 97, 130])
+@pytest.mark.parametrize("K", [64, 97, 150])
 @pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "GradVac"])
 def test_fused_row_parallel_solves_on_cpu_threads_keep_one_threads_bits(name, K):
     """From TASKS_PER_SOLVE_THREAD tasks a thread on, the fused path spreads a row-parallel solve over torch's
