@@ -73,19 +73,24 @@ def median_time(
     times = []
     for _ in range(repeat):
         arguments = setup()
-        synchronize(device)  # nothing of setup's (or the previous call's) device work is timed
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*arguments)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(*arguments)
-            times.append(time.perf_counter() - t0)
+        times.append(time_call(fn, device, *arguments))
     return statistics.median(times)
+
+
+def time_call(fn: Callable[..., object], device: torch.device, *arguments: object) -> float:
+    """Seconds of one ``fn(*arguments)``, device work included (events on CUDA, synchronised host clock on the
+    CPU); device work queued before the call is not timed."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*arguments)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn(*arguments)
+    return time.perf_counter() - t0
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device, warmup: int = 1) -> tuple[int, int]:

@@ -59,6 +59,24 @@ def test_every_step_moves_the_shared_parameters_as_its_peers_do(model: str, amp:
 
 
 @pytest.mark.parametrize("model", CASES)
+def test_the_parts_called_in_order_are_the_flatmtl_step(model: str) -> None:
+    """The breakdown times the parts of a real step: two steps made of them move every parameter (heads
+    included) exactly as two make_step steps do, so none is missing, repeated or out of order."""
+    config, batch = CASES[model]
+    case = training.Case(3, batch, CPU, model, config)
+    net, step = training.make_step("flatmtl", "UPGrad", case)
+    parted, parts = training.step_parts("UPGrad", case)
+    for _ in range(2):
+        step()
+        for part in parts.values():
+            part()
+    before = parameters_to_vector(training.build(case)[0].parameters())
+    moved = parameters_to_vector(net.parameters()).detach()
+    assert not torch.equal(moved, before)
+    assert torch.equal(parameters_to_vector(parted.parameters()).detach(), moved)
+
+
+@pytest.mark.parametrize("model", CASES)
 def test_breakdown_times_every_part(model: str) -> None:
     config, batch = CASES[model]
     parts = training.breakdown("UPGrad", training.Case(3, batch, CPU, model, config), 5)
