@@ -17,6 +17,11 @@ class _DualCone(FusedGramian):
     def _preference(self, M: Tensor) -> Tensor:
         return preference_vector(self.pref_vector, M.shape[0], M.device, type(self).__name__)
 
+    def _native_parameters(self, M: Tensor) -> list:
+        # No preference vector: the solver's own 1/K (the same doubles), without a fill op (a GPU launch) per step.
+        pref = None if self.pref_vector is None else self._preference(M).contiguous()
+        return [pref, float(self.norm_eps), float(self.reg_eps)]
+
 
 class UPGrad(_DualCone, reference_upgrad.UPGrad):
     """UPGrad (Quinton & Rey, arXiv 2406.16232) as :class:`flatmtl_fast.reference.UPGrad`: w = Σ_i argmin_{v ≥ p_i e_i}
@@ -25,7 +30,7 @@ class UPGrad(_DualCone, reference_upgrad.UPGrad):
     each; the QP is strictly convex, so the two agree to rounding."""
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
-        return "upgrad", [self._preference(M).contiguous(), float(self.norm_eps), float(self.reg_eps)]
+        return "upgrad", self._native_parameters(M)
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         U = torch.diag(self._preference(M))
@@ -37,7 +42,7 @@ class DualProj(_DualCone, reference_dualproj.DualProj):
     w = argmin_{v ≥ p} vᵀM̃v, the mean gradient projected onto the dual cone; the QP solved as in :class:`UPGrad`."""
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
-        return "dualproj", [self._preference(M).contiguous(), float(self.norm_eps), float(self.reg_eps)]
+        return "dualproj", self._native_parameters(M)
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         U = self._preference(M).unsqueeze(0)
