@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <vector>
 
 #include "flatmtl/solvers_bindings.h"
 #include "flatmtl/streaming.h"
@@ -61,15 +62,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "cpu_combine",
-      [](uintptr_t w, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out, int out_dtype,
-         float alpha, bool accumulate, int num_threads) {
+      [](uintptr_t w, bool w_is_double, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out,
+         int out_dtype, float alpha, bool accumulate, int num_threads) {
         const MatrixView g = view(G, K, N, row_stride, dtype);
         py::gil_scoped_release release;
-        flatmtl::cpu::combine(reinterpret_cast<const float*>(w), g, reinterpret_cast<void*>(out), DType(out_dtype),
-                              alpha, accumulate, num_threads);
+        // A float64 w is rounded to float32 here (K values), as the caller's conversion would round it.
+        std::vector<float> rounded(w_is_double ? size_t(K) : 0);
+        for (int64_t k = 0; k < int64_t(rounded.size()); ++k) rounded[k] = float(reinterpret_cast<const double*>(w)[k]);
+        flatmtl::cpu::combine(w_is_double ? rounded.data() : reinterpret_cast<const float*>(w), g,
+                              reinterpret_cast<void*>(out), DType(out_dtype), alpha, accumulate, num_threads);
       },
-      py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
-      py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("num_threads"));
+      py::arg("w"), py::arg("w_is_double"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"),
+      py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"),
+      py::arg("num_threads"));
 
   m.def(
       "cpu_graddrop",
@@ -145,14 +150,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("splits"), py::arg("out"), py::arg("out_is_double"), py::arg("device"), py::arg("stream"));
   m.def(
       "cuda_combine",
-      [](uintptr_t w, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out, int out_dtype,
-         float alpha, bool accumulate, int device, uintptr_t stream) {
+      [](uintptr_t w, bool w_is_double, uintptr_t G, int64_t K, int64_t N, int64_t row_stride, int dtype, uintptr_t out,
+         int out_dtype, float alpha, bool accumulate, int device, uintptr_t stream) {
         const MatrixView g = view(G, K, N, row_stride, dtype);
-        check_cuda(flatmtl::cuda::combine(reinterpret_cast<const float*>(w), g, reinterpret_cast<void*>(out),
-                                          DType(out_dtype), alpha, accumulate, device, stream));
+        check_cuda(flatmtl::cuda::combine(reinterpret_cast<const void*>(w), w_is_double, g,
+                                          reinterpret_cast<void*>(out), DType(out_dtype), alpha, accumulate, device,
+                                          stream));
       },
-      py::arg("w"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"), py::arg("dtype"), py::arg("out"),
-      py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"), py::arg("device"), py::arg("stream"));
+      py::arg("w"), py::arg("w_is_double"), py::arg("G"), py::arg("K"), py::arg("N"), py::arg("row_stride"),
+      py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("alpha"), py::arg("accumulate"),
+      py::arg("device"), py::arg("stream"));
   m.def("cuda_row_norms_num_splits", &flatmtl::cuda::row_norms_num_splits, py::arg("K"), py::arg("N"),
         py::arg("device"));
   m.def(

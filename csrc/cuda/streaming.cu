@@ -88,10 +88,13 @@ __global__ void gram_reduce_kernel(const float* __restrict__ partials, int64_t s
 }
 
 template <typename T, typename O>
-__global__ void combine_kernel(const float* __restrict__ w, const T* __restrict__ G, int64_t K, int64_t N,
-                               int64_t row_stride, O* __restrict__ out, float alpha, bool accumulate) {
+__global__ void combine_kernel(const void* __restrict__ w, bool w_is_double, const T* __restrict__ G, int64_t K,
+                               int64_t N, int64_t row_stride, O* __restrict__ out, float alpha, bool accumulate) {
   extern __shared__ float weights[];
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) weights[k] = w[k];
+  // A float64 w is rounded to float32 here, as the caller's conversion would round it, without its launch.
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    weights[k] = w_is_double ? float(static_cast<const double*>(w)[k]) : static_cast<const float*>(w)[k];
+  }
   __syncthreads();
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += step) {
@@ -209,21 +212,23 @@ void launch_gram(const MatrixView& G, float* partials, int64_t splits, int tiles
 }
 
 template <typename T, typename O>
-void launch_combine(const float* w, const MatrixView& G, void* out, float alpha, bool accumulate, int device,
-                    cudaStream_t stream) {
+void launch_combine(const void* w, bool w_is_double, const MatrixView& G, void* out, float alpha, bool accumulate,
+                    int device, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((G.cols + kCombineThreads - 1) / kCombineThreads,
                                            int64_t(multiprocessors(device)) * 8);
   combine_kernel<T, O><<<unsigned(blocks), kCombineThreads, size_t(G.rows) * sizeof(float), stream>>>(
-      w, static_cast<const T*>(G.data), G.rows, G.cols, G.row_stride, static_cast<O*>(out), alpha, accumulate);
+      w, w_is_double, static_cast<const T*>(G.data), G.rows, G.cols, G.row_stride, static_cast<O*>(out), alpha,
+      accumulate);
 }
 
 template <typename T>
-void launch_combine_to(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
-                       int device, cudaStream_t stream) {
+void launch_combine_to(const void* w, bool w_is_double, const MatrixView& G, void* out, DType out_dtype, float alpha,
+                       bool accumulate, int device, cudaStream_t stream) {
   switch (out_dtype) {
-    case DType::BFloat16: return launch_combine<T, __nv_bfloat16>(w, G, out, alpha, accumulate, device, stream);
-    case DType::Float16: return launch_combine<T, __half>(w, G, out, alpha, accumulate, device, stream);
-    default: return launch_combine<T, float>(w, G, out, alpha, accumulate, device, stream);
+    case DType::BFloat16:
+      return launch_combine<T, __nv_bfloat16>(w, w_is_double, G, out, alpha, accumulate, device, stream);
+    case DType::Float16: return launch_combine<T, __half>(w, w_is_double, G, out, alpha, accumulate, device, stream);
+    default: return launch_combine<T, float>(w, w_is_double, G, out, alpha, accumulate, device, stream);
   }
 }
 
@@ -326,14 +331,18 @@ std::string gram(const MatrixView& G, float* partials, int64_t num_splits, void*
   return last_error("gram kernel launch");
 }
 
-std::string combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
-                    int device, uintptr_t stream_handle) {
+std::string combine(const void* w, bool w_is_double, const MatrixView& G, void* out, DType out_dtype, float alpha,
+                    bool accumulate, int device, uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (G.dtype) {
-    case DType::BFloat16: launch_combine_to<__nv_bfloat16>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
-    case DType::Float16: launch_combine_to<__half>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
-    default: launch_combine_to<float>(w, G, out, out_dtype, alpha, accumulate, device, stream); break;
+    case DType::BFloat16:
+      launch_combine_to<__nv_bfloat16>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream);
+      break;
+    case DType::Float16:
+      launch_combine_to<__half>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream);
+      break;
+    default: launch_combine_to<float>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream); break;
   }
   return last_error("combine kernel launch");
 }

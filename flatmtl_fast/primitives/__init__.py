@@ -46,14 +46,15 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
 def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool = False, alpha: float = 1.0) -> Tensor:
     """d = alpha · wᵀG, the weighted sum of the rows of G (K × N) — written into ``out`` if given.
 
-    ``w`` has shape (K,) on G's device (a device tensor: no host synchronisation). ``out`` may be
+    ``w`` has shape (K,) on G's device (a device tensor: no host synchronisation), any floating dtype, rounded
+    to float32 (a float64 ``w``, as the solvers return, is read as it is and rounded in the kernel). ``out`` may be
     a contiguous view into a flat ``.grad`` buffer; with ``accumulate=True`` the result is added
     to it (out += alpha · wᵀG). The result has out's dtype (or G's when out is None); arithmetic
     in float32 with one rounding to that dtype. NaN/Inf in w or G propagate into the affected
     entries, as in ``w @ G``.
     """
     _, N, _ = checks.check_G(G, "combine")
-    w32 = checks.check_weights(w, G)
+    w = checks.check_weights(w, G)
     alpha = checks.check_alpha(alpha)
     if out is None:
         if accumulate:
@@ -61,7 +62,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
         out = torch.empty(N, dtype=G.dtype, device=G.device)
     else:
         out = checks.check_out(out, G, w)
-    combine_op(w32, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
+    combine_op(w, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
     return out
 
 

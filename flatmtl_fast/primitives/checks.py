@@ -61,7 +61,9 @@ def check_gram_dtype(dtype: object) -> torch.dtype:
 
 
 def check_weights(w: object, G: Tensor) -> Tensor:
-    """Validate ``w`` (shape (K,), floating, on G's device); return it as contiguous float32."""
+    """Validate ``w`` (shape (K,), floating, on G's device); return it contiguous, as float64 when it is (every
+    backend rounds it to float32 as it reads it: the solvers' float64 weights need no conversion op, a launch on a
+    GPU) and float32 otherwise."""
     K = G.shape[0]
     if not isinstance(w, Tensor):
         raise TypeError(f"combine: w must be a torch.Tensor of shape ({K},), got {type(w).__name__}")
@@ -71,7 +73,7 @@ def check_weights(w: object, G: Tensor) -> Tensor:
         raise TypeError(f"combine: w must be a floating tensor, got dtype {w.dtype}")
     if w.device != G.device:
         raise ValueError(f"combine: w is on {w.device} but G is on {G.device}; they must be on the same device")
-    return w.detach().to(torch.float32).contiguous()
+    return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
 
 
 def _byte_range(t: Tensor) -> tuple[int, int]:

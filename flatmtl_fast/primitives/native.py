@@ -61,7 +61,7 @@ class CppPrimitives:
     def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
         K, N = G.shape
         _native.module().cpu_combine(
-            w.data_ptr(), G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
+            w.data_ptr(), w.dtype == torch.float64, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
             out.data_ptr(), _native.DTYPE_CODES[out.dtype], alpha, accumulate, torch.get_num_threads(),
         )  # fmt: skip
         _mark_written(out)
@@ -115,8 +115,9 @@ class CudaPrimitives:
         K, N = G.shape
         device = _cuda_device(G)
         _native.module().cuda_combine(
-            w.data_ptr(), G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype], out.data_ptr(),
-            _native.DTYPE_CODES[out.dtype], alpha, accumulate, device, torch.cuda.current_stream(G.device).cuda_stream,
+            w.data_ptr(), w.dtype == torch.float64, G.data_ptr(), K, N, row_stride, _native.DTYPE_CODES[G.dtype],
+            out.data_ptr(), _native.DTYPE_CODES[out.dtype], alpha, accumulate, device,
+            torch.cuda.current_stream(G.device).cuda_stream,
         )  # fmt: skip
         _mark_written(out)
 

@@ -37,7 +37,7 @@ class ReferencePrimitives:
 
     def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
         K, N = G.shape
-        w64 = w.double()
+        w64 = w.float().double()  # the kernels' float32 weights, exactly
         step = max(1, _BLOCK_ELEMENTS // K)
         for start in _column_blocks(K, N):
             value = alpha * (w64 @ G[:, start : start + step].double())

@@ -81,14 +81,14 @@ def _combine_kernel(
     W, G, Out, K, N, row_stride, alpha,
     ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Out[cols] (+)= alpha * sum_k W[k] G[k, cols], float32, BLOCK_K rows per step."""
+    """Out[cols] (+)= alpha * sum_k W[k] G[k, cols], float32 (a float64 W rounded to it), BLOCK_K rows per step."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cols = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         in_rows = rows < K
-        w = tl.load(W + rows, mask=in_rows, other=0.0)
+        w = tl.load(W + rows, mask=in_rows, other=0.0).to(tl.float32)
         g = tl.load(
             G + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
             mask=in_rows[:, None] & in_cols[None, :],

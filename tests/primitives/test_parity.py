@@ -108,6 +108,27 @@ def test_combine_into_out_with_accumulate_and_alpha(case, out_dtype, g_dtype):
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("K", [1, 3, 7, 40])
+def test_a_float64_w_is_its_float32_rounding(case, out_dtype, K):
+    """The solvers' float64 weights go in as they are (no conversion op, a launch on a GPU): each backend rounds
+    them to float32 as it reads them, which gives the bits of combining the rounded weights. The weights carry
+    bits below float32's, and some halfway cases, so a backend that kept them in float64 or truncated would
+    differ."""
+    N = 1009
+    G = _fresh(K, N, torch.float32, case.device, seed=K)
+    w = torch.randn(K, dtype=torch.float64, generator=torch.Generator().manual_seed(K)).to(case.device)
+    w[0] = 1.0 + 2.0**-24  # halfway between two float32s: rounds to even (1.0), truncation and float64 do not
+    w[-1] = w[-1] + 2.0**-30 * w[-1]
+    out = torch.full((N,), 0.5, dtype=out_dtype, device=case.device)
+    expected = out.clone()
+    with case.active():
+        flatmtl_fast.combine(w, G, out=out, accumulate=True, alpha=0.75)
+        flatmtl_fast.combine(w.float(), G, out=expected, accumulate=True, alpha=0.75)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
 def test_combine_writes_only_its_view(case):
     N = 4099
     G = _fresh(3, N, torch.float32, case.device, seed=11)

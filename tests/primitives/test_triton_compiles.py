@@ -131,11 +131,11 @@ def _run_launch_code(G: torch.Tensor, *, out_dtypes, weight_dtypes, flags, pertu
     gain = _meta(K, dtype=torch.float32)
     decay = _meta(1, dtype=torch.float32)
     prims.ema_row_norms(buffer, N, G, row_stride, decay, gain, _meta(K, dtype=torch.float64))
-    w = _meta(K, dtype=torch.float32)  # checks.check_weights converts w to float32
     for out_dtype in out_dtypes:
         out = _meta(N, dtype=out_dtype, offset=G.storage_offset())
-        for flag in flags:
-            prims.combine(w, G, row_stride, out, flag, 0.5)
+        for w_dtype in (torch.float32, torch.float64):  # checks.check_weights keeps float64, else float32
+            for flag in flags:
+                prims.combine(_meta(K, dtype=w_dtype), G, row_stride, out, flag, 0.5)
         # GradDrop: a float64 leak (reference _leak_column) and an int64 seed (torch.randint)
         leak, seed = _meta(K, dtype=torch.float64), _meta(1, dtype=torch.int64)
         graddrop_kernels.TritonGradDrop().run(G, leak, seed, out)

@@ -75,9 +75,10 @@ int device_count(std::string* error);
 std::string gram(const MatrixView& G, float* partials, int64_t num_splits, void* out, bool out_is_double,
                  int device, uintptr_t stream);
 
-// Same contract as cpu::combine (out_dtype may also be Float16); w is a device pointer.
-std::string combine(const float* w, const MatrixView& G, void* out, DType out_dtype, float alpha, bool accumulate,
-                    int device, uintptr_t stream);
+// Same contract as cpu::combine (out_dtype may also be Float16); w is a device pointer to K floats, or to K
+// doubles when w_is_double (each rounded to float32 as the kernel loads it).
+std::string combine(const void* w, bool w_is_double, const MatrixView& G, void* out, DType out_dtype, float alpha,
+                    bool accumulate, int device, uintptr_t stream);
 
 // Number of column splits the gram kernel should use for this shape on this device.
 int64_t gram_num_splits(int64_t K, int64_t N, int device);
