@@ -41,8 +41,9 @@ class FusedGramian(GramianAggregator):
         else:
             if check_finite and not bool(torch.isfinite(G).all()):
                 raise FloatingPointError(f"{type(self).__name__}: G contains NaN or Inf")
-            # The weights ignore M, so a zero (finite) one needs no guard; a NaN in G reaches d column by column.
-            w = self._solve(torch.zeros(K, K, dtype=torch.float64, device=G.device), losses, G.dtype)
+            # The weights ignore M: these methods read only its shape and device, so it is left unfilled (no launch
+            # on a GPU) and needs no guard; a NaN in G reaches d column by column.
+            w = self._solve(torch.empty(K, K, dtype=torch.float64, device=G.device), losses, G.dtype)
         return combine(w, G, out=out)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
