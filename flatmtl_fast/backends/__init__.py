@@ -56,7 +56,13 @@ def current_backend() -> str:
     name = _selected.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("FLATMTL_BACKEND", "auto").strip().lower() or "auto", "FLATMTL_BACKEND")
+    return _environment_backend(os.environ.get("FLATMTL_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _environment_backend(value: str) -> str:
+    # Parsed once per value: every primitive and solve asks (a few µs each, host time of a GPU step).
+    return _check_name(value.strip().lower() or "auto", "FLATMTL_BACKEND")
 
 
 @contextlib.contextmanager
