@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..backends import resolve
 from . import checks
-from .ops import combine_op, ema_row_norms_op, gram_op, implementations, perturb_op, row_norms_op
+from .ops import call, combine_op, ema_row_norms_op, gram_op, implementations, perturb_op, row_norms_op
 
 __all__ = ["MAX_K", "combine", "ema_row_norms", "gram", "perturb", "row_norms"]
 
@@ -35,7 +35,7 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     """
     checks.check_G(G, "gram")
     dtype = checks.check_gram_dtype(dtype)
-    out = gram_op(G, dtype, _backend_for("gram", G.device, G.dtype))
+    out = call(gram_op, G, dtype, _backend_for("gram", G.device, G.dtype))
     if check_finite:
         bad = (~torch.isfinite(out.diagonal())).nonzero().flatten().tolist()
         if bad:
@@ -62,7 +62,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
         out = torch.empty(N, dtype=G.dtype, device=G.device)
     else:
         out = checks.check_out(out, G, w)
-    combine_op(w, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
+    call(combine_op, w, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
     return out
 
 
@@ -80,7 +80,7 @@ def row_norms(G: Tensor, *, weight: Tensor | None = None) -> Tensor:
     checks.check_G(G, "row_norms")
     weight = checks.check_row_weight(weight, G)
     dtypes = (G.dtype,) if weight is None else (G.dtype, weight.dtype)
-    return row_norms_op(G, weight, _backend_for("row_norms", G.device, *dtypes))
+    return call(row_norms_op, G, weight, _backend_for("row_norms", G.device, *dtypes))
 
 
 def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float | Tensor, gain: Tensor) -> Tensor:
@@ -98,7 +98,8 @@ def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float | Tensor, gain: Ten
     """
     checks.check_G(G, "ema_row_norms")
     decay, gain = checks.check_ema(buffer, G, decay, gain)
-    return ema_row_norms_op(buffer, G, decay, gain, _backend_for("ema_row_norms", G.device, G.dtype, buffer.dtype))
+    backend = _backend_for("ema_row_norms", G.device, G.dtype, buffer.dtype)
+    return call(ema_row_norms_op, buffer, G, decay, gain, backend)
 
 
 def perturb(base: Tensor, direction: Tensor, scale: Tensor, *, out: Tensor, adaptive: bool = False) -> Tensor:
@@ -116,5 +117,6 @@ def perturb(base: Tensor, direction: Tensor, scale: Tensor, *, out: Tensor, adap
     """
     base, direction, scale = checks.check_perturb(base, direction, scale, out)
     adaptive = checks.check_flag(adaptive, "perturb", "adaptive")
-    perturb_op(base, direction, scale, out, adaptive, _backend_for("perturb", base.device, base.dtype, direction.dtype))
+    backend = _backend_for("perturb", base.device, base.dtype, direction.dtype)
+    call(perturb_op, base, direction, scale, out, adaptive, backend)
     return out

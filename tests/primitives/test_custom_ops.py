@@ -1,4 +1,5 @@
-"""gram/combine are torch.library custom ops: opcheck passes and torch.compile traces them without graph breaks."""
+"""gram/combine are torch.library custom ops: opcheck passes and torch.compile traces them without graph breaks;
+a plain eager call runs the op's function directly, with the op's results and version bumps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from support.cases import CPU_CASES
 
 import flatmtl_fast
+from flatmtl_fast.primitives import ops
 from flatmtl_fast.primitives.ops import combine_op, gram_op
 
 BACKENDS = sorted({c.backend for c in CPU_CASES} - {"triton"})  # the interpreter cannot run opcheck's fake modes
@@ -40,3 +42,92 @@ def test_compiles_without_graph_breaks(compiler):
     M_compiled = compiled(G, w, compiled_out)
     assert torch.equal(M_eager, M_compiled)
     assert torch.allclose(eager_out, compiled_out, rtol=1e-6, atol=1e-6)
+
+
+def _calls() -> dict[str, tuple[object, object]]:
+    """Per primitive: (its custom op, a call of the public function on fresh inputs returning every tensor it
+    writes or returns)."""
+    K, N = 3, 1001
+    G = torch.randn(K, N, generator=torch.Generator().manual_seed(0))
+    base = torch.randn(N, generator=torch.Generator().manual_seed(1))
+
+    def combine():
+        out = torch.ones(N)
+        w = torch.randn(K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        return [out, flatmtl_fast.combine(w, G, out=out, accumulate=True)]
+
+    def ema():
+        buffer = torch.ones(K, N)
+        return [buffer, flatmtl_fast.ema_row_norms(buffer, G, decay=0.9, gain=torch.full((K,), 0.1))]
+
+    def perturb():
+        out = torch.empty(N)
+        return [out, flatmtl_fast.perturb(base, G[1], torch.tensor([0.5]), out=out, adaptive=True)]
+
+    return {
+        "gram": (ops.gram_op, lambda: [flatmtl_fast.gram(G, dtype=torch.float64)]),
+        "combine": (ops.combine_op, combine),
+        "row_norms": (ops.row_norms_op, lambda: [flatmtl_fast.row_norms(G, weight=base)]),
+        "ema_row_norms": (ops.ema_row_norms_op, ema),
+        "perturb": (ops.perturb_op, perturb),
+    }
+
+
+def _recording(monkeypatch, op) -> list[int]:
+    """Calls of op's function made directly by ops.call (the op's own dispatch holds the original function)."""
+    fn, mutated = ops._FUNCTIONS[op]
+    direct: list[int] = []
+
+    def recorded(*args):
+        direct.append(1)
+        return fn(*args)
+
+    monkeypatch.setitem(ops._FUNCTIONS, op, (recorded, mutated))
+    return direct
+
+
+@pytest.mark.parametrize("backend", sorted({c.backend for c in CPU_CASES}))
+@pytest.mark.parametrize("name", ["gram", "combine", "row_norms", "ema_row_norms", "perturb"])
+def test_a_plain_eager_call_runs_the_function_with_the_ops_results_and_version_bumps(monkeypatch, name, backend):
+    """The custom op's Python dispatch costs as much host time as a GPU step at N = 1e7, so a plain eager call
+    skips it: the same bits, and every tensor written gets a new version (autograd's check on saved tensors),
+    as the op's dispatch gives it."""
+    op, run = _calls()[name]
+    direct = _recording(monkeypatch, op)
+    with flatmtl_fast.use_backend(backend):
+        with torch.autograd.profiler.profile():  # a profile names the op: the call goes through it
+            through_op = run()
+        assert direct == []
+        fast = run()
+    assert direct == [1]
+    assert all(torch.equal(a, b) for a, b in zip(fast, through_op, strict=True))
+    written = fast[:-1]  # the buffers the op mutates (combine's out, the EMA buffer, perturb's out)
+    assert all(t._version > 0 for t in written), [t._version for t in written]
+
+
+def test_calls_that_something_else_must_see_go_through_the_op(monkeypatch):
+    """A dispatch mode (here: counting), the profiler and torch.compile see the op, never the raw kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    direct = _recording(monkeypatch, ops.gram_op)
+    G = torch.randn(3, 50)
+    with Seen() as seen:
+        flatmtl_fast.gram(G)
+    assert "flatmtl.gram.default" in seen.ops
+    with torch.autograd.profiler.profile() as profile:
+        flatmtl_fast.gram(G)
+    assert "flatmtl::gram" in [event.name for event in profile.function_events]
+    torch._dynamo.reset()
+    torch.compile(lambda G: flatmtl_fast.gram(G), fullgraph=True, backend="aot_eager")(G)
+    assert direct == []
+    flatmtl_fast.gram(G)
+    assert direct == [1]
