@@ -5,6 +5,10 @@ Bytes counted for the fused step: what the method must move at least (``floor_by
 the two-read floor (G read by gram, G read again by combine, d written once); GradDrop's one pass reads G
 once; DB-MTL's EMA state B (K × N float32) is read and written by the update and read again by the combination.
 
+Each step row also carries ``small_step_us``: the same step on a K × SMALL_N matrix, whose kernels take next to
+nothing, so it is the host time (Python, dispatch, launches) below which a step cannot go; on a GPU, a step at large
+N whose own time is near it is host-bound.
+
 Peak extra memory: on CUDA from the caching allocator's high-water mark around one step; on the CPU
 separately, in a fresh process per case (see ``peak_extra_memory``), because the CPU allocator offers no
 resettable high-water mark.
@@ -46,6 +50,8 @@ TORCHJD_PEERS: dict[str, Callable[[int], object] | None] = {
     "IMGrad": None,
 }
 NEEDS_LOSSES = {"DBMTL"}
+SMALL_N = 256
+SMALL_REPEAT = 101
 KEEPS_KN_STATE = {"DBMTL"}  # its EMA buffer, allocated at the first step
 
 
@@ -76,28 +82,38 @@ def measure_method(name: str, device: torch.device, K: int, N: int, repeat: int)
     G = torch.randn(K, N, device=device)
     losses = torch.rand(K, device=device) + 0.5 if name in NEEDS_LOSSES else None
     inputs = rotation(G, torch.empty(N, device=device))
+    small = [(torch.randn(K, SMALL_N, device=device), torch.empty(SMALL_N, device=device))]
     floor = floor_bytes(name, G)
     rows: list[Row] = []
 
-    def add(op: str, impl: str, fn: Callable, step_inputs: list, nbytes: int, repeat: int = repeat) -> None:
-        seconds = median_time(fn, device, step_inputs, repeat=repeat)
-        row = Row(SUITE, f"{name}:{op}", impl, K, N, "float32", seconds, nbytes, streaming=op == "step")
-        if device.type == "cuda" and op == "step":
-            peak, base = cuda_peak_bytes(lambda: fn(*inputs[0]), device)
+    def step_of(impl: str) -> Callable:
+        """The step (G, out) of a fresh aggregator of ``impl``: state kept between steps (DB-MTL's K × N buffer)
+        belongs to one N."""
+        if impl == "torchjd":
+            jd = TORCHJD_PEERS[name](K)
+            return lambda g, o: jd(g)
+        agg = _ours(name, impl)
+        return (lambda g, o: agg(g, losses)) if impl == "reference" else (lambda g, o: agg(g, losses, out=o))
+
+    def add_step(impl: str, repeat: int = repeat) -> None:
+        step = step_of(impl)
+        seconds = median_time(step, device, inputs if impl != "reference" else inputs[:2], repeat=repeat)
+        row = Row(SUITE, f"{name}:step", impl, K, N, "float32", seconds, floor)
+        row.extra["small_step_us"] = median_time(step_of(impl), device, small, repeat=SMALL_REPEAT) * 1e6
+        if device.type == "cuda":
+            peak, base = cuda_peak_bytes(lambda: step(*inputs[0]), device)
             row.extra["peak_extra_MB"] = (peak - base) / 1e6
         rows.append(row)
 
-    fused = _ours(name, "fused")
-    add("step", "flatmtl", lambda g, o: fused(g, losses, out=o), inputs, floor)
+    add_step("flatmtl")
+    fused = _ours(name, "flatmtl")
     if hasattr(fused, "weights"):
         M = flatmtl_fast.gram(G, dtype=torch.float64)
-        add("solve", "flatmtl", lambda: fused.weights(M, losses), [()], M.numel() * 8)
-    reference = _ours(name, "reference")
-    add("step", "reference", lambda g, o: reference(g, losses), inputs[:2], floor, repeat=3)
-    peer = TORCHJD_PEERS.get(name)
-    if peer is not None and torchjd_available():
-        jd = peer(K)
-        add("step", "torchjd", lambda g, o: jd(g), inputs, floor)
+        seconds = median_time(lambda: fused.weights(M, losses), device, repeat=repeat)
+        rows.append(Row(SUITE, f"{name}:solve", "flatmtl", K, N, "float32", seconds, M.numel() * 8, streaming=False))
+    add_step("reference", repeat=3)
+    if TORCHJD_PEERS.get(name) is not None and torchjd_available():
+        add_step("torchjd")
     add_speedups(rows)
     return rows
 

@@ -161,7 +161,7 @@ def add_speedups(rows: list[Row]) -> None:
 def print_table(rows: list[Row]) -> None:
     header = (
         f"{'op':<22}{'impl':<12}{'K':>4}{'N':>11} {'dtype':<9}{'ms':>9}{'GB/s':>7}{'copy%':>7}{'floor ms':>10}"
-        f"{'speedup':>9}{'extra MB':>10}"
+        f"{'speedup':>9}{'extra MB':>10}{'small us':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -175,7 +175,8 @@ def print_table(rows: list[Row]) -> None:
         if "GB/s" in e:
             stream = f"{e['GB/s']:>7.1f}{100 * e['copy_fraction']:>6.0f}%{e['read_floor_ms']:>10.2f}"
         case = f"{r.op:<22}{r.impl:<12}{r.K:>4}{r.N:>11} {r.dtype:<9}{r.seconds * 1e3:>9.2f}"
-        print(f"{case}{stream}{speedup:>9}{memory:>10}")
+        small = f"{e['small_step_us']:.0f}" if "small_step_us" in e else ""  # aggregators: a step's host time
+        print(f"{case}{stream}{speedup:>9}{memory:>10}{small:>10}")
 
 
 def write_results(suite: str, device: torch.device, ceilings: Ceilings, rows: list[Row], config: dict) -> Path:
