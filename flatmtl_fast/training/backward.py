@@ -63,6 +63,15 @@ def check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device, owner:
     return losses
 
 
+def detached_losses(losses: list[Tensor]) -> Tensor:
+    """The losses' values as a detached (K,) float64 tensor: one stack and one conversion (two launches on a GPU,
+    not one conversion per loss), unless the losses' dtypes differ."""
+    values = [loss.detach().reshape(()) for loss in losses]
+    if len({v.dtype for v in values}) > 1:
+        values = [v.double() for v in values]
+    return torch.stack(values).double()
+
+
 def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
     """The scaler's current scale as a device tensor (no host sync), or None when not scaling."""
     if scaler is None or not scaler.is_enabled():
@@ -139,7 +148,7 @@ def backward(
     losses = check_losses(losses, shared.device)
     task_params = list(task_params or ())
     scale = _grad_scale(scaler)
-    loss_values = torch.stack([loss.detach().reshape(()).double() for loss in losses])
+    loss_values = detached_losses(losses)
     if scale is not None:
         loss_values = loss_values / scale.double()
 

@@ -31,7 +31,7 @@ from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
 from ..primitives import combine, gram, perturb, row_norms
-from .backward import NonFinitePolicy, check_losses, finite_or_skip
+from .backward import NonFinitePolicy, check_losses, detached_losses, finite_or_skip
 
 Closure = Callable[[], Sequence[Tensor] | Tensor]
 
@@ -171,7 +171,7 @@ class FMTL:
         K = len(losses)
         rows = self._buffer(K)
         heads = self.task_params or [[] for _ in range(K)]
-        loss_values = torch.stack([loss.detach().reshape(()).double() for loss in losses])
+        loss_values = detached_losses(losses)
 
         for i, loss in enumerate(losses):  # clean gradients g_i, and each head's ∂L_i/∂θ_i
             _clear_grads(heads[i])

@@ -215,3 +215,33 @@ def test_flat_parameters_and_task_gradients_bad_inputs():
     with pytest.raises(ValueError, match="expected 2 losses"):
         capture.capture([loss])
     capture.close()
+
+
+def test_the_loss_values_are_one_stack_and_one_conversion():
+    """K losses become the (K,) float64 values with two kernels (stack, conversion), not a conversion per loss (a
+    launch each on a GPU); losses of several dtypes (e.g. some computed under autocast) still stack, exactly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flatmtl_fast.training.backward import detached_losses
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in ("detach", "view", "alias", "_reshape_alias"):
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    weights = torch.randn(10, requires_grad=True)
+    losses = [(weights[i] * 3).exp() for i in range(10)]
+    with Kernels() as kernels:
+        values = detached_losses(losses)
+    assert sorted(kernels.names) == ["_to_copy", "stack"], kernels.names
+    assert values.dtype == torch.float64 and not values.requires_grad
+    assert torch.equal(values, torch.stack([loss.detach().double() for loss in losses]))
+    mixed = [losses[0].bfloat16(), losses[1], losses[2].half()]
+    assert torch.equal(
+        detached_losses(mixed), torch.tensor([float(loss.detach()) for loss in mixed], dtype=torch.float64)
+    )
