@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _native
 from ..backends import TRITON_LAUNCH_OPTIONS, triton_interpreting
-from ..primitives.checks import G_DTYPES
+from ..primitives.checks import KERNEL_DTYPES
 from ..reference._philox import philox_uniform
 
 #: Columns per block of the CPU path: bounds its float64 temporaries to O(K · block).
@@ -118,8 +118,8 @@ if triton is not None:
                 return (
                     f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
                 )
-            bad = [d for d in dtypes if d not in G_DTYPES]
-            return f"the triton backend reads and writes {G_DTYPES} only, got {bad}" if bad else None
+            bad = [d for d in dtypes if d not in KERNEL_DTYPES]
+            return f"the triton backend reads and writes {KERNEL_DTYPES} only, got {bad}" if bad else None
 
         def run(self, G: Tensor, leak: Tensor, seed: Tensor, out: Tensor) -> None:
             K, N = G.shape

@@ -27,7 +27,8 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     G may be float32, bfloat16 or float16, with contiguous rows (a column slice of a larger buffer
     is fine), K ≤ ``MAX_K``. Products and per-tile sums in float32 (16-bit inputs are widened
     exactly), sums across tiles in float64 in a fixed order: deterministic, and exactly symmetric.
-    The result is float32 or float64 (``dtype``).
+    The result is float32 or float64 (``dtype``). A float64 G (a float64 model) is served by the reference
+    backend, every product and sum in float64; so are this module's other functions.
 
     Non-finite values are not checked by default (that would synchronise with the device): a
     NaN/Inf in row i of G makes M[i, i] non-finite. ``check_finite=True`` raises
@@ -47,7 +48,8 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     """d = alpha · wᵀG, the weighted sum of the rows of G (K × N) — written into ``out`` if given.
 
     ``w`` has shape (K,) on G's device (a device tensor: no host synchronisation), any floating dtype, rounded
-    to float32 (a float64 ``w``, as the solvers return, is read as it is and rounded in the kernel). ``out`` may be
+    to float32 (a float64 ``w``, as the solvers return, is read as it is and rounded in the kernel; for a float64
+    G it is kept, and the arithmetic is float64). ``out`` may be
     a contiguous view into a flat ``.grad`` buffer; with ``accumulate=True`` the result is added
     to it (out += alpha · wᵀG). The result has out's dtype (or G's when out is None); arithmetic
     in float32 with one rounding to that dtype. NaN/Inf in w or G propagate into the affected

@@ -10,7 +10,11 @@ from torch import Tensor
 #: Largest number of tasks the streaming kernels accept.
 MAX_K = 1024
 #: Element types of G (and of ``out``) that every backend reads.
-G_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Element types the streaming kernels read and write (the cpp backend: float32 and bfloat16).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Element types of G and of the vectors beside it: float64 too (a float64 model), which the reference backend
+#: serves, in float64 throughout (``auto`` picks it for them).
+G_DTYPES = (*KERNEL_DTYPES, torch.float64)
 GRAM_OUT_DTYPES = (torch.float32, torch.float64)
 #: Element types of perturb's scale (one element, read on the device by the kernel).
 SCALE_DTYPES = (torch.float32, torch.float64)

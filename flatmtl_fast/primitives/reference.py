@@ -23,7 +23,7 @@ class ReferencePrimitives:
     name = "reference"
 
     def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
-        bad = [d for d in dtypes if d not in (*G_DTYPES, torch.float64)]
+        bad = [d for d in dtypes if d not in G_DTYPES]
         return f"unsupported dtypes {bad}" if bad else None
 
     def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
@@ -37,7 +37,7 @@ class ReferencePrimitives:
 
     def combine(self, w: Tensor, G: Tensor, row_stride: int, out: Tensor, accumulate: bool, alpha: float) -> None:
         K, N = G.shape
-        w64 = w.float().double()  # the kernels' float32 weights, exactly
+        w64 = w.double() if G.dtype == torch.float64 else w.float().double()  # the kernels' float32 weights
         step = max(1, _BLOCK_ELEMENTS // K)
         for start in _column_blocks(K, N):
             value = alpha * (w64 @ G[:, start : start + step].double())

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import TRITON_LAUNCH_OPTIONS, triton_interpreting
-from .checks import G_DTYPES
+from .checks import KERNEL_DTYPES
 
 
 @triton.jit
@@ -194,8 +194,8 @@ class TritonPrimitives:
     def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             return f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device}"
-        bad = [d for d in dtypes if d not in G_DTYPES]
-        return f"the triton backend reads and writes {G_DTYPES} only, got {bad}" if bad else None
+        bad = [d for d in dtypes if d not in KERNEL_DTYPES]
+        return f"the triton backend reads and writes {KERNEL_DTYPES} only, got {bad}" if bad else None
 
     def gram(self, G: Tensor, row_stride: int, out: Tensor) -> None:
         K, N = G.shape

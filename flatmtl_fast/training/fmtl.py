@@ -163,7 +163,8 @@ class FMTL:
 
         ``closure()`` runs a fresh forward pass on the batch (with grad enabled) and returns the K task
         losses (a sequence of scalars or a 1-D tensor). It is called K + 1 times. Returns the clean
-        losses (a detached (K,) tensor), or None when ``nonfinite="skip"`` skipped the step.
+        losses (a detached (K,) tensor, float32, or float64 for float64 parameters), or None when
+        ``nonfinite="skip"`` skipped the step.
         """
         shared = self.shared
         shared.refresh()
@@ -229,7 +230,7 @@ class FMTL:
             self._aggregate(rows.buffer, loss_values)
         else:
             self._aggregate_distributed(rows.buffer, loss_values, all_heads)
-        return loss_values.float()
+        return loss_values if shared.dtype == torch.float64 else loss_values.float()
 
     def _all_reduce(self, tensor: Tensor, what: str, *, mean: bool = False) -> Tensor:
         """Sum (or average) ``tensor`` over the group in place, counted into :attr:`traffic`."""

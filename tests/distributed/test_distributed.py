@@ -387,7 +387,7 @@ def test_bad_arguments_raise_before_any_communication():
     with pytest.raises(ValueError, match="needs the task losses"):
         aggregate(G, make("DBMTL"))
     with pytest.raises(TypeError, match="G must have dtype"):
-        aggregate(G.double(), make("UPGrad"))
+        aggregate(G.int(), make("UPGrad"))
     with pytest.raises(ValueError, match="averaged_rows must be"):
         aggregate(G, make("UPGrad"), averaged_rows=K + 1)
     with pytest.raises(ValueError, match="world_size"):

@@ -194,3 +194,22 @@ def test_non_finite_propagates_to_the_diagonal(case):
             flatmtl_fast.gram(G, check_finite=True)
     assert not M[1, 1].isfinite() and not M[3, 3].isfinite()
     assert M[0, 0].isfinite() and M[2, 2].isfinite() and M[0, 2].isfinite()
+
+
+def test_a_float64_G_is_served_in_float64():
+    """float64 G (a float64 model): auto takes the reference primitives, every product and sum in float64 (w kept
+    in float64 too), so the errors are float64 rounding: at most n·u·Σ|terms| for a sum of n terms. The compiled
+    backends take 16- and 32-bit floats only and say so when chosen explicitly."""
+    K, N = 7, 100_003
+    G = torch.randn(K, N, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    w = torch.randn(K, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 1e-3
+    u = 2.0**-53
+    M = flatmtl_fast.gram(G, dtype=torch.float64)
+    assert ((M - G @ G.T).abs() <= 2 * N * u * (G.abs() @ G.abs().T)).all()
+    d = flatmtl_fast.combine(w, G)
+    assert d.dtype == torch.float64
+    assert ((d - w @ G).abs() <= 2 * K * u * (w.abs() @ G.abs())).all()  # w not rounded to float32 (~1e-8)
+    norms = flatmtl_fast.row_norms(G)
+    assert ((norms - G.norm(dim=1)).abs() <= 2 * N * u * norms).all()
+    with flatmtl_fast.use_backend("cpp"), pytest.raises(RuntimeError, match="float64"):
+        flatmtl_fast.gram(G)

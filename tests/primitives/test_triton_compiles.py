@@ -156,7 +156,7 @@ def _record_launches(family: str) -> list[_Launch]:
                     stack.enter_context(mock.patch.object(module, name, _Recorder(name, launches)))
         stack.enter_context(mock.patch.object(primitives_kernels, "_target_programs", lambda device: H100_PROGRAMS))
         if family == "aligned":
-            dtypes = checks.G_DTYPES
+            dtypes = checks.KERNEL_DTYPES
             for dtype in dtypes:
                 for K in K_VALUES:
                     _run_launch_code(

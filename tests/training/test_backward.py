@@ -74,6 +74,24 @@ def test_backward_equals_autograd_plus_reference(name, namespace):
         assert w is not None and w.shape == (3,)
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_a_float64_model_trains_in_float64(name):
+    """float64 parameters: the task gradients, the Gram and the combination stay in float64 (the kernels take
+    16- and 32-bit floats: auto serves float64 with the reference primitives), so the step equals the reference's
+    to float64 rounding — except where the reference's own solve is looser (CAGrad's and IMGrad's conic solver,
+    ~1e-8 here) and DB-MTL, whose EMA state is float32 by design (2^-24 relative)."""
+    net = Net().double()
+    x, y = (t.double() for t in _batch())
+    expected_d, expected_heads = _expected(net, _make(name), x, y)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    flatmtl_fast.backward(net.losses(x, y), shared, _make(name, flatmtl_fast), task_params=net.heads.parameters())
+    assert shared.grad.dtype == torch.float64
+    relative = 1e-7 if name in ("CAGrad", "IMGrad", "DBMTL") else 1e-13
+    assert (shared.grad - expected_d).norm() <= relative * expected_d.norm(), name
+    for p, g in zip(net.heads.parameters(), expected_heads, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-13, atol=0)
+
+
 def test_bfloat16_task_gradient_storage():
     net = Net()
     x, y = _batch()

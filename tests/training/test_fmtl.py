@@ -64,10 +64,10 @@ def _literal_step(model: Net, x, y, aggregator, *, rho, adaptive=False, normaliz
         with torch.no_grad():
             offset = 0
             for p in shared:
-                p.copy_((p.double() + eps_s[offset : offset + p.numel()].view_as(p)).float())
+                p.copy_(p.double() + eps_s[offset : offset + p.numel()].view_as(p))  # one rounding to p.dtype
                 offset += p.numel()
             for p, t, gg in zip(heads[i], T_head, gh, strict=True):
-                p.copy_((p.double() + rho * t**2 * gg / (norm_h + 1e-12)).float())
+                p.copy_(p.double() + rho * t**2 * gg / (norm_h + 1e-12))
         perturbed = model.losses(x, y)[i]
         grads = torch.autograd.grad(perturbed, shared + heads[i])
         s.append(torch.cat([t.flatten() for t in grads[: len(shared)]]))
@@ -121,6 +121,20 @@ def test_step_equals_literal_loop(name: str, fused: bool) -> None:
         for p, expected in zip(head.parameters(), grads, strict=True):
             torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, torch.stack(literal_model.losses(x, y)).detach())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_float64_model_steps_in_float64(name: str) -> None:
+    """float64 parameters: perturbation, task gradients, Grams and combination all in float64 (the reference
+    primitives serve them), so the step is the literal loop's to float64 rounding — except CAGrad's and IMGrad's,
+    where the reference's conic solver is the looser side (WEIGHT_RTOL in tests/fused/_util.py)."""
+    x, y = (t.double() for t in _data())
+    literal_model, model = Net().double(), Net().double()
+    expected_d, _ = _literal_step(literal_model, x, y, _make(name, fused=False), rho=0.5)
+    shared, _, losses = _fmtl_step(model, x, y, _make(name, fused=True), rho=0.5)
+    assert shared.grad.dtype == torch.float64 and losses.dtype == torch.float64
+    relative = 1e-4 if name in ("CAGrad", "IMGrad") else 1e-13
+    assert (shared.grad - expected_d).norm() <= relative * expected_d.norm()
 
 
 @pytest.mark.parametrize(
