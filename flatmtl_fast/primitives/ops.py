@@ -98,8 +98,8 @@ def _gram_fake(G: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
 
 @_custom_op("flatmtl::combine_", "out")
 def combine_op(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
-    """out (+)= alpha · wᵀG with backend ``backend`` (w float32, or float64 that the backend rounds to float32;
-    validated by flatmtl_fast.combine)."""
+    """out (+)= alpha · wᵀG with backend ``backend`` (w float32 or float64, which the backend rounds to float32
+    unless G is float64; validated by flatmtl_fast.combine)."""
     implementations()[backend].combine(w, G, row_stride(G), out, accumulate, alpha)
 
 
