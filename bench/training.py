@@ -5,13 +5,13 @@ Models (``--train-model``): ``mlp``, issue 5's 4.7 M-parameter MLP trunk (batch 
 default: a common per-GPU batch for ViT-B, whose float32 activations, kept for the K backward passes,
 take a few GB).
 
-Per step (median): plain summed backward; ``flatmtl_fast.backward`` with a fused aggregator, with
-its breakdown (forward, the K backward passes, gram + solve + combine); torchjd's ``mtl_backward``
-+ ``jac_to_grad``; a plain loop of K ``autograd.grad`` calls + torchjd's aggregator. F-MTL steps
-(K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official code's loop with torchjd's
-aggregator called on g and on h. Peak extra memory of each step above a plain summed-backward step of
-the same model: in a fresh process on the CPU (VmHWM), from the caching allocator's high-water mark on
-CUDA; both include the buffers kept between steps (our K × N task-gradient buffer, optimizer state).
+Per step (median; every implementation, and the parts, timed in turn each round): plain summed backward;
+``flatmtl_fast.backward`` with a fused aggregator, with its breakdown (forward, the K backward passes, gram + solve
++ combine, the optimizer's step); torchjd's ``mtl_backward`` + ``jac_to_grad``; a plain loop of K ``autograd.grad``
+calls + torchjd's aggregator. F-MTL steps (K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official
+code's loop with torchjd's aggregator called on g and on h. Peak extra memory of each step above a plain summed-
+backward step of the same model: in a fresh process on the CPU (VmHWM), from the caching allocator's high-water
+mark on CUDA; both include the buffers kept between steps (our K × N task-gradient buffer, optimizer state).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import flatmtl_fast
 
-from .common import Row, cuda_peak_bytes, median_time, time_call
+from .common import Row, cuda_peak_bytes, time_call
 
 SUITE = "training"
 TORCHJD_NAMES = {"UPGrad": "UPGrad", "MGDA": "MGDA", "PCGrad": "PCGrad", "Mean": "Mean"}
@@ -298,19 +298,17 @@ def step_parts(method: str, case: Case) -> tuple[MultiTaskModel, dict[str, Calla
     }
 
 
-def breakdown(method: str, case: Case, repeat: int) -> dict[str, float]:
-    """Seconds of each part of a flatmtl step (step_parts): the median of its time inside ``repeat`` whole steps
-    (after two), so that each part meets the caches a step leaves it: timed alone, each on the data its previous
-    call had just used, gram + solve + combine and the optimizer's step read 30-45 % faster than inside a step
-    (MLP, K = 3, 2 CPU threads), and the parts summed to less than the step rows."""
-    _, parts = step_parts(method, case)
-    times: dict[str, list[float]] = {name: [] for name in parts}
+def round_robin_medians(calls: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each call, the calls timed in turn, in order, ``repeat`` rounds (after two): on a machine
+    whose load drifts (a shared 2-core CPU: ±30 % between minutes), every call meets the same load, so their
+    ratios hold even where the absolute times move. Parts of a step (step_parts) run in order within a round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for n in range(2 + repeat):
-        for name, part in parts.items():
-            seconds = time_call(part, case.device)
+        for name, call in calls.items():
+            seconds = time_call(call, device)
             if n >= 2:
                 times[name].append(seconds)
-    return {name: statistics.median(part_times) for name, part_times in times.items()}
+    return {name: statistics.median(call_times) for name, call_times in times.items()}
 
 
 def peak_extra_memory(impl: str, method: str, case: Case) -> int:
@@ -375,16 +373,22 @@ def run(
     rows: list[Row] = []
     for K in Ks:
         case = Case(K, batch, device, model, config, amp)
+        # The steps and, for flatmtl, its parts timed inside whole steps (each part meets the caches a step leaves
+        # it: timed alone, on the data its previous call had just used, the combine and the optimizer's step read
+        # 30-45 % faster), all in turn, so that the parts and the steps see the same load.
+        calls: dict[str, Callable[[], object]] = {}
         for impl in impls:
-            net, step = make_step(impl, method, case)
-            n_shared = sum(p.numel() for p in net.trunk.parameters())
-            seconds = median_time(step, device, repeat=repeat)
-            del net, step  # before the memory measurement builds its own
-            row = Row(SUITE, f"{prefix}step:{method}", impl, K, n_shared, dtype, seconds, 0)
-            peak = peak_extra_memory(impl, method, case)
-            row.extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
-            rows.append(row)
+            net, calls[f"step:{method}:{impl}"] = make_step(impl, method, case)
+        n_shared = sum(p.numel() for p in net.trunk.parameters())
         if "flatmtl" in impls:
-            for part, seconds in breakdown(method, case, repeat).items():
-                rows.append(Row(SUITE, f"{prefix}part:{part}", "flatmtl", K, n_shared, dtype, seconds, 0))
+            calls.update({f"part:{part}:flatmtl": call for part, call in step_parts(method, case)[1].items()})
+        medians = round_robin_medians(calls, device, repeat)
+        del net, calls  # before the memory measurements build their own
+        for label, seconds in medians.items():
+            op, impl = label.rsplit(":", 1)
+            rows.append(Row(SUITE, f"{prefix}{op}", impl, K, n_shared, dtype, seconds, 0))
+        for row in rows[-len(medians) :]:
+            if row.op.startswith(f"{prefix}step:"):
+                peak = peak_extra_memory(row.impl, method, case)
+                row.extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
     return rows
