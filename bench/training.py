@@ -5,7 +5,7 @@ Models (``--train-model``): ``mlp``, issue 5's 4.7 M-parameter MLP trunk (batch 
 default: a common per-GPU batch for ViT-B, whose float32 activations, kept for the K backward passes,
 take a few GB).
 
-Per step (median; every implementation, and the parts, timed in turn each round): plain summed backward;
+Per step (median of back-to-back steps; flatmtl's parts timed in turn with its step): plain summed backward;
 ``flatmtl_fast.backward`` with a fused aggregator, with its breakdown (forward, the K backward passes, gram + solve
 + combine, the optimizer's step); torchjd's ``mtl_backward`` + ``jac_to_grad``; a plain loop of K ``autograd.grad``
 calls + torchjd's aggregator. F-MTL steps (K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official
@@ -301,7 +301,7 @@ def step_parts(method: str, case: Case) -> tuple[MultiTaskModel, dict[str, Calla
 def round_robin_medians(calls: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
     """Median seconds of each call, the calls timed in turn, in order, ``repeat`` rounds (after two): on a machine
     whose load drifts (a shared 2-core CPU: ±30 % between minutes), every call meets the same load, so their
-    ratios hold even where the absolute times move. Parts of a step (step_parts) run in order within a round."""
+    ratios hold where the absolute times move. The parts of a step (step_parts) run in order within a round."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for n in range(2 + repeat):
         for name, call in calls.items():
@@ -373,22 +373,23 @@ def run(
     rows: list[Row] = []
     for K in Ks:
         case = Case(K, batch, device, model, config, amp)
-        # The steps and, for flatmtl, its parts timed inside whole steps (each part meets the caches a step leaves
-        # it: timed alone, on the data its previous call had just used, the combine and the optimizer's step read
-        # 30-45 % faster), all in turn, so that the parts and the steps see the same load.
-        calls: dict[str, Callable[[], object]] = {}
+        parts: list[Row] = []
         for impl in impls:
-            net, calls[f"step:{method}:{impl}"] = make_step(impl, method, case)
-        n_shared = sum(p.numel() for p in net.trunk.parameters())
-        if "flatmtl" in impls:
-            calls.update({f"part:{part}:flatmtl": call for part, call in step_parts(method, case)[1].items()})
-        medians = round_robin_medians(calls, device, repeat)
-        del net, calls  # before the memory measurements build their own
-        for label, seconds in medians.items():
-            op, impl = label.rsplit(":", 1)
-            rows.append(Row(SUITE, f"{prefix}{op}", impl, K, n_shared, dtype, seconds, 0))
-        for row in rows[-len(medians) :]:
-            if row.op.startswith(f"{prefix}step:"):
-                peak = peak_extra_memory(row.impl, method, case)
-                row.extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
+            net, step = make_step(impl, method, case)
+            n_shared = sum(p.numel() for p in net.trunk.parameters())
+            # Each implementation's steps back to back, as a training loop runs them: the allocator's state is
+            # part of a step's cost (timed in turn with other implementations, torchjd's step, which allocates
+            # 225 MB, read 46 ms instead of 76). flatmtl's parts are timed in turn with its step, inside whole
+            # steps of their own (step_parts), so that they meet the caches and the load the step meets.
+            calls: dict[str, Callable[[], object]] = {f"step:{method}": step}
+            if impl == "flatmtl":
+                calls.update({f"part:{part}": call for part, call in step_parts(method, case)[1].items()})
+            medians = round_robin_medians(calls, device, repeat)
+            del net, step, calls  # before the memory measurement builds its own
+            for op, seconds in medians.items():
+                row = Row(SUITE, f"{prefix}{op}", impl, K, n_shared, dtype, seconds, 0)
+                (parts if op.startswith("part:") else rows).append(row)
+            peak = peak_extra_memory(impl, method, case)
+            rows[-1].extra["peak_extra_MB"] = -1.0 if peak == -1 else peak / 1e6  # -1: the measurement failed
+        rows += parts
     return rows
