@@ -198,6 +198,17 @@ int multiprocessors(int device) {
   return sms;
 }
 
+// launch(T{}) with T the element type `dtype` names (bfloat16, float16, else float32): the one switch from a
+// run-time type code to the kernels' template arguments, for every operand.
+template <class Launch>
+void with_element_type(DType dtype, const Launch& launch) {
+  switch (dtype) {
+    case DType::BFloat16: return launch(__nv_bfloat16{});
+    case DType::Float16: return launch(__half{});
+    default: return launch(float{});
+  }
+}
+
 std::string last_error(const char* what) {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(err);
@@ -221,17 +232,6 @@ void launch_combine(const void* w, bool w_is_double, const MatrixView& G, void* 
       accumulate);
 }
 
-template <typename T>
-void launch_combine_to(const void* w, bool w_is_double, const MatrixView& G, void* out, DType out_dtype, float alpha,
-                       bool accumulate, int device, cudaStream_t stream) {
-  switch (out_dtype) {
-    case DType::BFloat16:
-      return launch_combine<T, __nv_bfloat16>(w, w_is_double, G, out, alpha, accumulate, device, stream);
-    case DType::Float16: return launch_combine<T, __half>(w, w_is_double, G, out, alpha, accumulate, device, stream);
-    default: return launch_combine<T, float>(w, w_is_double, G, out, alpha, accumulate, device, stream);
-  }
-}
-
 // Sums of squares per (row, split) into partials, then their square roots into out.
 template <class Values>
 void launch_row_norms(const Values& values, int64_t K, int64_t N, double* partials, int64_t splits, double* out,
@@ -250,18 +250,6 @@ void launch_weighted_row_norms(const MatrixView& G, const void* weight, double* 
 }
 
 template <typename T>
-void launch_row_norms_weighted_by(const MatrixView& G, const void* weight, DType weight_dtype, double* partials,
-                                  int64_t splits, double* out, cudaStream_t stream) {
-  if (weight == nullptr) return launch_weighted_row_norms<T, T, false>(G, weight, partials, splits, out, stream);
-  switch (weight_dtype) {
-    case DType::BFloat16:
-      return launch_weighted_row_norms<T, __nv_bfloat16, true>(G, weight, partials, splits, out, stream);
-    case DType::Float16: return launch_weighted_row_norms<T, __half, true>(G, weight, partials, splits, out, stream);
-    default: return launch_weighted_row_norms<T, float, true>(G, weight, partials, splits, out, stream);
-  }
-}
-
-template <typename T>
 void launch_ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView& G, const float* decay,
                           const float* gain, double* partials, int64_t splits, double* out, cudaStream_t stream) {
   const EmaRows<T> values{buffer, buffer_stride, static_cast<const T*>(G.data), G.row_stride, decay, gain};
@@ -276,18 +264,6 @@ void launch_perturb(const void* base, const void* direction, const void* scale, 
   perturb_kernel<O, D><<<unsigned(blocks), kPerturbThreads, 0, stream>>>(
       static_cast<const O*>(base), static_cast<const D*>(direction), scale, scale_is_double, static_cast<O*>(out), n,
       adaptive);
-}
-
-template <typename O>
-void launch_perturb_to(const void* base, const void* direction, DType direction_dtype, const void* scale,
-                       bool scale_is_double, void* out, int64_t n, bool adaptive, int device, cudaStream_t stream) {
-  switch (direction_dtype) {
-    case DType::BFloat16:
-      return launch_perturb<O, __nv_bfloat16>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
-    case DType::Float16:
-      return launch_perturb<O, __half>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
-    default: return launch_perturb<O, float>(base, direction, scale, scale_is_double, out, n, adaptive, device, stream);
-  }
 }
 
 }  // namespace
@@ -316,11 +292,7 @@ std::string gram(const MatrixView& G, float* partials, int64_t num_splits, void*
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int tiles = int((G.rows + kTile - 1) / kTile);
   const int64_t Kp = int64_t(tiles) * kTile;
-  switch (G.dtype) {
-    case DType::BFloat16: launch_gram<__nv_bfloat16>(G, partials, num_splits, tiles, Kp, stream); break;
-    case DType::Float16: launch_gram<__half>(G, partials, num_splits, tiles, Kp, stream); break;
-    default: launch_gram<float>(G, partials, num_splits, tiles, Kp, stream); break;
-  }
+  with_element_type(G.dtype, [&](auto g) { launch_gram<decltype(g)>(G, partials, num_splits, tiles, Kp, stream); });
   const int64_t entries = G.rows * G.rows;
   const unsigned blocks = unsigned((entries + 255) / 256);
   if (out_is_double) {
@@ -335,15 +307,11 @@ std::string combine(const void* w, bool w_is_double, const MatrixView& G, void* 
                     bool accumulate, int device, uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (G.dtype) {
-    case DType::BFloat16:
-      launch_combine_to<__nv_bfloat16>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream);
-      break;
-    case DType::Float16:
-      launch_combine_to<__half>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream);
-      break;
-    default: launch_combine_to<float>(w, w_is_double, G, out, out_dtype, alpha, accumulate, device, stream); break;
-  }
+  with_element_type(G.dtype, [&](auto g) {
+    with_element_type(out_dtype, [&](auto o) {
+      launch_combine<decltype(g), decltype(o)>(w, w_is_double, G, out, alpha, accumulate, device, stream);
+    });
+  });
   return last_error("combine kernel launch");
 }
 
@@ -357,15 +325,13 @@ std::string row_norms(const MatrixView& G, const void* weight, DType weight_dtyp
                       int64_t num_splits, double* out, int device, uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (G.dtype) {
-    case DType::BFloat16:
-      launch_row_norms_weighted_by<__nv_bfloat16>(G, weight, weight_dtype, partials, num_splits, out, stream);
-      break;
-    case DType::Float16:
-      launch_row_norms_weighted_by<__half>(G, weight, weight_dtype, partials, num_splits, out, stream);
-      break;
-    default: launch_row_norms_weighted_by<float>(G, weight, weight_dtype, partials, num_splits, out, stream); break;
-  }
+  with_element_type(G.dtype, [&](auto g) {
+    using T = decltype(g);
+    if (weight == nullptr) return launch_weighted_row_norms<T, T, false>(G, weight, partials, num_splits, out, stream);
+    with_element_type(weight_dtype, [&](auto w) {
+      launch_weighted_row_norms<T, decltype(w), true>(G, weight, partials, num_splits, out, stream);
+    });
+  });
   return last_error("row_norms kernel launch");
 }
 
@@ -374,17 +340,9 @@ std::string ema_row_norms(float* buffer, int64_t buffer_stride, const MatrixView
                           uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (G.dtype) {
-    case DType::BFloat16:
-      launch_ema_row_norms<__nv_bfloat16>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
-      break;
-    case DType::Float16:
-      launch_ema_row_norms<__half>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
-      break;
-    default:
-      launch_ema_row_norms<float>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
-      break;
-  }
+  with_element_type(G.dtype, [&](auto g) {
+    launch_ema_row_norms<decltype(g)>(buffer, buffer_stride, G, decay, gain, partials, num_splits, out, stream);
+  });
   return last_error("ema_row_norms kernel launch");
 }
 
@@ -393,20 +351,12 @@ std::string perturb(const void* base, const void* direction, DType direction_dty
                     uintptr_t stream_handle) {
   if (cudaSetDevice(device) != cudaSuccess) return last_error("cudaSetDevice");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (dtype) {
-    case DType::BFloat16:
-      launch_perturb_to<__nv_bfloat16>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive,
-                                       device, stream);
-      break;
-    case DType::Float16:
-      launch_perturb_to<__half>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive, device,
-                                stream);
-      break;
-    default:
-      launch_perturb_to<float>(base, direction, direction_dtype, scale, scale_is_double, out, count, adaptive, device,
-                               stream);
-      break;
-  }
+  with_element_type(dtype, [&](auto b) {
+    with_element_type(direction_dtype, [&](auto d) {
+      launch_perturb<decltype(b), decltype(d)>(base, direction, scale, scale_is_double, out, count, adaptive, device,
+                                               stream);
+    });
+  });
   return last_error("perturb kernel launch");
 }
 
