@@ -52,7 +52,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     G it is kept, and the arithmetic is float64). ``out`` may be
     a contiguous view into a flat ``.grad`` buffer; with ``accumulate=True`` the result is added
     to it (out += alpha · wᵀG). The result has out's dtype (or G's when out is None); arithmetic
-    in float32 with one rounding to that dtype. NaN/Inf in w or G propagate into the affected
+    in float32 (float64 for a float64 G) with one rounding to that dtype. NaN/Inf in w or G propagate into the affected
     entries, as in ``w @ G``.
     """
     _, N, _ = checks.check_G(G, "combine")

@@ -9,7 +9,6 @@ from torch import Tensor
 
 #: Largest number of tasks the streaming kernels accept.
 MAX_K = 1024
-#: Element types of G (and of ``out``) that every backend reads.
 #: Element types the streaming kernels read and write (the cpp backend: float32 and bfloat16).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Element types of G and of the vectors beside it: float64 too (a float64 model), which the reference backend
@@ -65,9 +64,9 @@ def check_gram_dtype(dtype: object) -> torch.dtype:
 
 
 def check_weights(w: object, G: Tensor) -> Tensor:
-    """Validate ``w`` (shape (K,), floating, on G's device); return it contiguous, as float64 when it is (every
-    backend rounds it to float32 as it reads it: the solvers' float64 weights need no conversion op, a launch on a
-    GPU) and float32 otherwise."""
+    """Validate ``w`` (shape (K,), floating, on G's device); return it contiguous, as float64 when it is (the
+    backends round it to float32 as they read it, unless G is float64: the solvers' float64 weights need no
+    conversion op, a launch on a GPU) and float32 otherwise."""
     K = G.shape[0]
     if not isinstance(w, Tensor):
         raise TypeError(f"combine: w must be a torch.Tensor of shape ({K},), got {type(w).__name__}")
