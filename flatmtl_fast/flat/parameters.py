@@ -7,7 +7,7 @@ straight into one flat ``.grad``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,10 @@ class FlatParameters:
         for p, start, end in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
             yield p, flat[start:end].view(p.shape)
 
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """The slices of ``flat`` shaped like the parameters, in their order (for :meth:`bind_grad_views`)."""
+        return [view for _, view in self.views(flat)]
+
     def _flatten(self, device: torch.device) -> None:
         dtype = self.params[0].dtype
         data = torch.empty(self.numel, dtype=dtype, device=device)
@@ -79,13 +83,16 @@ class FlatParameters:
                 p.data = view
         self.data = data
         self.grad = torch.zeros_like(data)
+        self._grad_views = self.split(self.grad)
 
     def is_flat(self) -> bool:
         """Whether every parameter still is its view of :attr:`data` (false after e.g. ``module.to()``)."""
         base = self.data.data_ptr()
         itemsize = self.data.element_size()
+        device, dtype = self.data.device, self.data.dtype
+        # p.data_ptr(), not p.data.data_ptr(): .data builds a new tensor object, and this runs every step.
         return all(
-            p.data.data_ptr() == base + start * itemsize and p.device == self.data.device and p.dtype == self.dtype
+            p.data_ptr() == base + start * itemsize and p.device == device and p.dtype == dtype
             for p, start in zip(self.params, self.offsets, strict=False)
         )
 
@@ -102,10 +109,16 @@ class FlatParameters:
 
         Optimizers' ``zero_grad(set_to_none=True)`` unbinds them; flatmtl_fast rebinds on each step.
         """
-        flat_grad = self.grad if flat_grad is None else flat_grad
-        for p, view in self.views(flat_grad):
-            p.grad = view
+        if flat_grad is None:
+            self.bind_grad_views(self._grad_views)  # cut once: slicing P views costs µs per tensor per step
+            return self.grad
+        self.bind_grad_views(self.split(flat_grad))
         return flat_grad
+
+    def bind_grad_views(self, views: Sequence[Tensor]) -> None:
+        """Make every ``p.grad`` its view in ``views`` (from :meth:`split`, kept by callers that rebind often)."""
+        for p, view in zip(self.params, views, strict=True):
+            p.grad = view
 
     def __len__(self) -> int:
         return len(self.params)

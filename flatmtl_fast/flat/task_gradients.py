@@ -31,20 +31,23 @@ class TaskGradients:
         self.shared = shared
         self.buffer = torch.empty(num_tasks, shared.numel, dtype=dtype, device=shared.device)
         self._scratch = None if dtype == shared.dtype else torch.empty_like(shared.data)
-        self._reached = [False] * len(shared.params)
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._make_hook(index)) for index, p in enumerate(shared.params)
-        ]
+        # Each row's target (its buffer row, or the scratch row) and its parameter-shaped views, cut on first use
+        # and rebound on every pass: cutting them anew costs a slice and a view per parameter per task per step.
+        self._targets: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        self._reached = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._mark_reached) for p in shared.params]
 
     @property
     def num_tasks(self) -> int:
         return self.buffer.shape[0]
 
-    def _make_hook(self, index: int):
-        def hook(_: Tensor) -> None:
-            self._reached[index] = True
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the ``.grad`` tensors this object binds (the shared parameters' when it was made)."""
+        return self.buffer.dtype if self._scratch is None else self._scratch.dtype
 
-        return hook
+    def _mark_reached(self, _: Tensor) -> None:
+        self._reached = True
 
     def capture(
         self, losses: Sequence[Tensor], extra_inputs: Sequence[Tensor] = (), retain_graph: bool = False
@@ -79,15 +82,19 @@ class TaskGradients:
         −subtract, so a small difference of two large gradients (F-MTL's h = s − g) is formed with one
         rounding in the parameters' precision instead of being recovered later from their Grams.
         """
-        target = self.buffer[row] if self._scratch is None else self._scratch
+        key = row if self._scratch is None else -1
+        if key not in self._targets:
+            target = self.buffer[row] if self._scratch is None else self._scratch
+            self._targets[key] = target, self.shared.split(target)
+        target, views = self._targets[key]
         if subtract is None:
             target.zero_()
         else:
             torch.neg(subtract, out=target)
-        self.shared.bind_grad(target)
-        self._reached = [False] * len(self.shared.params)
-        torch.autograd.backward(loss, inputs=list(inputs), retain_graph=retain_graph)
-        if not any(self._reached):
+        self.shared.bind_grad_views(views)
+        self._reached = False
+        torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
+        if not self._reached:
             raise ValueError(f"{name} does not depend on the shared parameters (its gradient there is zero)")
         if self._scratch is not None:
             self.buffer[row].copy_(self._scratch)

@@ -35,7 +35,12 @@ def _task_gradients(shared: FlatParameters, K: int, dtype: torch.dtype | None) -
             "stateful aggregators would mix tasks. Call flatmtl_fast.release_buffers(shared) and reset() "
             "the aggregator if this is intended"
         )
-    if captured is None or captured.buffer.dtype != wanted or captured.buffer.device != shared.device:
+    if (
+        captured is None
+        or captured.buffer.dtype != wanted
+        or captured.buffer.device != shared.device
+        or captured.param_dtype != shared.dtype  # e.g. module.double() under grad_dtype=bfloat16
+    ):
         release_buffers(shared)
         captured = _buffers[shared] = TaskGradients(shared, K, dtype)
     return captured
