@@ -84,17 +84,13 @@ class FlatParameters:
         self.data = data
         self.grad = torch.zeros_like(data)
         self._grad_views = self.split(self.grad)
+        self._addresses = [p.data_ptr() for p in self.params]
 
     def is_flat(self) -> bool:
         """Whether every parameter still is its view of :attr:`data` (false after e.g. ``module.to()``)."""
-        base = self.data.data_ptr()
-        itemsize = self.data.element_size()
-        device, dtype = self.data.device, self.data.dtype
-        # p.data_ptr(), not p.data.data_ptr(): .data builds a new tensor object, and this runs every step.
-        return all(
-            p.data_ptr() == base + start * itemsize and p.device == device and p.dtype == dtype
-            for p, start in zip(self.params, self.offsets, strict=False)
-        )
+        # The addresses alone decide (this runs every step): self.data keeps its storage alive, so a parameter that
+        # was moved, cast or replaced starts elsewhere; CUDA's unified addressing keeps device and host apart.
+        return list(map(Tensor.data_ptr, self.params)) == self._addresses
 
     def refresh(self) -> None:
         """Re-flatten if the parameters were moved or replaced (keeps their current values)."""

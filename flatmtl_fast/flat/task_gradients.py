@@ -34,8 +34,6 @@ class TaskGradients:
         # Each row's target (its buffer row, or the scratch row) and its parameter-shaped views, cut on first use
         # and rebound on every pass: cutting them anew costs a slice and a view per parameter per task per step.
         self._targets: dict[int, tuple[Tensor, list[Tensor]]] = {}
-        self._reached = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._mark_reached) for p in shared.params]
 
     @property
     def num_tasks(self) -> int:
@@ -45,9 +43,6 @@ class TaskGradients:
     def param_dtype(self) -> torch.dtype:
         """The dtype of the ``.grad`` tensors this object binds (the shared parameters' when it was made)."""
         return self.buffer.dtype if self._scratch is None else self._scratch.dtype
-
-    def _mark_reached(self, _: Tensor) -> None:
-        self._reached = True
 
     def capture(
         self, losses: Sequence[Tensor], extra_inputs: Sequence[Tensor] = (), retain_graph: bool = False
@@ -92,15 +87,12 @@ class TaskGradients:
         else:
             torch.neg(subtract, out=target)
         self.shared.bind_grad_views(views)
-        self._reached = False
+        # Autograd adds a reached parameter's gradient in place into its .grad view, which bumps the version counter
+        # the views share with the target: an unchanged version means the loss reached no shared parameter. (Hooks
+        # on every parameter would cost a Python call per parameter per pass, and outlive this object.)
+        version = target._version
         torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
-        if not self._reached:
+        if target._version == version:
             raise ValueError(f"{name} does not depend on the shared parameters (its gradient there is zero)")
         if self._scratch is not None:
             self.buffer[row].copy_(self._scratch)
-
-    def close(self) -> None:
-        """Remove the hooks this object registered on the shared parameters."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

@@ -21,9 +21,7 @@ _buffers: weakref.WeakKeyDictionary[FlatParameters, TaskGradients] = weakref.Wea
 
 def release_buffers(shared: FlatParameters) -> None:
     """Free the per-task gradient buffer kept for ``shared`` (e.g. before changing the number of tasks)."""
-    captured = _buffers.pop(shared, None)
-    if captured is not None:
-        captured.close()
+    _buffers.pop(shared, None)
 
 
 def _task_gradients(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> TaskGradients:

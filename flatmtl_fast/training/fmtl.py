@@ -306,9 +306,8 @@ class FMTL:
         return losses
 
     def _buffer(self, K: int) -> TaskGradients:
-        if self._rows is None or self._rows.buffer.device != self.shared.device:
-            if self._rows is not None:
-                self._rows.close()
+        rows = self._rows
+        if rows is None or rows.buffer.device != self.shared.device or rows.param_dtype != self.shared.dtype:
             self._rows = TaskGradients(self.shared, 2 * K)
         return self._rows
 

@@ -232,7 +232,6 @@ def test_flat_parameters_and_task_gradients_bad_inputs():
     loss = (shared.params[0] ** 2).sum()
     with pytest.raises(ValueError, match="expected 2 losses"):
         capture.capture([loss])
-    capture.close()
 
 
 def test_the_loss_values_are_one_stack_and_one_conversion():
@@ -313,3 +312,36 @@ def test_a_dtype_change_under_a_storage_dtype_rebuilds_the_task_buffer():
     assert shared.grad.dtype == torch.float64
     # bfloat16 rows (relative rounding 2⁻⁹ per entry) move the direction by well under 2 % of its norm
     assert (shared.grad - expected_d).norm() <= 2e-2 * expected_d.norm()
+
+
+def test_a_loss_reaching_some_shared_parameters_is_captured_and_none_raises():
+    """Reachability is read from the row's version counter (autograd adds into the bound views in place): a loss
+    through only the last shared layer still counts, its other entries stay zero; the parameters carry no hooks."""
+    net = Net()
+    x, y = _batch()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    last_bias = net.trunk[2].bias
+    losses = [*net.losses(x, y)[:2], (last_bias**2).sum()]
+    captured = flatmtl_fast.TaskGradients(shared, 3)
+    G = captured.capture(losses)
+    start = shared.offsets[-2]  # the last bias is the last shared parameter
+    assert shared.params[-1] is last_bias
+    torch.testing.assert_close(G[2, start:], 2 * last_bias.detach(), rtol=0, atol=0)
+    assert not G[2, :start].any()
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in shared.params)
+    with pytest.raises(ValueError, match="loss 1 does not depend on the shared parameters"):
+        captured.capture([losses[0], net.heads[0].weight.sum(), losses[2]])
+
+
+def test_a_parameter_given_new_storage_is_seen_and_reflattened():
+    """``p.data = ...`` with a fresh tensor (same shape, dtype and device) leaves the flat storage: refresh notices
+    by address and re-flattens, keeping the new values."""
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    weight = net.trunk[0].weight
+    fresh = torch.randn_like(weight)
+    weight.data = fresh.clone()
+    assert not shared.is_flat()
+    shared.refresh()
+    assert shared.is_flat() and torch.equal(weight.detach(), fresh)
+    assert weight.data_ptr() == shared.data.data_ptr()

@@ -137,6 +137,22 @@ def test_a_float64_model_steps_in_float64(name: str) -> None:
     assert (shared.grad - expected_d).norm() <= relative * expected_d.norm()
 
 
+def test_a_model_cast_between_steps_gets_a_buffer_of_its_dtype() -> None:
+    """``model.double()`` between steps re-flattens the shared parameters: the kept 2K-row buffer (float32) must be
+    rebuilt in float64, not bound as float32 ``.grad`` views of float64 parameters."""
+    x, y = _data()
+    literal_model, model = Net(), Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), task_params=list(model.heads), model=model, rho=0.5)
+    fmtl.step(lambda: model.losses(x, y))
+    literal_model.double(), model.double()
+    x, y = x.double(), y.double()
+    expected_d, _ = _literal_step(literal_model, x, y, reference.UPGrad(), rho=0.5)
+    fmtl.step(lambda: model.losses(x, y))
+    assert shared.grad.dtype == torch.float64
+    assert (shared.grad - expected_d).norm() <= 1e-12 * expected_d.norm()
+
+
 @pytest.mark.parametrize(
     "options",
     [
