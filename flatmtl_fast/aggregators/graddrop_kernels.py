@@ -1,6 +1,7 @@
-"""GradDrop's single elementwise pass over G: a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)
-and a CPU path over column blocks. Both draw U_n = ``tl.rand(seed, n)`` (Philox-4x32-10, int64 offsets
-n) and decide in float64, exactly as :class:`flatmtl_fast.reference.GradDrop`."""
+"""GradDrop's single elementwise pass over G: a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), a
+compiled CPU kernel, and a torch path over column blocks (any device and dtype). All draw
+U_n = ``tl.rand(seed, n)`` (Philox-4x32-10, int64 offsets n) and decide in float64, exactly as
+:class:`flatmtl_fast.reference.GradDrop`."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from ..backends import TRITON_LAUNCH_OPTIONS, triton_interpreting
 from ..primitives.checks import KERNEL_DTYPES
 from ..reference._philox import philox_uniform
 
-#: Columns per block of the CPU path: bounds its float64 temporaries to O(K · block).
-CPU_BLOCK_COLUMNS = 1 << 14
+
+def block_columns(device: torch.device) -> int:
+    """Columns per block of the torch path, which bound its float64 temporaries to O(K · block): on the CPU, a
+    block that stays in cache; on a GPU (float64, which the kernels do not take), one that amortises the ~40
+    launches of each block's Philox."""
+    return 1 << 14 if device.type == "cpu" else 1 << 20
 
 
 def _graddrop_block(G: Tensor, leak: Tensor, U: Tensor) -> Tensor:
@@ -28,20 +33,20 @@ def _graddrop_block(G: Tensor, leak: Tensor, U: Tensor) -> Tensor:
 
 
 class BlockGradDrop:
-    """CPU: column blocks with the torch Philox port. Reads the seed from host memory (``numpy()``, a view
-    on a CPU tensor: no device exists to synchronise with). Extra memory O(K · CPU_BLOCK_COLUMNS)."""
+    """Any device, any floating dtype (the ``reference`` backend): column blocks with the torch Philox port. The
+    seed stays a device tensor (no host synchronisation). Extra memory O(K · block)."""
 
     name = "blocks"
 
     def unsupported(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
-        return None if device.type == "cpu" else f"the CPU GradDrop path runs on CPU tensors, got {device}"
+        return None
 
     def run(self, G: Tensor, leak: Tensor, seed: Tensor, out: Tensor) -> None:
         N = G.shape[1]
-        seed_value = int(seed.numpy()[0])
-        for start in range(0, N, CPU_BLOCK_COLUMNS):
-            stop = min(start + CPU_BLOCK_COLUMNS, N)
-            U = philox_uniform(seed_value, stop - start, G.device, start=start).to(torch.float64)
+        block = block_columns(G.device)
+        for start in range(0, N, block):
+            stop = min(start + block, N)
+            U = philox_uniform(seed, stop - start, G.device, start=start).to(torch.float64)
             out[start:stop] = _graddrop_block(G[:, start:stop], leak.unsqueeze(1), U).to(out.dtype)
 
 

@@ -41,13 +41,19 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox_uniform(seed: int, n: int, device: torch.device | str | None = None, *, start: int = 0) -> Tensor:
+def philox_uniform(seed: int | Tensor, n: int, device: torch.device | str | None = None, *, start: int = 0) -> Tensor:
     """Return ``tl.rand(seed, offsets)`` for offsets start, …, start + n − 1 as a float32 tensor of shape (n,).
 
-    ``seed`` must be a non-negative integer below 2⁶⁴ (GradDrop draws it below 2⁶²). ``start`` lets a
-    chunked consumer (or a test of offsets ≥ 2³²) address any window of the stream.
+    ``seed`` is a non-negative integer below 2⁶⁴ (GradDrop draws it below 2⁶²), or a one-element int64 tensor
+    on ``device`` holding one in [0, 2⁶³): that seed stays where it is, so a device's stream needs no host read
+    of it (nor a range check). ``start`` lets a chunked consumer (or a test of offsets ≥ 2³²) address any window
+    of the stream.
     """
-    if not 0 <= seed < 2**64:
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        seed = seed.reshape(())
+    elif not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
     if n < 0 or start < 0 or start + n > 2**63:
         raise ValueError(f"need n ≥ 0 and 0 ≤ start ≤ start + n ≤ 2**63, got n={n}, start={start}")

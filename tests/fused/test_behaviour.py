@@ -238,12 +238,17 @@ def test_graddrop_same_generator_state_same_kept_entries_triton() -> None:
         assert not torch.equal(make("GradDrop", seed=5)(G), actual)
 
 
-def test_graddrop_blocks_cover_several_cpu_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_graddrop_blocks_cover_several_blocks(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The torch path (the fused GradDrop's reference backend, and float64's only one) over 16 blocks of 64
+    columns and a partial one: block by block, the same stream and the same d as the one-pass reference."""
     from flatmtl_fast.aggregators import graddrop_kernels
 
-    monkeypatch.setattr(graddrop_kernels, "CPU_BLOCK_COLUMNS", 64)
-    G = random_G(3, 1001, seed=3).to(torch.bfloat16)
-    torch.testing.assert_close(make("GradDrop", seed=1)(G), make("GradDrop", seed=1, fused=False)(G), rtol=0, atol=0)
+    monkeypatch.setattr(graddrop_kernels, "block_columns", lambda device: 64)
+    G = random_G(3, 1001, seed=3).to(dtype)
+    with flatmtl_fast.use_backend("reference"):
+        actual = make("GradDrop", seed=1)(G)
+    torch.testing.assert_close(actual, make("GradDrop", seed=1, fused=False)(G), rtol=0, atol=0)
 
 
 # Solver edge cases -----------------------------------------------------------------------------------

@@ -137,3 +137,17 @@ def test_native_cuda_solvers_equal_the_cpu_ones(name, K):
         w_gpu = make(name).weights(M.cuda(), None if losses is None else losses.cuda()).cpu()
     # the same header code and float64 arithmetic; only FMA contraction and summation order differ
     assert torch.allclose(w_gpu, w_cpu, rtol=1e-9, atol=1e-12 * float(w_cpu.abs().max() + 1))
+
+
+@pytest.mark.parametrize("K", [1, 3, 7])
+def test_float64_graddrop_runs_on_cuda_as_on_the_cpu(K):
+    """float64, which the kernels do not take, goes through the torch block path on the GPU too: the seed stays a
+    device tensor (no host read), the stream is the CPU's bit for bit, and only summation order differs."""
+    G = random_G(K, 100_003, seed=K).double()
+    expected = make("GradDrop", seed=2)(G)
+    make("GradDrop", seed=9)(G.cuda())  # warm-up: pinned staging of the CPU generator's draw
+    agg = make("GradDrop", seed=2)
+    with forbid_host_sync("cuda"):
+        got = agg(G.cuda())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-14 * float(G.abs().max()))

@@ -84,3 +84,15 @@ def test_bad_arguments() -> None:
         philox_uniform(-1, 4)
     with pytest.raises(ValueError, match="n ≥ 0"):
         philox_uniform(0, -4)
+
+
+def test_a_seed_tensor_gives_the_seed_integer_stream() -> None:
+    """A one-element int64 seed tensor (a device's draw, never read on the host) gives the integer seed's stream."""
+    for seed in (0, 7, 2**62 - 1):
+        expected = philox_uniform(seed, 1000, start=2**32 - 500)
+        actual = philox_uniform(torch.tensor([seed]), 1000, start=2**32 - 500)
+        assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
+    with pytest.raises(ValueError, match="a seed tensor must hold one int64"):
+        philox_uniform(torch.tensor([1, 2]), 4)
+    with pytest.raises(ValueError, match="a seed tensor must hold one int64"):
+        philox_uniform(torch.tensor([1.0]), 4)
