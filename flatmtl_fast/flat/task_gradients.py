@@ -45,12 +45,18 @@ class TaskGradients:
         return self.buffer.dtype if self._scratch is None else self._scratch.dtype
 
     def capture(
-        self, losses: Sequence[Tensor], extra_inputs: Sequence[Tensor] = (), retain_graph: bool = False
+        self,
+        losses: Sequence[Tensor],
+        extra_inputs: Sequence[Tensor] = (),
+        retain_graph: bool = False,
+        *,
+        add: bool = False,
     ) -> Tensor:
         """Run one backward pass per loss; return the (K, N) buffer with row i = ∂L_i/∂θ_shared.
 
         The graph is kept until the last pass (and after it when ``retain_graph``). Raises if a
-        loss reaches none of the shared parameters (its row would silently be zero).
+        loss reaches none of the shared parameters (its row would silently be zero). With ``add``,
+        row i receives its gradient added to what it holds (micro-batch accumulation).
         """
         if len(losses) != self.num_tasks:
             raise ValueError(
@@ -58,7 +64,8 @@ class TaskGradients:
             )
         inputs = [*self.shared.params, *extra_inputs]
         for i, loss in enumerate(losses):
-            self.capture_row(i, loss, inputs, retain_graph=retain_graph or i < len(losses) - 1, name=f"loss {i}")
+            last = i == len(losses) - 1
+            self.capture_row(i, loss, inputs, retain_graph=retain_graph or not last, add=add, name=f"loss {i}")
         return self.buffer
 
     def capture_row(
@@ -69,6 +76,7 @@ class TaskGradients:
         *,
         retain_graph: bool,
         subtract: Tensor | None = None,
+        add: bool = False,
         name: str = "loss",
     ) -> None:
         """One backward pass of ``loss`` into buffer row ``row`` (over ``inputs``, the shared parameters first).
@@ -76,16 +84,20 @@ class TaskGradients:
         With ``subtract`` (an (N,) vector), the row receives ∂loss/∂θ − subtract: autograd accumulates onto
         −subtract, so a small difference of two large gradients (F-MTL's h = s − g) is formed with one
         rounding in the parameters' precision instead of being recovered later from their Grams.
+        With ``add``, the row receives its content + ∂loss/∂θ (a buffer of another dtype than the parameters'
+        rounds once per call).
         """
+        if add and subtract is not None:
+            raise ValueError("capture_row: add and subtract exclude each other")
         key = row if self._scratch is None else -1
         if key not in self._targets:
             target = self.buffer[row] if self._scratch is None else self._scratch
             self._targets[key] = target, self.shared.split(target)
         target, views = self._targets[key]
-        if subtract is None:
-            target.zero_()
-        else:
+        if subtract is not None:
             torch.neg(subtract, out=target)
+        elif not (add and self._scratch is None):  # autograd adds onto a buffer row in place
+            target.zero_()
         self.shared.bind_grad_views(views)
         # Autograd adds a reached parameter's gradient in place into its .grad view, which bumps the version counter
         # the views share with the target: an unchanged version means the loss reached no shared parameter. (Hooks
@@ -95,4 +107,4 @@ class TaskGradients:
         if target._version == version:
             raise ValueError(f"{name} does not depend on the shared parameters (its gradient there is zero)")
         if self._scratch is not None:
-            self.buffer[row].copy_(self._scratch)
+            (self.buffer[row].add_ if add else self.buffer[row].copy_)(self._scratch)

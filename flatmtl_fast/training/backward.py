@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -15,33 +16,49 @@ from ..primitives import combine, gram
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
 
-# One reusable K × N buffer per shared block, so steps allocate nothing O(N) (no page-fault storms).
-_buffers: weakref.WeakKeyDictionary[FlatParameters, TaskGradients] = weakref.WeakKeyDictionary()
+
+@dataclasses.dataclass
+class _Kept:
+    """What backward keeps per shared block between calls: the reusable K × N buffer (steps allocate nothing
+    O(N): no page-fault storms) and, while micro-batches accumulate, the sum of their loss values."""
+
+    gradients: TaskGradients
+    pending_losses: Tensor | None = None
+
+
+_kept: weakref.WeakKeyDictionary[FlatParameters, _Kept] = weakref.WeakKeyDictionary()
 
 
 def release_buffers(shared: FlatParameters) -> None:
-    """Free the per-task gradient buffer kept for ``shared`` (e.g. before changing the number of tasks)."""
-    _buffers.pop(shared, None)
+    """Free the per-task gradient buffer kept for ``shared`` (e.g. before changing the number of tasks), with
+    any micro-batches accumulated in it (``aggregate=False``) and not yet aggregated."""
+    _kept.pop(shared, None)
 
 
-def _task_gradients(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> TaskGradients:
-    captured = _buffers.get(shared)
+def _kept_for(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> _Kept:
+    kept = _kept.get(shared)
     wanted = shared.dtype if dtype is None else dtype
-    if captured is not None and captured.num_tasks != K:
+    if kept is not None and kept.gradients.num_tasks != K:
         raise ValueError(
-            f"backward: the number of losses changed from {captured.num_tasks} to {K} between steps; "
+            f"backward: the number of losses changed from {kept.gradients.num_tasks} to {K} between steps; "
             "stateful aggregators would mix tasks. Call flatmtl_fast.release_buffers(shared) and reset() "
             "the aggregator if this is intended"
         )
+    captured = None if kept is None else kept.gradients
     if (
         captured is None
         or captured.buffer.dtype != wanted
         or captured.buffer.device != shared.device
         or captured.param_dtype != shared.dtype  # e.g. module.double() under grad_dtype=bfloat16
     ):
-        release_buffers(shared)
-        captured = _buffers[shared] = TaskGradients(shared, K, dtype)
-    return captured
+        if kept is not None and kept.pending_losses is not None:
+            raise ValueError(
+                "backward: grad_dtype, or the shared parameters' dtype or device, changed while micro-batches were "
+                "accumulating (aggregate=False); aggregate them first, or drop them with "
+                "flatmtl_fast.release_buffers(shared)"
+            )
+        kept = _kept[shared] = _Kept(TaskGradients(shared, K, dtype))
+    return kept
 
 
 def check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device, owner: str = "backward") -> list[Tensor]:
@@ -94,6 +111,7 @@ def backward(
     nonfinite: NonFinitePolicy | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
     layout: Literal["replicated", "sharded"] = "replicated",
+    aggregate: bool = True,
 ) -> Tensor | None:
     """Compute the K task gradients, aggregate them, and write the result into the shared ``.grad``.
 
@@ -133,9 +151,17 @@ def backward(
             slice of the shared parameters and autograd already yields the globally reduced gradients of
             that slice — FSDP-style or tensor parallel: only the K × K Gram and the losses are all-reduced,
             task parameters are left as autograd left them).
+        aggregate: ``False`` accumulates a micro-batch: its task gradients and loss values are added to those
+            kept for ``shared``, the shared ``.grad`` is set to None and None is returned (task parameters
+            accumulate their ``.grad`` as autograd does). The next call with ``True`` adds its own and aggregates
+            the sums once — the step of the whole batch when each micro-batch's losses are divided by the number
+            of micro-batches. The non-finite policy then judges the sums ("skip" drops them all). A
+            ``grad_dtype`` other than the parameters' rounds once per micro-batch. Not with ``representation``.
 
     Returns:
-        The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None.
+        The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None (also when accumulating).
+
+    The shared ``.grad`` is written, not added to: to accumulate micro-batches, pass ``aggregate=False``.
     """
     if not isinstance(shared, FlatParameters):
         raise TypeError(f"backward: shared must be a FlatParameters, got {type(shared).__name__}")
@@ -147,6 +173,8 @@ def backward(
         raise ValueError(f"backward: nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
     if layout not in ("replicated", "sharded"):
         raise ValueError(f"backward: layout must be 'replicated' or 'sharded', got {layout!r}")
+    if not isinstance(aggregate, bool):
+        raise TypeError(f"backward: aggregate must be a bool, got {type(aggregate).__name__}")
     shared.refresh()
     losses = check_losses(losses, shared.device)
     task_params = list(task_params or ())
@@ -158,11 +186,21 @@ def backward(
     if representation is not None:
         if process_group is not None:
             raise ValueError("backward: representation= is not supported with process_group=")
+        if not aggregate or (shared in _kept and _kept[shared].pending_losses is not None):
+            raise ValueError("backward: representation= does not accumulate micro-batches (aggregate=False)")
         return _representation_backward(
             losses, shared, aggregator, task_params, representation, loss_values, scale, nonfinite
         )
 
-    G = _task_gradients(shared, len(losses), grad_dtype).capture(losses, extra_inputs=task_params)
+    kept = _kept_for(shared, len(losses), grad_dtype)
+    pending = kept.pending_losses
+    G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None)
+    loss_values = loss_values if pending is None else pending + loss_values
+    kept.pending_losses = None if aggregate else loss_values
+    if not aggregate:
+        for p in shared.params:
+            p.grad = None  # bound to a buffer row until now: no partial sum is left where an optimizer would read it
+        return None
     step = None
     if process_group is not None:
         from ..distributed import DistributedStep  # training's distributed form (same layer)

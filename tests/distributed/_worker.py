@@ -186,18 +186,29 @@ def _backward_ddp(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple
     for P, group in groups.items():
         if rank >= P:
             continue
-        for name in ("UPGrad", "PCGrad", "DBMTL"):
+        for name in ("UPGrad", "PCGrad", "DBMTL", "UPGrad+micro-batches"):
             net = Net()
             ddp = DistributedDataParallel(net, process_group=group)
             ddp_calls: list[int] = []
             ddp.register_comm_hook((ddp_calls, group), _counting_comm_hook)
             shared = flatmtl_fast.FlatParameters(net.trunk)
+            aggregator = make(name.removesuffix("+micro-batches"))
+            # Each rank's slice in one batch, or in two micro-batches of halved losses accumulated locally
+            # (aggregate=False) before the one distributed aggregation: the same step.
+            parts = 2 if name.endswith("+micro-batches") else 1
             with ddp.no_sync():
-                losses = ddp(x.chunk(P)[rank], y.chunk(P)[rank])
-                with counting() as calls:
-                    w = flatmtl_fast.backward(
-                        losses, shared, make(name), task_params=net.heads.parameters(), process_group=group
-                    )
+                slices = zip(x.chunk(P)[rank].chunk(parts), y.chunk(P)[rank].chunk(parts), strict=True)
+                for part, (xs, ys) in enumerate(slices):
+                    losses = ddp(xs, ys) / parts
+                    with counting() as calls:
+                        w = flatmtl_fast.backward(
+                            losses,
+                            shared,
+                            aggregator,
+                            task_params=net.heads.parameters(),
+                            process_group=group,
+                            aggregate=part == parts - 1,
+                        )
             out[P, name] = {
                 "shared": shared.grad.clone(),
                 "heads": [p.grad.clone() for p in net.heads.parameters()],

@@ -206,14 +206,16 @@ def test_averaged_rows_are_sliced_not_reduce_scattered(ranks, P, N):
         assert sum(function.startswith("reduce_scatter") for function, _ in entry["calls"]) == scattered
 
 
-@pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "DBMTL"])
+@pytest.mark.parametrize("name", ["UPGrad", "PCGrad", "DBMTL", "UPGrad+micro-batches"])
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_backward_under_ddp_equals_single_process_on_the_concatenated_batch(ranks, P, name):
+    """Also with each rank's slice accumulated in two micro-batches (aggregate=False) before the one step."""
     results = _scenario(ranks, "backward_ddp", P)
     net = Net()
     shared = flatmtl_fast.FlatParameters(net.trunk)
     x, y = batch()
-    w = flatmtl_fast.backward(net(x, y), shared, make(name), task_params=net.heads.parameters())
+    aggregator = make(name.removesuffix("+micro-batches"))
+    w = flatmtl_fast.backward(net(x, y), shared, aggregator, task_params=net.heads.parameters())
     expected_heads = [p.grad for p in net.heads.parameters()]
     for result in results:
         entry = result[P, name]
