@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--train-method", default="UPGrad", help="training suite: the aggregator")
     parser.add_argument("--train-K", type=int, nargs="+", default=[3], help="training suite: numbers of tasks")
     parser.add_argument(
-        "--batch", type=int, help="training suite: batch size (default per model: mlp 64, vit-b 32 images)"
+        "--batch",
+        type=int,
+        help="training suite: batch size (default per model: mlp 64, vit-b 32 images, deep-narrow 8)",
     )
     parser.add_argument(
         "--train-model", nargs="+", default=["mlp"], choices=list(training.MODELS), help="training suite: trunks"

@@ -75,7 +75,7 @@ for stage in "${STAGES[@]}"; do
         bench-primitives) bench primitives --suite primitives ;;
         bench-aggregators) bench aggregators --suite aggregators ;;
         bench-solvers) bench solvers --suite solvers ;;
-        bench-training) bench training --suite training --train-model mlp vit-b --train-K 3 10 ;;
+        bench-training) bench training --suite training --train-model mlp vit-b deep-narrow --train-K 3 10 ;;
         bench-distributed) bench distributed --suite distributed ;;
         *) echo "unknown stage $stage"; exit 2 ;;
       esac

@@ -1,9 +1,9 @@
 """Benchmark of a whole training step: a shared trunk with K linear heads on its feature, MSE targets.
 
-Models (``--train-model``): ``mlp``, issue 5's 4.7 M-parameter MLP trunk (batch 64 by default), and
+Models (``--train-model``): ``mlp``, issue 5's 4.7 M-parameter MLP trunk (batch 64 by default),
 ``vit-b``, a ViT-B/16-sized transformer trunk (86 M shared parameters, 3 × 224 × 224 images, batch 32 by
 default: a common per-GPU batch for ViT-B, whose float32 activations, kept for the K backward passes,
-take a few GB).
+take a few GB), and ``deep-narrow``, ViT-B's 150 parameter tensors in 20 k parameters (batch 8): host time.
 
 Per step (median of back-to-back steps; flatmtl's parts timed in turn with its step): plain summed backward;
 ``flatmtl_fast.backward`` with a fused aggregator, with its breakdown (forward, the K backward passes, gram + solve
@@ -120,8 +120,17 @@ class ViT(MultiTaskModel):
         super().__init__(ViTTrunk(image, patch, dim, depth, num_heads, mlp), dim, K, (3, image, image))
 
 
-MODELS: dict[str, type[MultiTaskModel]] = {"mlp": Model, "vit-b": ViT}
-DEFAULT_BATCH = {"mlp": 64, "vit-b": 32}
+class DeepNarrow(MultiTaskModel):
+    """75 layers Linear(16, 16) + ReLU: 150 parameter tensors, as many as ViT-B/16, but 20 k parameters. Its steps
+    are host-bound, so they compare what each implementation costs per parameter tensor and per task."""
+
+    def __init__(self, K: int, depth: int = 75, width: int = 16) -> None:
+        trunk = nn.Sequential(*(module for _ in range(depth) for module in (nn.Linear(width, width), nn.ReLU())))
+        super().__init__(trunk, width, K, (width,))
+
+
+MODELS: dict[str, type[MultiTaskModel]] = {"mlp": Model, "vit-b": ViT, "deep-narrow": DeepNarrow}
+DEFAULT_BATCH = {"mlp": 64, "vit-b": 32, "deep-narrow": 8}
 
 
 def available_impls(method: str) -> list[str]:

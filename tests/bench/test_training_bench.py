@@ -13,7 +13,7 @@ from bench import training
 CPU = torch.device("cpu")
 # The ViT code path at 24 k parameters: 16 patches of 8 × 8, two layers of width 32.
 TINY_VIT = {"image": 32, "patch": 8, "dim": 32, "depth": 2, "num_heads": 2, "mlp": 64}
-CASES = {"mlp": (None, 8), "vit-b": (TINY_VIT, 4)}  # model -> (constructor arguments, batch)
+CASES = {"mlp": (None, 8), "vit-b": (TINY_VIT, 4), "deep-narrow": ({"depth": 4}, 4)}  # model -> (arguments, batch)
 # Implementations that take the step of another one (same method, same ρ): peer -> ours.
 SAME_STEP = {"torchjd": "flatmtl", "autograd-loop": "flatmtl", "fmtl-loop": "fmtl"}
 # Relative distance allowed between two implementations of one step. Each computes the same float32 task
@@ -38,7 +38,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torchjd's vmap over CPU attention backward
-@pytest.mark.parametrize(("model", "amp"), [("mlp", False), ("vit-b", False), ("vit-b", True)])
+@pytest.mark.parametrize(("model", "amp"), [("mlp", False), ("vit-b", False), ("vit-b", True), ("deep-narrow", False)])
 def test_every_step_moves_the_shared_parameters_as_its_peers_do(model: str, amp: bool) -> None:
     updates = {impl: _update(impl, "UPGrad", model, amp) for impl in training.available_impls("UPGrad")}
     for impl, update in updates.items():
