@@ -7,11 +7,12 @@ take a few GB), and ``deep-narrow``, ViT-B's 150 parameter tensors in 20 k param
 
 Per step (median of back-to-back steps; flatmtl's parts timed in turn with its step): plain summed backward;
 ``flatmtl_fast.backward`` with a fused aggregator, with its breakdown (forward, the K backward passes, gram + solve
-+ combine, the optimizer's step); torchjd's ``mtl_backward`` + ``jac_to_grad``; a plain loop of K ``autograd.grad``
-calls + torchjd's aggregator. F-MTL steps (K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official
-code's loop with torchjd's aggregator called on g and on h. Peak extra memory of each step above a plain summed-
-backward step of the same model: in a fresh process on the CPU (VmHWM), from the caching allocator's high-water
-mark on CUDA; both include the buffers kept between steps (our K × N task-gradient buffer, optimizer state).
++ combine, the optimizer's step), and with ``batched=True`` (one vmapped backward pass for the K rows); torchjd's
+``mtl_backward`` + ``jac_to_grad``; a plain loop of K ``autograd.grad`` calls + torchjd's aggregator. F-MTL steps
+(K + 1 forwards, 2K backwards): ``flatmtl_fast.FMTL`` vs the official code's loop with torchjd's aggregator called
+on g and on h. Peak extra memory of each step above a plain summed-backward step of the same model: in a fresh
+process on the CPU (VmHWM), from the caching allocator's high-water mark on CUDA; both include the buffers kept
+between steps (our K × N task-gradient buffer, optimizer state).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .common import Row, cuda_peak_bytes, time_call
 
 SUITE = "training"
 TORCHJD_NAMES = {"UPGrad": "UPGrad", "MGDA": "MGDA", "PCGrad": "PCGrad", "Mean": "Mean"}
-IMPLS = ("plain", "flatmtl", "torchjd", "autograd-loop", "fmtl", "fmtl-loop")
+IMPLS = ("plain", "flatmtl", "flatmtl-batched", "torchjd", "autograd-loop", "fmtl", "fmtl-loop")
 PEER_IMPLS = ("torchjd", "autograd-loop", "fmtl-loop")  # need torchjd's aggregators
 
 Forward = Callable[[], tuple[Tensor, list[Tensor]]]
@@ -178,13 +179,14 @@ def make_step(impl: str, method: str, case: Case) -> tuple[MultiTaskModel, Calla
             sum(forward()[1]).backward()
             optimizer.step()
 
-    elif impl == "flatmtl":
+    elif impl in ("flatmtl", "flatmtl-batched"):
         shared = flatmtl_fast.FlatParameters(net.trunk)
         agg = getattr(flatmtl_fast, method)()
+        batched = impl == "flatmtl-batched"
 
         def step():
             optimizer.zero_grad()
-            flatmtl_fast.backward(forward()[1], shared, agg, task_params=net.heads.parameters())
+            flatmtl_fast.backward(forward()[1], shared, agg, task_params=net.heads.parameters(), batched=batched)
             optimizer.step()
 
     elif impl == "torchjd":

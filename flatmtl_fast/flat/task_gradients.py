@@ -34,6 +34,7 @@ class TaskGradients:
         # Each row's target (its buffer row, or the scratch row) and its parameter-shaped views, cut on first use
         # and rebound on every pass: cutting them anew costs a slice and a view per parameter per task per step.
         self._targets: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        self._columns: list[Tensor] | None = None  # the batched capture's views, cut on first use
 
     @property
     def num_tasks(self) -> int:
@@ -51,22 +52,59 @@ class TaskGradients:
         retain_graph: bool = False,
         *,
         add: bool = False,
+        batched: bool = False,
     ) -> Tensor:
         """Run one backward pass per loss; return the (K, N) buffer with row i = ∂L_i/∂θ_shared.
 
         The graph is kept until the last pass (and after it when ``retain_graph``). Raises if a
         loss reaches none of the shared parameters (its row would silently be zero). With ``add``,
         row i receives its gradient added to what it holds (micro-batch accumulation).
+
+        With ``batched``, one vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``)
+        gives all K rows, then one plain pass over the extra inputs gives them Σ_i ∂L_i/∂θ: the autograd
+        engine's host time is paid once instead of K times (a model of many small tensors steps several
+        times faster), but the K gradients of every parameter exist at once beside the buffer (K × N more
+        peak memory), operators without a batching rule run in a slow loop, and a loss that reaches no shared
+        parameter gets a zero row (telling it apart would need the values on the host).
         """
         if len(losses) != self.num_tasks:
             raise ValueError(
                 f"expected {self.num_tasks} losses (the number of tasks this buffer was made for), got {len(losses)}"
             )
+        if batched:
+            self._capture_batched(losses, extra_inputs, retain_graph=retain_graph, add=add)
+            return self.buffer
         inputs = [*self.shared.params, *extra_inputs]
         for i, loss in enumerate(losses):
             last = i == len(losses) - 1
             self.capture_row(i, loss, inputs, retain_graph=retain_graph or not last, add=add, name=f"loss {i}")
         return self.buffer
+
+    def _capture_batched(
+        self, losses: Sequence[Tensor], extra_inputs: Sequence[Tensor], *, retain_graph: bool, add: bool
+    ) -> None:
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        seeds = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)  # row i of the batch: ∂L_i
+        keep = retain_graph or bool(extra_inputs)
+        grads = torch.autograd.grad(
+            stacked, self.shared.params, seeds, retain_graph=keep, allow_unused=True, is_grads_batched=True
+        )
+        if all(grad is None for grad in grads):
+            raise ValueError("no loss depends on the shared parameters (every row would be zero)")
+        if self._columns is None:  # each parameter's K × (its shape) view of the buffer's columns
+            self._columns = [
+                self.buffer[:, start:end].view(-1, *p.shape)
+                for p, start, end in zip(self.shared.params, self.shared.offsets, self.shared.offsets[1:], strict=False)
+            ]
+        for columns, grad in zip(self._columns, grads, strict=True):
+            if grad is not None:
+                (columns.add_ if add else columns.copy_)(grad)
+            elif not add:
+                columns.zero_()  # not reached by any loss
+        if extra_inputs:  # through AccumulateGrad, as the K passes would: their hooks run, .grad accumulates
+            torch.autograd.backward(
+                stacked, torch.ones_like(stacked), inputs=list(extra_inputs), retain_graph=retain_graph
+            )
 
     def capture_row(
         self,

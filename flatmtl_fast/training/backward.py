@@ -112,6 +112,7 @@ def backward(
     process_group: torch.distributed.ProcessGroup | None = None,
     layout: Literal["replicated", "sharded"] = "replicated",
     aggregate: bool = True,
+    batched: bool = False,
 ) -> Tensor | None:
     """Compute the K task gradients, aggregate them, and write the result into the shared ``.grad``.
 
@@ -157,6 +158,10 @@ def backward(
             the sums once — the step of the whole batch when each micro-batch's losses are divided by the number
             of micro-batches. The non-finite policy then judges the sums ("skip" drops them all). A
             ``grad_dtype`` other than the parameters' rounds once per micro-batch. Not with ``representation``.
+        batched: all K task gradients from one vmapped backward pass instead of K passes (see
+            :meth:`TaskGradients.capture`): far less host time for models of many small tensors, at the cost of
+            K × N more peak memory; slower where the passes are compute-bound (a vmapped matmul is less
+            efficient on the CPU). A loss that reaches no shared parameter then gets a zero row, not an error.
 
     Returns:
         The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None (also when accumulating).
@@ -173,8 +178,9 @@ def backward(
         raise ValueError(f"backward: nonfinite must be 'raise', 'skip' or 'propagate', got {nonfinite!r}")
     if layout not in ("replicated", "sharded"):
         raise ValueError(f"backward: layout must be 'replicated' or 'sharded', got {layout!r}")
-    if not isinstance(aggregate, bool):
-        raise TypeError(f"backward: aggregate must be a bool, got {type(aggregate).__name__}")
+    for flag, value in (("aggregate", aggregate), ("batched", batched)):
+        if not isinstance(value, bool):
+            raise TypeError(f"backward: {flag} must be a bool, got {type(value).__name__}")
     shared.refresh()
     losses = check_losses(losses, shared.device)
     task_params = list(task_params or ())
@@ -188,13 +194,15 @@ def backward(
             raise ValueError("backward: representation= is not supported with process_group=")
         if not aggregate or (shared in _kept and _kept[shared].pending_losses is not None):
             raise ValueError("backward: representation= does not accumulate micro-batches (aggregate=False)")
+        if batched:
+            raise ValueError("backward: representation= differentiates with respect to z, not batched=True")
         return _representation_backward(
             losses, shared, aggregator, task_params, representation, loss_values, scale, nonfinite
         )
 
     kept = _kept_for(shared, len(losses), grad_dtype)
     pending = kept.pending_losses
-    G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None)
+    G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None, batched=batched)
     loss_values = loss_values if pending is None else pending + loss_values
     kept.pending_losses = None if aggregate else loss_values
     if not aggregate:

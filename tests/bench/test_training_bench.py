@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 TINY_VIT = {"image": 32, "patch": 8, "dim": 32, "depth": 2, "num_heads": 2, "mlp": 64}
 CASES = {"mlp": (None, 8), "vit-b": (TINY_VIT, 4), "deep-narrow": ({"depth": 4}, 4)}  # model -> (arguments, batch)
 # Implementations that take the step of another one (same method, same ρ): peer -> ours.
-SAME_STEP = {"torchjd": "flatmtl", "autograd-loop": "flatmtl", "fmtl-loop": "fmtl"}
+SAME_STEP = {"torchjd": "flatmtl", "autograd-loop": "flatmtl", "flatmtl-batched": "flatmtl", "fmtl-loop": "fmtl"}
 # Relative distance allowed between two implementations of one step. Each computes the same float32 task
 # gradients (in another summation order, ~1e-7 per entry); torchjd forms the Gram in float32 over N = 4.7 M
 # terms (~1e-5 relative) and both solve UPGrad's QP to ~1e-9; the official F-MTL loop forms h = s − g in

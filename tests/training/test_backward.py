@@ -424,3 +424,54 @@ def test_accumulation_in_bfloat16_storage_and_its_misuses():
         )
     with pytest.raises(TypeError, match="aggregate must be a bool"):
         flatmtl_fast.backward(net.losses(x, y), shared, flatmtl_fast.UPGrad(), aggregate=None)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batched_capture_steps_as_the_k_passes(name):
+    """batched=True: one vmapped backward pass for the K rows, one plain pass for the heads — the same .grad (and
+    heads' .grad, through AccumulateGrad) as the K passes, to float32 rounding (vmapped products may sum in
+    another order)."""
+    x, y = _batch()
+    passes, batched = Net(), Net()
+    shared_passes = flatmtl_fast.FlatParameters(passes.trunk)
+    flatmtl_fast.backward(
+        passes.losses(x, y), shared_passes, _make(name, flatmtl_fast), task_params=passes.heads.parameters()
+    )
+    shared = flatmtl_fast.FlatParameters(batched.trunk)
+    reached = []
+    batched.heads[0].weight.register_post_accumulate_grad_hook(lambda p: reached.append(p))
+    losses = batched.losses(x, y)
+    flatmtl_fast.backward(
+        losses, shared, _make(name, flatmtl_fast), task_params=batched.heads.parameters(), batched=True
+    )
+    assert (shared.grad - shared_passes.grad).norm() <= 1e-5 * shared_passes.grad.norm() + 1e-7
+    for p, q in zip(batched.heads.parameters(), passes.heads.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert reached == [batched.heads[0].weight]  # the heads' hooks ran
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in shared.views(shared.grad))
+
+
+def test_batched_capture_accumulates_stores_bfloat16_and_reads_unreached_parameters_as_zero():
+    net = Net()
+    x, y = _batch()
+    expected_d, _ = _expected(net, reference.UPGrad(), x, y)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    *first, last = _micro_batch_losses(net, x, y, parts=4)
+    for losses in first:
+        flatmtl_fast.backward(
+            losses, shared, flatmtl_fast.UPGrad(), grad_dtype=torch.bfloat16, aggregate=False, batched=True
+        )
+    flatmtl_fast.backward(last, shared, flatmtl_fast.UPGrad(), grad_dtype=torch.bfloat16, batched=True)
+    assert (shared.grad - expected_d).norm() <= 2e-2 * expected_d.norm()  # 4 bfloat16 roundings, as above
+    # a loss through the last layer only: the first layer's columns of its row are zero; rows of the others full
+    captured = flatmtl_fast.TaskGradients(shared, 2)
+    captured.buffer.fill_(float("nan"))  # stale content must not survive where no gradient arrives
+    z = net.trunk(x)
+    G = captured.capture([(net.trunk[2].bias ** 2).sum(), net.heads[0](z).sum()], batched=True)
+    assert torch.isfinite(G).all() and not G[0, : shared.offsets[-2]].any() and G[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no loss depends on the shared parameters"):
+        captured.capture([net.heads[0].weight.sum(), net.heads[1].weight.sum()], batched=True)
+    with pytest.raises(ValueError, match="not batched=True"):
+        flatmtl_fast.backward(net.losses(x, y), shared, flatmtl_fast.UPGrad(), representation=z, batched=True)
+    with pytest.raises(TypeError, match="batched must be a bool"):
+        flatmtl_fast.backward(net.losses(x, y), shared, flatmtl_fast.UPGrad(), batched="yes")
