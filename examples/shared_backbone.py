@@ -2,6 +2,7 @@
 
     python examples/shared_backbone.py --method UPGrad --steps 300
     python examples/shared_backbone.py --method FAMO
+    python examples/shared_backbone.py --method PCGrad --micro-batches 4   # gradient accumulation
 
 The three lines that differ from a plain loop are marked with  # <-- flatmtl_fast
 """
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation: backward per chunk")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -58,23 +60,27 @@ def main() -> None:
     else:
         aggregator = getattr(flatmtl_fast, args.method)()  # <-- flatmtl_fast
 
-    def task_losses() -> list[torch.Tensor]:
-        return [((pred - y[:, i]) ** 2).mean() for i, pred in enumerate(model(x))]
+    def task_losses(xs: torch.Tensor = x, ys: torch.Tensor = y) -> list[torch.Tensor]:
+        return [((pred - ys[:, i]) ** 2).mean() for i, pred in enumerate(model(xs))]
 
+    chunks = list(zip(x.chunk(args.micro_batches), y.chunk(args.micro_batches), strict=True))
     first = torch.stack(task_losses()).detach()
     start = time.perf_counter()
     for _ in range(args.steps):
         optimizer.zero_grad()
-        losses = task_losses()
+        for part, (xs, ys) in enumerate(chunks):  # one chunk unless --micro-batches: then each adds its share
+            losses = [loss / len(chunks) for loss in task_losses(xs, ys)]
+            if args.method == "FAMO":
+                famo.backward(losses)  # accumulates as usual (its log-loss weights make chunks another step)
+            else:
+                # instead of sum(losses).backward(); all micro-batches but the last only accumulate:
+                last = part == len(chunks) - 1
+                heads = model.heads.parameters()
+                flatmtl_fast.backward(losses, shared, aggregator, task_params=heads, aggregate=last)  # <-- flatmtl_fast
+        optimizer.step()
         if args.method == "FAMO":
-            famo.backward(losses)
-            optimizer.step()
             with torch.no_grad():
                 famo.update(task_losses())
-        else:
-            # instead of sum(losses).backward():
-            flatmtl_fast.backward(losses, shared, aggregator, task_params=model.heads.parameters())  # <-- flatmtl_fast
-            optimizer.step()
     elapsed = time.perf_counter() - start
     last = torch.stack(task_losses()).detach()
     print(f"{args.method}: {args.steps} steps in {elapsed:.2f} s ({1e3 * elapsed / args.steps:.2f} ms/step)")
