@@ -66,12 +66,13 @@ class FlatParameters:
         return self.data.dtype
 
     def views(self, flat: Tensor) -> Iterator[tuple[nn.Parameter, Tensor]]:
-        """(parameter, the slice of ``flat`` shaped like it) for every parameter."""
+        """(parameter, the slice of ``flat``'s last dimension shaped like it) for every parameter."""
         for p, start, end in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
-            yield p, flat[start:end].view(p.shape)
+            yield p, flat[..., start:end].view(*flat.shape[:-1], *p.shape)
 
     def split(self, flat: Tensor) -> list[Tensor]:
-        """The slices of ``flat`` shaped like the parameters, in their order (for :meth:`bind_grad_views`)."""
+        """The slices of ``flat``'s last dimension (N) shaped like the parameters, in their order: (shape) views of
+        an (N,) vector (for :meth:`bind_grad_views`), (K, shape) views of a (K, N) matrix's columns."""
         return [view for _, view in self.views(flat)]
 
     def _flatten(self, device: torch.device) -> None:
@@ -113,6 +114,8 @@ class FlatParameters:
 
     def bind_grad_views(self, views: Sequence[Tensor]) -> None:
         """Make every ``p.grad`` its view in ``views`` (from :meth:`split`, kept by callers that rebind often)."""
+        if len(views) != len(self.params):
+            raise ValueError(f"bind_grad_views: expected one view per parameter ({len(self.params)}), got {len(views)}")
         for p, view in zip(self.params, views, strict=True):
             p.grad = view
 

@@ -40,10 +40,12 @@ class TaskGradients:
     def num_tasks(self) -> int:
         return self.buffer.shape[0]
 
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """The dtype of the ``.grad`` tensors this object binds (the shared parameters' when it was made)."""
-        return self.buffer.dtype if self._scratch is None else self._scratch.dtype
+    def fits(self, dtype: torch.dtype | None = None) -> bool:
+        """Whether this buffer still serves its shared parameters with storage ``dtype`` (default: theirs): same
+        device, and ``.grad`` views of their dtype (``module.double()`` or ``.to()`` re-flattens them)."""
+        storage = self.shared.dtype if dtype is None else dtype
+        binds = self.buffer.dtype if self._scratch is None else self._scratch.dtype
+        return self.buffer.dtype == storage and self.buffer.device == self.shared.device and binds == self.shared.dtype
 
     def capture(
         self,
@@ -91,11 +93,8 @@ class TaskGradients:
         )
         if all(grad is None for grad in grads):
             raise ValueError("no loss depends on the shared parameters (every row would be zero)")
-        if self._columns is None:  # each parameter's K × (its shape) view of the buffer's columns
-            self._columns = [
-                self.buffer[:, start:end].view(-1, *p.shape)
-                for p, start, end in zip(self.shared.params, self.shared.offsets, self.shared.offsets[1:], strict=False)
-            ]
+        if self._columns is None:
+            self._columns = self.shared.split(self.buffer)  # each parameter's K × (its shape) columns
         for columns, grad in zip(self._columns, grads, strict=True):
             if grad is not None:
                 (columns.add_ if add else columns.copy_)(grad)

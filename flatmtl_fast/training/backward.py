@@ -37,20 +37,13 @@ def release_buffers(shared: FlatParameters) -> None:
 
 def _kept_for(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> _Kept:
     kept = _kept.get(shared)
-    wanted = shared.dtype if dtype is None else dtype
     if kept is not None and kept.gradients.num_tasks != K:
         raise ValueError(
             f"backward: the number of losses changed from {kept.gradients.num_tasks} to {K} between steps; "
             "stateful aggregators would mix tasks. Call flatmtl_fast.release_buffers(shared) and reset() "
             "the aggregator if this is intended"
         )
-    captured = None if kept is None else kept.gradients
-    if (
-        captured is None
-        or captured.buffer.dtype != wanted
-        or captured.buffer.device != shared.device
-        or captured.param_dtype != shared.dtype  # e.g. module.double() under grad_dtype=bfloat16
-    ):
+    if kept is None or not kept.gradients.fits(dtype):
         if kept is not None and kept.pending_losses is not None:
             raise ValueError(
                 "backward: grad_dtype, or the shared parameters' dtype or device, changed while micro-batches were "

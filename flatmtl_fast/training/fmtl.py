@@ -306,8 +306,7 @@ class FMTL:
         return losses
 
     def _buffer(self, K: int) -> TaskGradients:
-        rows = self._rows
-        if rows is None or rows.buffer.device != self.shared.device or rows.param_dtype != self.shared.dtype:
+        if self._rows is None or not self._rows.fits():
             self._rows = TaskGradients(self.shared, 2 * K)
         return self._rows
 

@@ -228,7 +228,10 @@ def test_flat_parameters_and_task_gradients_bad_inputs():
         flatmtl_fast.TaskGradients(shared, 0)
     with pytest.raises(TypeError, match="dtype must be a floating dtype"):
         flatmtl_fast.TaskGradients(shared, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="expected one view per parameter"):
+        shared.bind_grad_views([])
     capture = flatmtl_fast.TaskGradients(shared, 2)
+    assert capture.fits() and not capture.fits(torch.bfloat16)
     loss = (shared.params[0] ** 2).sum()
     with pytest.raises(ValueError, match="expected 2 losses"):
         capture.capture([loss])
