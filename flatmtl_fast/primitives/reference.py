@@ -52,7 +52,7 @@ class ReferencePrimitives:
         for start in _column_blocks(K, N):
             block = G[:, start : start + step].double()
             if weight is not None:
-                block *= weight[start : start + step].double()
+                block = block * weight[start : start + step].double()  # not in place: .double() of float64 is G itself
             acc += block.square().sum(dim=1)
         torch.sqrt(acc, out=out)
 

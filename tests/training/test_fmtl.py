@@ -123,18 +123,25 @@ def test_step_equals_literal_loop(name: str, fused: bool) -> None:
     torch.testing.assert_close(losses, torch.stack(literal_model.losses(x, y)).detach())
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 @pytest.mark.parametrize("name", METHODS)
-def test_a_float64_model_steps_in_float64(name: str) -> None:
+def test_a_float64_model_steps_in_float64(name: str, adaptive: bool) -> None:
     """float64 parameters: perturbation, task gradients, Grams and combination all in float64 (the reference
     primitives serve them), so the step is the literal loop's to float64 rounding — except CAGrad's and IMGrad's,
-    where the reference's conic solver is the looser side (WEIGHT_RTOL in tests/fused/_util.py)."""
+    where the reference's conic solver is the looser side (WEIGHT_RTOL in tests/fused/_util.py). ASAM's weighted
+    norms must not rewrite the float64 task gradients they read."""
     x, y = (t.double() for t in _data())
     literal_model, model = Net().double(), Net().double()
-    expected_d, _ = _literal_step(literal_model, x, y, _make(name, fused=False), rho=0.5)
-    shared, _, losses = _fmtl_step(model, x, y, _make(name, fused=True), rho=0.5)
+    expected_d, expected_heads = _literal_step(
+        literal_model, x, y, _make(name, fused=False), rho=0.5, adaptive=adaptive
+    )
+    shared, _, losses = _fmtl_step(model, x, y, _make(name, fused=True), rho=0.5, adaptive=adaptive)
     assert shared.grad.dtype == torch.float64 and losses.dtype == torch.float64
     relative = 1e-4 if name in ("CAGrad", "IMGrad") else 1e-13
     assert (shared.grad - expected_d).norm() <= relative * expected_d.norm()
+    for head, grads in zip(model.heads, expected_heads, strict=True):
+        for p, expected in zip(head.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_a_model_cast_between_steps_gets_a_buffer_of_its_dtype() -> None:
