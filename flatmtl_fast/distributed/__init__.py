@@ -27,8 +27,10 @@ are skipped (they would be copies).
 **Sharded layout** (FSDP-style — each rank owns a slice of the flat shared parameters, e.g. FSDP's reduce-scatter
 has left it the mean gradients of its slice, or tensor parallelism computes the full gradient of its slice):
 G is K × N_local, the step is the partial Gram, its all-reduce (8 K² bytes), the solve and the local combine;
-G is never gathered. The losses are still averaged (8 K bytes); task parameters are left alone (the
-parallelism that shards them reduces them).
+G is never gathered. FSDP2's ``fully_shard`` parameters (DTensors) go straight into
+:class:`~flatmtl_fast.FlatParameters`: their ``.grad`` are DTensors over one flat buffer, so each task pass's
+reduce-scatter accumulates into this rank's slice of its row of G. The losses are still averaged (8 K bytes);
+task parameters are left alone (the parallelism that shards them reduces them).
 
 **Non-Gramian aggregators** work shard-locally. GradDrop's rule is per coordinate, so GradDrop of the shard
 is GradDrop of the averaged gradients on those columns — but its uniforms U_n are drawn per shard: with equal

@@ -3,6 +3,10 @@
 With the shared parameters flat, every O(N) operation of a step (gram, combine, perturbations) is
 one kernel over one buffer instead of one per tensor, and the aggregated direction can be written
 straight into one flat ``.grad``.
+
+Parameters sharded by FSDP2 (``fully_shard``: DTensors) keep their storage, which FSDP owns; only their
+gradients are flat — each ``.grad`` is a DTensor over this rank's slice of one flat buffer, into which
+FSDP's reduce-scatter accumulates in place.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Shard
+else:  # a torch built without distributed support has no sharded parameters
+    DTensor = Shard = ()
 
 
 class FlatParameters:
@@ -21,9 +30,15 @@ class FlatParameters:
     new storage) are detected and undone by :meth:`refresh`, which every flatmtl_fast entry point
     calls. Parameters must share one device and one floating dtype, and be distinct.
 
+    FSDP2's sharded parameters (DTensors whose placements all are ``Shard``, as ``fully_shard`` leaves them)
+    are taken as they are: N counts this rank's local scalars, :attr:`data` is None (FSDP owns their storage),
+    and every ``.grad`` bound is a DTensor over this rank's slice of a flat buffer. Aggregate them with
+    ``backward(..., process_group=<the group they are sharded over>, layout="sharded")``.
+
     Attributes:
-        data: the flat parameter vector (N,).
+        data: the flat parameter vector (N,); None for sharded parameters.
         grad: the flat gradient buffer (N,); :meth:`bind_grad` makes every ``p.grad`` a view of it.
+        sharded: whether the parameters are FSDP2's DTensor shards.
     """
 
     def __init__(self, params: Iterable[nn.Parameter] | nn.Module) -> None:
@@ -46,7 +61,10 @@ class FlatParameters:
             raise ValueError(f"FlatParameters: parameters are on several devices {sorted(map(str, devices))}")
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"FlatParameters: parameters need one floating dtype, got {sorted(map(str, dtypes))}")
-        self.numels = [p.numel() for p in self.params]
+        self.sharded = _check_sharding(self.params)
+        # This rank's shapes: a DTensor's own shape is the global one.
+        self.shapes = [p.to_local().shape if self.sharded else p.shape for p in self.params]
+        self.numels = [shape.numel() for shape in self.shapes]
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
@@ -59,36 +77,59 @@ class FlatParameters:
 
     @property
     def device(self) -> torch.device:
-        return self.data.device
+        return self.grad.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.data.dtype
+        return self.grad.dtype
 
     def views(self, flat: Tensor) -> Iterator[tuple[nn.Parameter, Tensor]]:
-        """(parameter, the slice of ``flat``'s last dimension shaped like it) for every parameter."""
-        for p, start, end in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
-            yield p, flat[..., start:end].view(*flat.shape[:-1], *p.shape)
+        """(parameter, the slice of ``flat``'s last dimension shaped like it — like its local shard when
+        sharded) for every parameter."""
+        for p, shape, start, end in zip(self.params, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True):
+            yield p, flat[..., start:end].view(*flat.shape[:-1], *shape)
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """The slices of ``flat``'s last dimension (N) shaped like the parameters, in their order: (shape) views of
         an (N,) vector (for :meth:`bind_grad_views`), (K, shape) views of a (K, N) matrix's columns."""
         return [view for _, view in self.views(flat)]
 
+    def grad_views(self, flat: Tensor) -> list[Tensor]:
+        """The views of an (N,) vector to bind as the parameters' ``.grad`` (:meth:`bind_grad_views`): those of
+        :meth:`split`, wrapped as DTensors placed like the parameters when they are sharded."""
+        views = self.split(flat)
+        if not self.sharded:
+            return views
+        with torch.no_grad():
+            return [
+                DTensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                for p, view in zip(self.params, views, strict=True)
+            ]
+
     def _flatten(self, device: torch.device) -> None:
         dtype = self.params[0].dtype
-        data = torch.empty(self.numel, dtype=dtype, device=device)
-        with torch.no_grad():
-            for p, view in self.views(data):
-                view.copy_(p.data)
-                p.data = view
-        self.data = data
-        self.grad = torch.zeros_like(data)
-        self._grad_views = self.split(self.grad)
-        self._addresses = [p.data_ptr() for p in self.params]
+        if self.sharded:
+            self.data = None
+            self._addresses = self._placement()
+        else:
+            data = torch.empty(self.numel, dtype=dtype, device=device)
+            with torch.no_grad():
+                for p, view in self.views(data):
+                    view.copy_(p.data)
+                    p.data = view
+            self.data = data
+            self._addresses = list(map(Tensor.data_ptr, self.params))
+        self.grad = torch.zeros(self.numel, dtype=dtype, device=device)
+        self._grad_views = self.grad_views(self.grad)
+
+    def _placement(self) -> list[tuple[torch.device, torch.dtype]]:
+        return [(p.device, p.dtype) for p in self.params]
 
     def is_flat(self) -> bool:
-        """Whether every parameter still is its view of :attr:`data` (false after e.g. ``module.to()``)."""
+        """Whether every parameter still is its view of :attr:`data` (false after e.g. ``module.to()``); for
+        sharded parameters, whether they kept their device and dtype (the gradient buffer's)."""
+        if self.sharded:
+            return self._placement() == self._addresses
         # The addresses alone decide (this runs every step): self.data keeps its storage alive, so a parameter that
         # was moved, cast or replaced starts elsewhere; CUDA's unified addressing keeps device and host apart.
         return list(map(Tensor.data_ptr, self.params)) == self._addresses
@@ -109,18 +150,45 @@ class FlatParameters:
         if flat_grad is None:
             self.bind_grad_views(self._grad_views)  # cut once: slicing P views costs µs per tensor per step
             return self.grad
-        self.bind_grad_views(self.split(flat_grad))
+        self.bind_grad_views(self.grad_views(flat_grad))
         return flat_grad
 
     def bind_grad_views(self, views: Sequence[Tensor]) -> None:
-        """Make every ``p.grad`` its view in ``views`` (from :meth:`split`, kept by callers that rebind often)."""
+        """Make every ``p.grad`` its view in ``views`` (from :meth:`grad_views`, kept by callers that rebind
+        often)."""
         if len(views) != len(self.params):
             raise ValueError(f"bind_grad_views: expected one view per parameter ({len(self.params)}), got {len(views)}")
         for p, view in zip(self.params, views, strict=True):
             p.grad = view
 
+    def backward_inputs(self, extra: Sequence[Tensor] = ()) -> list[Tensor] | None:
+        """The ``inputs`` of a backward pass that fills the parameters' ``.grad`` (and ``extra``'s). None when
+        sharded: FSDP2's sharded parameters are not in the graph (its unsharded copies are, and its hooks
+        reduce-scatter their gradients into ours), so the pass reaches every leaf, as ``loss.backward()`` does."""
+        return None if self.sharded else [*self.params, *extra]
+
     def __len__(self) -> int:
         return len(self.params)
 
     def __repr__(self) -> str:
-        return f"FlatParameters({len(self.params)} tensors, N={self.numel}, {self.dtype}, {self.device})"
+        shards = ", sharded" if self.sharded else ""
+        return f"FlatParameters({len(self.params)} tensors, N={self.numel}, {self.dtype}, {self.device}{shards})"
+
+
+def _check_sharding(params: list[Tensor]) -> bool:
+    """Whether ``params`` are FSDP2's DTensor shards (all of them, every placement ``Shard``); raises on a mix
+    or on other placements (a replicated DTensor would count its columns once per rank in the Gram)."""
+    sharded = [isinstance(p, DTensor) for p in params]
+    if not any(sharded):
+        return False
+    if not all(sharded):
+        raise ValueError(
+            "FlatParameters: some parameters are DTensors (FSDP2 shards) and some are not; flatten each kind apart"
+        )
+    for i, p in enumerate(params):
+        if not all(isinstance(placement, Shard) for placement in p.placements):
+            raise ValueError(
+                f"FlatParameters: parameter {i} is a DTensor placed {tuple(p.placements)}; only Shard placements "
+                "(FSDP2's fully_shard) are supported: each rank must own distinct columns of the Gram"
+            )
+    return True

@@ -30,7 +30,7 @@ class TaskGradients:
             raise TypeError(f"TaskGradients: dtype must be a floating dtype, got {dtype}")
         self.shared = shared
         self.buffer = torch.empty(num_tasks, shared.numel, dtype=dtype, device=shared.device)
-        self._scratch = None if dtype == shared.dtype else torch.empty_like(shared.data)
+        self._scratch = None if dtype == shared.dtype else torch.empty_like(shared.grad)
         # Each row's target (its buffer row, or the scratch row) and its parameter-shaped views, cut on first use
         # and rebound on every pass: cutting them anew costs a slice and a view per parameter per task per step.
         self._targets: dict[int, tuple[Tensor, list[Tensor]]] = {}
@@ -74,9 +74,14 @@ class TaskGradients:
                 f"expected {self.num_tasks} losses (the number of tasks this buffer was made for), got {len(losses)}"
             )
         if batched:
+            if self.shared.sharded:
+                raise ValueError(
+                    "batched capture differentiates the shared parameters directly; FSDP2's sharded parameters are "
+                    "not in the graph (its unsharded copies are): use the K passes (batched=False)"
+                )
             self._capture_batched(losses, extra_inputs, retain_graph=retain_graph, add=add)
             return self.buffer
-        inputs = [*self.shared.params, *extra_inputs]
+        inputs = self.shared.backward_inputs(extra_inputs)
         for i, loss in enumerate(losses):
             last = i == len(losses) - 1
             self.capture_row(i, loss, inputs, retain_graph=retain_graph or not last, add=add, name=f"loss {i}")
@@ -109,14 +114,15 @@ class TaskGradients:
         self,
         row: int,
         loss: Tensor,
-        inputs: Sequence[Tensor],
+        inputs: Sequence[Tensor] | None,
         *,
         retain_graph: bool,
         subtract: Tensor | None = None,
         add: bool = False,
         name: str = "loss",
     ) -> None:
-        """One backward pass of ``loss`` into buffer row ``row`` (over ``inputs``, the shared parameters first).
+        """One backward pass of ``loss`` into buffer row ``row`` (over ``inputs``, the shared parameters first, or
+        :meth:`FlatParameters.backward_inputs`).
 
         With ``subtract`` (an (N,) vector), the row receives ∂loss/∂θ − subtract: autograd accumulates onto
         −subtract, so a small difference of two large gradients (F-MTL's h = s − g) is formed with one
@@ -129,7 +135,7 @@ class TaskGradients:
         key = row if self._scratch is None else -1
         if key not in self._targets:
             target = self.buffer[row] if self._scratch is None else self._scratch
-            self._targets[key] = target, self.shared.split(target)
+            self._targets[key] = target, self.shared.grad_views(target)
         target, views = self._targets[key]
         if subtract is not None:
             torch.neg(subtract, out=target)

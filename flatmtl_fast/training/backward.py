@@ -143,8 +143,10 @@ def backward(
             parameters; G is reduce-scattered, the Gram all-reduced, ``.grad`` all-gathered, and the task
             parameters' gradients averaged over ranks) or ``"sharded"`` (each rank's ``shared`` is its
             slice of the shared parameters and autograd already yields the globally reduced gradients of
-            that slice — FSDP-style or tensor parallel: only the K × K Gram and the losses are all-reduced,
-            task parameters are left as autograd left them).
+            that slice — FSDP2's ``fully_shard`` or tensor parallel: only the K × K Gram and the losses are
+            all-reduced, task parameters are left as autograd and FSDP left them). With FSDP2's DTensor shards
+            each task pass runs over the whole graph (the sharded parameters are not in it; FSDP's hooks fill
+            their ``.grad``), and ``process_group`` must be the group they are sharded over.
         aggregate: ``False`` accumulates a micro-batch: its task gradients and loss values are added to those
             kept for ``shared``, the shared ``.grad`` is set to None and None is returned (task parameters
             accumulate their ``.grad`` as autograd does). The next call with ``True`` adds its own and aggregates
@@ -175,6 +177,8 @@ def backward(
         if not isinstance(value, bool):
             raise TypeError(f"backward: {flag} must be a bool, got {type(value).__name__}")
     shared.refresh()
+    if shared.sharded:
+        _check_sharded_use(shared, process_group, layout, representation)
     losses = check_losses(losses, shared.device)
     task_params = list(task_params or ())
     scale = _grad_scale(scaler)
@@ -227,6 +231,24 @@ def backward(
     else:
         step.apply(out=shared.bind_grad())
     return None
+
+
+def _check_sharded_use(
+    shared: FlatParameters,
+    process_group: torch.distributed.ProcessGroup | None,
+    layout: str,
+    representation: Tensor | None,
+) -> None:
+    """FSDP2's shards: each rank holds only its slice of the (already reduced) gradients, so the Gram must be
+    summed over the ranks they are sharded over."""
+    spread = max(p.device_mesh.size() for p in shared.params) > 1
+    if spread and (process_group is None or layout != "sharded"):
+        raise ValueError(
+            "backward: shared holds FSDP2's sharded parameters: pass process_group=<the group they are sharded "
+            "over> and layout='sharded' (each rank's Gram covers only its own slice)"
+        )
+    if representation is not None:
+        raise ValueError("backward: representation= is not supported with FSDP2's sharded parameters")
 
 
 def finite_or_skip(

@@ -117,6 +117,11 @@ class FMTL:
     ) -> None:
         if not isinstance(shared, FlatParameters):
             raise TypeError(f"FMTL: shared must be a FlatParameters, got {type(shared).__name__}")
+        if shared.sharded:
+            raise ValueError(
+                "FMTL: shared holds FSDP2's sharded parameters, whose storage FSDP owns; F-MTL perturbs the flat "
+                "parameters in place: flatten the local slices of a tensor-parallel layer instead (layout='sharded')"
+            )
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"FMTL: aggregator must be a flatmtl_fast aggregator, got {type(aggregator).__name__}")
         self.rho = _positive(rho, "rho")

@@ -107,6 +107,8 @@ def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
         "mismatch": lambda: _mismatch(rank),
         "backward_ddp": lambda: _backward_ddp(rank, groups),
         "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
+        "backward_fsdp2": lambda: _backward_fsdp2(rank, groups),
+        "fsdp2_misuse": lambda: _fsdp2_misuse(rank, groups[2]),
         "fmtl": lambda: _fmtl(rank, groups),
         "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
         "nonfinite": lambda: _nonfinite(rank),
@@ -283,6 +285,97 @@ def _backward_tensor_parallel(rank: int, groups: dict[int, dist.ProcessGroup]) -
                 layout="sharded",
             )
         out[P] = {**_tensor_parallel_grads(net, weight, bias), "weights": w, "calls": calls}
+    return out
+
+
+#: The FSDP2 cases: aggregator, then options of backward (each rank its slice of the batch, every step then
+#: an SGD step with momentum on the DTensor parameters).
+FSDP2_CASES = {
+    "UPGrad": {},
+    "MGDA": {},
+    "PCGrad": {},
+    "DBMTL": {},
+    "UPGrad+bfloat16": {"grad_dtype": torch.bfloat16},
+    "UPGrad+micro-batches": {},
+}
+
+
+def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """``backward(layout="sharded")`` on a model sharded by FSDP2's ``fully_shard``: FSDP's reduce-scatter
+    averages each task's gradients into this rank's slice of the buffer row, only the Gram is all-reduced."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        mesh = DeviceMesh.from_group(group, "cpu")
+        for case, options in FSDP2_CASES.items():
+            net = Net()
+            fully_shard(net.trunk, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            shared = flatmtl_fast.FlatParameters(net.trunk)
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            aggregator = make(case.split("+")[0])
+            parts = 2 if case.endswith("+micro-batches") else 1
+            steps = []
+            for _ in range(STEPS):
+                slices = zip(x.chunk(P)[rank].chunk(parts), y.chunk(P)[rank].chunk(parts), strict=True)
+                for part, (xs, ys) in enumerate(slices):
+                    losses = net(xs, ys) / parts
+                    with counting() as calls:
+                        w = flatmtl_fast.backward(
+                            losses,
+                            shared,
+                            aggregator,
+                            task_params=net.heads.parameters(),
+                            process_group=group,
+                            layout="sharded",
+                            aggregate=part == parts - 1,
+                            **options,
+                        )
+                with uncounted():  # every rank takes part in the gathers (on one rank: the .grad itself, so clone)
+                    grads = [p.grad.full_tensor().clone() for p in net.parameters()]
+                optimizer.step()
+                optimizer.zero_grad()
+                steps.append({"weights": w, "grads": grads, "calls": calls})
+            out[P, case] = {"steps": steps, "params": [p.full_tensor().detach().clone() for p in net.parameters()]}
+    return out
+
+
+def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, str] | None]:
+    """FSDP2 shards used in ways that cannot give the right step: each must raise before any collective."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    if rank >= 2:
+        return {}
+    mesh = DeviceMesh.from_group(group, "cpu")
+    net = Net()
+    fully_shard(net, mesh=mesh)
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    x, y = batch()
+    replicated = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate()]))
+    attempts: dict[str, Callable[[], object]] = {
+        "mixed": lambda: flatmtl_fast.FlatParameters([*net.trunk.parameters(), nn.Parameter(torch.ones(2))]),
+        "replicated placement": lambda: flatmtl_fast.FlatParameters([replicated]),
+        "no process group": lambda: flatmtl_fast.backward(net(x, y), shared, make("UPGrad")),
+        "replicated layout": lambda: flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), process_group=group),
+        "batched": lambda: flatmtl_fast.backward(
+            net(x, y), shared, make("UPGrad"), process_group=group, layout="sharded", batched=True
+        ),
+        "fmtl": lambda: flatmtl_fast.FMTL(shared, make("UPGrad"), process_group=group, layout="sharded"),
+    }
+    out: dict[str, tuple[str, str] | None] = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            out[what] = None
+        except Exception as err:
+            out[what] = (type(err).__name__, str(err))
     return out
 
 

@@ -342,6 +342,70 @@ def test_backward_sharded_layout_tensor_parallel(ranks, P):
         }
 
 
+@pytest.mark.parametrize("case", list(_worker.FSDP2_CASES))
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
+    """A model sharded by ``fully_shard`` (trunk and root; the heads' (1, 8) weights leave empty shards on two of
+    three ranks), each rank on its slice of the batch, two steps of SGD with momentum on the DTensor parameters:
+    the single-process steps on the whole batch."""
+    results = _scenario(ranks, "backward_fsdp2", P)
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    aggregator = make(case.split("+")[0])
+    x, y = batch()
+    # float32: FSDP's mean of per-rank mean gradients and the whole batch's gradient group their sums differently
+    # (a few ulps) — the same argument as under DDP. bfloat16 storage rounds those two to 16 bits, which can
+    # differ by one bfloat16 ulp (2⁻⁸ relative) where the float32 values straddle a rounding boundary.
+    relative = 1e-2 if "bfloat16" in case else 1e-4
+    for step in range(len(results[0][P, case]["steps"])):
+        w = flatmtl_fast.backward(
+            net(x, y), shared, aggregator, task_params=net.heads.parameters(), **_worker.FSDP2_CASES[case]
+        )
+        want = [p.grad for p in net.parameters()]
+        for rank, result in enumerate(results):
+            got = result[P, case]["steps"][step]
+            assert _relative_error(got["grads"], want) <= relative, f"rank {rank}, step {step}"
+            if w is not None:
+                torch.testing.assert_close(got["weights"].double(), w.double(), rtol=10 * relative, atol=1e-6)
+                # Only the K × K Gram and the losses are all-reduced, and rank 0's weights broadcast; G is never
+                # gathered (the all-gathers and reduce-scatters are FSDP's own, of parameters and gradients).
+                ours = [(name, sizes) for name, sizes in got["calls"] if name in ("all_reduce", "broadcast")]
+                assert _counted_bytes(ours) == {
+                    "reduce_scatter": 0,
+                    "all_gather": 0,
+                    "all_reduce": 8 * K + 8 * K * K,
+                    "broadcast": K * got["weights"].element_size(),
+                }
+        optimizer.step()
+        optimizer.zero_grad()
+    for result in results:
+        assert _relative_error(result[P, case]["params"], list(net.parameters())) <= relative
+
+
+def test_misused_fsdp2_shards_raise_clearly(ranks):
+    expected = {
+        "mixed": "some parameters are DTensors (FSDP2 shards) and some are not",
+        "replicated placement": "only Shard placements",
+        "no process group": "pass process_group=",
+        "replicated layout": "layout='sharded'",
+        "batched": "use the K passes (batched=False)",
+        "fmtl": "FMTL: shared holds FSDP2's sharded parameters",
+    }
+    for rank, outcome in enumerate(_scenario(ranks, "fsdp2_misuse", 2)):
+        assert set(outcome) == set(expected)
+        for what, phrase in expected.items():
+            assert outcome[what] is not None, f"rank {rank}: {what} did not raise"
+            kind, message = outcome[what]
+            assert kind == "ValueError" and phrase in message, f"rank {rank}, {what}: {kind}: {message}"
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over a list of tensors taken as one vector."""
+    got, want = [[t.detach().flatten() for t in tensors] for tensors in (got, want)]
+    return float(torch.cat([a - b for a, b in zip(got, want, strict=True)]).norm() / torch.cat(want).norm())
+
+
 def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(ranks):
     for kind, message, grads_cleared in _scenario(ranks, "nonfinite"):
         assert kind == "FloatingPointError" and "non-finite" in message
