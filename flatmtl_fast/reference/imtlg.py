@@ -6,6 +6,8 @@ the de-facto reference is LibMTL's ``IMTL`` (gradient branch), whose closed form
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -13,13 +15,23 @@ from ..aggregators.base import GramianAggregator
 from ..aggregators.checks import check_gramian, check_losses, check_matrix
 
 
-def _inverse_or_zero(x: Tensor) -> Tensor:
-    """1/x with 1/0 := 0 (a zero gradient has no direction: its unit vector is taken as 0)."""
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, torch.ones_like(x)), torch.zeros_like(x))
+def _inverse(norms: Tensor) -> Tensor:
+    """1/‖g_i‖ of the kept rows (all nonzero, unless every row is zero: then its u = 0 · huge = 0)."""
+    return 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _alpha_from(first_on_U: Tensor, D_on_U: Tensor, norms: Tensor, dtype: torch.dtype) -> Tensor:
-    """α = [1 − Σ α_{2:K}, α_{2:K}] with α_{2:K} = (g_1 Uᵀ)(D Uᵀ)⁺.
+def _alpha_from(first_on_U: Tensor, D_on_U: Tensor, cutoff: float) -> Tensor:
+    """α = [1 − Σ α_{2:K}, α_{2:K}] with α_{2:K} = (g_1 Uᵀ)(D Uᵀ)⁺, singular values ≤ ``cutoff`` dropped."""
+    rest = first_on_U @ torch.linalg.pinv(D_on_U, atol=cutoff, rtol=0.0)
+    return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
+
+
+def _on_nonzero_rows(norms: Tensor, dtype: torch.dtype, solve: Callable[[Tensor, float], Tensor]) -> Tensor:
+    """α from ``solve(rows, cutoff)`` on the nonzero rows, 0 on the zero rows (α = e_1 when every row is zero).
+
+    A zero gradient has no direction: with u_i = 0 its equal projection d·u_i = 0 would force d·u_j = 0 for every
+    task, i.e. d = 0 — one task without gradient would stop all the others. It takes no part instead (torchjd's
+    M⁺ form gives it weight 0 too).
 
     The pseudo-inverse drops singular values below 4 K eps(dtype) max‖g_i‖: |D_j · U_k| ≤ 4 max‖g_i‖, so this is
     the rounding level of the input (a float32 copy of collinear rows is collinear only to float32 precision).
@@ -27,9 +39,11 @@ def _alpha_from(first_on_U: Tensor, D_on_U: Tensor, norms: Tensor, dtype: torch.
     when every U_k ≈ 0 (e.g. K = 2 collinear rows).
     """
     K = norms.shape[0]
-    cutoff = 4 * K * torch.finfo(dtype).eps * float(norms.max())
-    rest = first_on_U @ torch.linalg.pinv(D_on_U, atol=cutoff, rtol=0.0)
-    return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
+    rows = (norms != 0).nonzero().flatten()  # a NaN row is kept: NaN propagates
+    rows = rows if rows.numel() else rows.new_zeros(1)
+    alpha = torch.zeros(K, dtype=torch.float64, device=norms.device)
+    alpha[rows] = solve(rows, 4 * K * torch.finfo(dtype).eps * float(norms.max()))
+    return alpha
 
 
 class IMTLG(GramianAggregator):
@@ -40,20 +54,26 @@ class IMTLG(GramianAggregator):
     (d = g₁ when K = 1 or when all rows are equal). No hyper-parameters.
     Deviations from LibMTL (which uses ``torch.inverse``): a singular D Uᵀ (duplicated, collinear or zero rows,
     K > rank) is handled with the Moore–Penrose pseudo-inverse (``torch.linalg.pinv``, its default relative
-    cut-off scaled to the gradients, see ``_alpha_from``; among the α that give equal projections it picks the
-    minimum-norm α_{2:K}), and a zero row gets u_i = 0 instead of NaN. torchjd's IMTLG generalises differently
-    (w ∝ M⁺‖g‖); both agree whenever M is invertible.
+    cut-off scaled to the gradients, see ``_on_nonzero_rows``; among the α that give equal projections it picks the
+    minimum-norm α_{2:K}), and a zero row takes no part (α_i = 0, the others' closed form on their own: a zero u_i
+    would force d = 0, see ``_on_nonzero_rows``). torchjd's IMTLG generalises differently (w ∝ M⁺‖g‖); both agree
+    whenever M is invertible, and both give zero rows weight 0.
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="IMTLG")
         G64 = G.double()
-        U_rows = G64 * _inverse_or_zero(G64.norm(dim=1))[:, None]
-        D = G64[:1] - G64[1:]
-        U = U_rows[:1] - U_rows[1:]
-        alpha = _alpha_from(G64[0] @ U.T, D @ U.T, G64.norm(dim=1), G.dtype)
-        return (alpha @ G64).to(G.dtype)
+        norms = G64.norm(dim=1)
+
+        def solve(rows: Tensor, cutoff: float) -> Tensor:
+            kept = G64[rows]
+            U_rows = kept * _inverse(norms[rows])[:, None]
+            D = kept[:1] - kept[1:]
+            U = U_rows[:1] - U_rows[1:]
+            return _alpha_from(kept[0] @ U.T, D @ U.T, cutoff)
+
+        return (_on_nonzero_rows(norms, G.dtype, solve) @ G64).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 α from M: with s_j = 1/‖g_j‖, g_i·u_j = M_ij s_j, so
@@ -62,7 +82,11 @@ class IMTLG(GramianAggregator):
         check_losses(losses, K, M.device, required=False, owner="IMTLG")
         M64 = M.double()
         norms = M64.diagonal().clamp(min=0).sqrt()
-        on_unit = M64 * _inverse_or_zero(norms)[None, :]  # g_i · u_j
-        first_on_U = on_unit[0, :1] - on_unit[0, 1:]
-        D_on_U = (on_unit[:1, :1] - on_unit[1:, :1]) - (on_unit[:1, 1:] - on_unit[1:, 1:])
-        return _alpha_from(first_on_U, D_on_U, norms, M.dtype)
+
+        def solve(rows: Tensor, cutoff: float) -> Tensor:
+            on_unit = M64[rows][:, rows] * _inverse(norms[rows])[None, :]  # g_i · u_j
+            first_on_U = on_unit[0, :1] - on_unit[0, 1:]
+            D_on_U = (on_unit[:1, :1] - on_unit[1:, :1]) - (on_unit[:1, 1:] - on_unit[1:, 1:])
+            return _alpha_from(first_on_U, D_on_U, cutoff)
+
+        return _on_nonzero_rows(norms, M.dtype, solve)

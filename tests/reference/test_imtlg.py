@@ -65,6 +65,25 @@ def test_scales_and_degenerate(scale: float) -> None:
     torch.testing.assert_close(IMTLG()(inputs["duplicated"]), g[0])
 
 
+@pytest.mark.parametrize("zero_rows", [[0], [1], [0, 3], [1, 2, 3]])
+def test_a_task_without_gradient_does_not_stop_the_others(zero_rows: list[int]) -> None:
+    """A zero g_i has no direction: it gets weight 0 and the others get IMTL-G's closed form on their own (equal
+    projections, Σ α = 1) — not d = 0, which a zero u_i in the equal projections would force. torchjd's M⁺ form
+    gives the same d (zero rows have weight 0 in it too)."""
+    G = random_matrix(5, 9, 5, seed=11)
+    G[zero_rows] = 0.0
+    kept = [i for i in range(5) if i not in zero_rows]
+    w = IMTLG().weights(G @ G.T)
+    assert not w[zero_rows].any()
+    torch.testing.assert_close(w[kept], IMTLG().weights(G[kept] @ G[kept].T), rtol=1e-12, atol=1e-15)
+    d = IMTLG()(G)
+    torch.testing.assert_close(d, IMTLG()(G[kept]), rtol=1e-12, atol=1e-15)
+    projections = G[kept] @ d / G[kept].norm(dim=1)
+    assert float(projections.abs().min()) > 1e-6 * float(G.norm())  # the old u_i = 0 gave d = 0 (~1e-15)
+    torch.testing.assert_close(projections, projections[:1].expand(len(kept)))
+    torch.testing.assert_close(d, tjd.IMTLG()(G))
+
+
 def test_float32_collinear_matches_torchjd_direction() -> None:
     """A float32 copy of collinear rows is collinear only to float32 precision: cut off at that level."""
     g = torch.randn(1, 6)

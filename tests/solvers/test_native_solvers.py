@@ -28,7 +28,9 @@ pytestmark = pytest.mark.skipif(C is None, reason=f"native module missing: {_nat
 
 KS = (1, 2, 3, 7, 40, 64)
 LARGE_KS = (*KS, 128)
-KINDS = ("full", "rank_deficient", "duplicated", "collinear", "zero")
+#: "zero_rows": every third task (the first included) without gradient, the others random — a task absent from a
+#: batch; "zero": all of them.
+KINDS = ("full", "rank_deficient", "duplicated", "collinear", "zero_rows", "zero")
 LARGE_K_KINDS = ("full", "collinear")  # at K = 128 (slow references)
 SCALES = (1e-10, 1.0, 1e10)
 EPS64 = torch.finfo(torch.float64).eps
@@ -54,6 +56,8 @@ def make_G(K: int, kind: str, scale: float, seed: int) -> torch.Tensor:
     else:
         distinct = max(1, 2 * K // 3) if kind == "duplicated" else K
         G = torch.randn(distinct, N, generator=gen, dtype=torch.float64)[torch.arange(K) % distinct]
+        if kind == "zero_rows":
+            G[torch.arange(K) % 3 == 0] = 0.0
     return G * scale
 
 
@@ -226,6 +230,14 @@ def test_imtlg(K, kind, scale):
     assert converged
     assert torch.isfinite(w).all()
     assert float((w - w_ref).abs().max()) <= 1e-8 * max(1.0, float(w_ref.abs().max())), (w, w_ref)
+    # The torch solver (the GPU's without the native module): LAPACK's SVD, the same argument.
+    w_torch = imtlg_weights(M, torch.float64)
+    assert float((w_torch - w_ref).abs().max()) <= 1e-8 * max(1.0, float(w_ref.abs().max())), (w_torch, w_ref)
+    # A task without gradient takes no part: weight exactly 0 (in every solver), the others' weights sum to 1.
+    zero = M.diagonal() == 0
+    if not zero.all():
+        assert not w[zero].any() and not w_torch[zero].any() and not w_ref[zero].any()
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_imtlg_singular_values_near_the_cutoff():

@@ -1,5 +1,6 @@
 // IMTL-G closed form from the Gram (reference/imtlg.py): α_{2:K} = (g_1 Uᵀ)(D Uᵀ)⁺ with the
-// reference's pseudo-inverse cut-off (singular values ≤ 4 K eps max‖g_i‖ dropped), α_1 = 1 − Σ α_{2:K}.
+// reference's pseudo-inverse cut-off (singular values ≤ 4 K eps max‖g_i‖ dropped), α_1 = 1 − Σ α_{2:K};
+// zero rows take no part (α_i = 0) and the first nonzero row plays g_1.
 #pragma once
 
 #include "flatmtl/solvers/common.h"
@@ -37,19 +38,61 @@ struct Imtlg : TeamSolver {
   // Scratch: s (K); b, c, tau, the column norms (2), the permutation (n = K − 1 each); two n x n matrices.
   FLATMTL_HD static int64_t work_size(int K) { return int64_t(K) + 6 * int64_t(K - 1) + 2 * int64_t(K - 1) * (K - 1); }
 
-  // b_j = (g_1 Uᵀ)_j and A = D Uᵀ (row-major into A, or transposed into A when transpose) from M, with
-  // g_i·u_j = M_ij s_j and the reference's grouping of terms; a team splits the rows of A.
+  // A zero row (M_jj ≤ 0; a NaN one is not, so NaN propagates) takes no part: α_j = 0, as in the reference.
+  FLATMTL_HD static bool zero_row(const double* M, int K, int j) { return M[int64_t(j) * K + j] <= 0.0; }
+
+  // The row that plays g_1: the first nonzero one (0 if every row is zero).
+  FLATMTL_HD static int pivot_row(const double* M, int K) {
+    for (int j = 0; j < K; ++j) {
+      if (!zero_row(M, K, j)) return j;
+    }
+    return 0;
+  }
+
+  // Row i of the problem as built: rows 0 and pivot swapped (a swap is its own inverse).
+  FLATMTL_HD static int swapped(int i, int pivot) { return i == 0 ? pivot : (i == pivot ? 0 : i); }
+
+  // b_j = (g_1 Uᵀ)_j and A = D Uᵀ (row-major into A, or transposed into A when transpose) from M with the pivot
+  // swapped into row 0, g_i·u_j = M_ij s_j and the reference's grouping of terms; a zero row's unknown and
+  // equation become α_j = 0 (a block of its own: the pseudo-inverse of the rest is the nonzero rows' problem),
+  // at the pivot's scale ‖g_1‖ so that rounding of the rest (~ eps ‖g‖) does not leak into it. A team splits the
+  // rows of A.
   template <class Team = SoloTeam>
   FLATMTL_HD static void build(const double* M, int K, const double* s, bool transpose, double* b, double* A,
                                const Team& team = Team{}) {
     const int n = K - 1;
-    const double m00 = M[0] * s[0];
+    const int p = pivot_row(M, K);
+    const double m00 = M[int64_t(p) * K + p] * s[p];
+    const double unit = m00 > 0.0 ? m00 : 1.0;
     for (int r = first_owned(team, 0); r < n; r += team.size()) {
-      b[r] = m00 - M[r + 1] * s[r + 1];
+      const int e = swapped(r + 1, p);
+      b[r] = zero_row(M, K, e) ? 0.0 : m00 - M[int64_t(p) * K + e] * s[e];
       for (int col = 0; col < n; ++col) {
-        const int i = (transpose ? col : r) + 1, j = (transpose ? r : col) + 1;
-        A[int64_t(r) * n + col] = (m00 - M[i * K] * s[0]) - (M[j] * s[j] - M[i * K + j] * s[j]);
+        const int i = swapped((transpose ? col : r) + 1, p), j = swapped((transpose ? r : col) + 1, p);
+        A[int64_t(r) * n + col] = zero_row(M, K, i) || zero_row(M, K, j)
+                                      ? (r == col ? unit : 0.0)
+                                      : (m00 - M[int64_t(i) * K + p] * s[p]) - (M[int64_t(p) * K + j] * s[j] -
+                                                                                M[int64_t(i) * K + j] * s[j]);
       }
+    }
+    team.sync();
+  }
+
+  // α in the original order from the built problem's (rows 0 and pivot swapped back; zero rows' α exactly 0) and
+  // α_1 = 1 − Σ α_{2:K}.
+  template <class Team = SoloTeam>
+  FLATMTL_HD static void finish(const double* M, int K, double* w, const Team& team = Team{}) {
+    if (owns(team, 0)) {
+      const int p = pivot_row(M, K);
+      double rest = 0.0;
+      for (int j = 1; j < K; ++j) {
+        if (zero_row(M, K, swapped(j, p))) w[j] = 0.0;
+        rest += w[j];
+      }
+      w[0] = 1.0 - rest;
+      const double t = w[p];
+      w[p] = w[0];
+      w[0] = t;
     }
     team.sync();
   }
@@ -184,10 +227,7 @@ struct Imtlg : TeamSolver {
     }
     for (int k = first_owned(team, 0); k < n; k += team.size()) w[int(perm[k]) + 1] = z[k];
     team.sync();
-    double rest = 0.0;
-    for (int j = 1; j < K; ++j) rest += w[j];
-    if (owns(team, 0)) w[0] = 1.0 - rest;
-    team.sync();
+    finish(M, K, w, team);
     return {0, 1};
   }
 
@@ -230,9 +270,7 @@ struct Imtlg : TeamSolver {
       const double coef = dot(b, V + int64_t(k) * n, n) / (sigma * sigma);
       for (int r = 0; r < n; ++r) w[r + 1] += coef * uk[r];
     }
-    double rest = 0.0;
-    for (int j = 1; j < K; ++j) rest += w[j];
-    w[0] = 1.0 - rest;
+    finish(M, K, w);
     return status;
   }
 };
