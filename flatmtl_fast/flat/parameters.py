@@ -51,10 +51,16 @@ class FlatParameters:
                 raise TypeError(f"FlatParameters: expected parameters (tensors), got {type(p).__name__}")
             if id(p) in seen:
                 raise ValueError("FlatParameters: a parameter appears twice")
+            if not p.requires_grad:
+                raise ValueError(
+                    f"FlatParameters: parameter {len(self.params)} does not require grad (frozen): leave it out of "
+                    "the shared parameters"
+                )
             seen.add(id(p))
             self.params.append(p)
         if not self.params:
             raise ValueError("FlatParameters: no parameters given")
+        self.ids = frozenset(seen)  # to tell task parameters that are shared apart
         devices = {p.device for p in self.params}
         dtypes = {p.dtype for p in self.params}
         if len(devices) > 1:
@@ -87,7 +93,7 @@ class FlatParameters:
         """(parameter, the slice of ``flat``'s last dimension shaped like it — like its local shard when
         sharded) for every parameter."""
         for p, shape, start, end in zip(self.params, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True):
-            yield p, flat[..., start:end].view(*flat.shape[:-1], *shape)
+            yield p, flat[..., start:end].view(flat.shape[:-1] + shape)  # a 0-dim parameter: shape ()
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """The slices of ``flat``'s last dimension (N) shaped like the parameters, in their order: (shape) views of

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..aggregators.base import Aggregator, GramianAggregator
 from ..flat import FlatParameters, TaskGradients
@@ -76,6 +76,31 @@ def check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device, owner:
     return losses
 
 
+def check_task_params(
+    params: Iterable[Tensor] | nn.Module, shared: FlatParameters, seen: set[int], owner: str, name: str
+) -> list[Tensor]:
+    """``params`` as a list of tensors that require grad, on the shared device, none of them shared or in ``seen``
+    (the ids of parameters already claimed, which this extends)."""
+    if isinstance(params, Tensor) or not isinstance(params, Iterable | nn.Module):
+        raise TypeError(
+            f"{owner}: {name} must be an iterable of parameters (e.g. heads.parameters()), got {type(params).__name__}"
+        )
+    params = list(params.parameters() if isinstance(params, nn.Module) else params)
+    for p in params:
+        if not isinstance(p, Tensor) or not p.requires_grad:
+            raise TypeError(f"{owner}: {name} must contain parameters that require grad, got {_describe(p)}")
+        if id(p) in seen or id(p) in shared.ids:
+            raise ValueError(f"{owner}: a parameter of {name} is shared or appears twice")
+        if p.device != shared.device:
+            raise ValueError(f"{owner}: {name} has a parameter on {p.device}, the shared ones are on {shared.device}")
+        seen.add(id(p))
+    return params
+
+
+def _describe(value: object) -> str:
+    return "a tensor that does not require grad" if isinstance(value, Tensor) else type(value).__name__
+
+
 def detached_losses(losses: list[Tensor]) -> Tensor:
     """The losses' values as a detached (K,) float64 tensor: one stack and one conversion (two launches on a GPU,
     not one conversion per loss), unless the losses' dtypes differ."""
@@ -87,6 +112,8 @@ def detached_losses(losses: list[Tensor]) -> Tensor:
 
 def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
     """The scaler's current scale as a device tensor (no host sync), or None when not scaling."""
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if scaler is None or not scaler.is_enabled():
         return None
     return scaler._get_scale_async()  # the device tensor behind get_scale(), which would sync
@@ -115,7 +142,9 @@ def backward(
         losses: K scalar losses from one forward pass (or a (K,) tensor of them).
         shared: the shared parameters, flattened with :class:`~flatmtl_fast.FlatParameters`.
         aggregator: any aggregator of this library (fused or ``flatmtl_fast.reference``).
-        task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ.
+        task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ. If the
+            task gradients cannot be captured (e.g. a loss does not reach the shared parameters), the error leaves
+            the shared and task ``.grad`` None and drops any accumulated micro-batches.
         grad_dtype: storage of the K × N task-gradient buffer (default: the parameters' dtype;
             ``torch.bfloat16`` halves its memory and traffic).
         representation: the shared features z (MGDA-UB): the weights are computed from the task
@@ -180,7 +209,9 @@ def backward(
     if shared.sharded:
         _check_sharded_use(shared, process_group, layout, representation)
     losses = check_losses(losses, shared.device)
-    task_params = list(task_params or ())
+    task_params = check_task_params(
+        () if task_params is None else task_params, shared, set(), "backward", "task_params"
+    )
     scale = _grad_scale(scaler)
     loss_values = detached_losses(losses)
     if scale is not None:
@@ -199,7 +230,16 @@ def backward(
 
     kept = _kept_for(shared, len(losses), grad_dtype)
     pending = kept.pending_losses
-    G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None, batched=batched)
+    try:
+        G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None, batched=batched)
+    except BaseException as error:
+        # The rows hold part of this call's gradients and .grad is bound to one of them: leave neither behind.
+        kept.pending_losses = None
+        for p in [*shared.params, *task_params]:
+            p.grad = None
+        if pending is not None:
+            error.add_note("backward: the micro-batches accumulated so far (aggregate=False) were dropped")
+        raise
     loss_values = loss_values if pending is None else pending + loss_values
     kept.pending_losses = None if aggregate else loss_values
     if not aggregate:

@@ -31,7 +31,7 @@ from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
 from ..primitives import combine, gram, perturb, row_norms
-from .backward import NonFinitePolicy, check_losses, detached_losses, finite_or_skip
+from .backward import NonFinitePolicy, check_losses, check_task_params, detached_losses, finite_or_skip
 
 Closure = Callable[[], Sequence[Tensor] | Tensor]
 
@@ -344,18 +344,8 @@ def _positive(value: float, name: str) -> float:
 def _task_parameters(task_params: Sequence[Iterable[Tensor]], shared: FlatParameters) -> list[list[Tensor]]:
     if isinstance(task_params, (Tensor, nn.Module)) or not isinstance(task_params, Sequence):
         raise TypeError("FMTL: task_params must be a sequence with one iterable of parameters per task")
-    heads = [list(head.parameters()) if isinstance(head, nn.Module) else list(head) for head in task_params]
-    seen = {id(p) for p in shared.params}
-    for i, head in enumerate(heads):
-        for p in head:
-            if not isinstance(p, Tensor) or not p.requires_grad:
-                raise TypeError(f"FMTL: task_params[{i}] must contain parameters that require grad")
-            if id(p) in seen:
-                raise ValueError(f"FMTL: a parameter of task_params[{i}] is shared or belongs to another task")
-            if p.device != shared.device:
-                raise ValueError(f"FMTL: task_params[{i}] is on {p.device}, the shared parameters on {shared.device}")
-            seen.add(id(p))
-    return heads
+    seen: set[int] = set()
+    return [check_task_params(head, shared, seen, "FMTL", f"task_params[{i}]") for i, head in enumerate(task_params)]
 
 
 def _clear_grads(params: list[Tensor]) -> None:

@@ -478,3 +478,73 @@ def test_batched_capture_accumulates_stores_bfloat16_and_reads_unreached_paramet
         flatmtl_fast.backward(net.losses(x, y), shared, flatmtl_fast.UPGrad(), representation=z, batched=True)
     with pytest.raises(TypeError, match="batched must be a bool"):
         flatmtl_fast.backward(net.losses(x, y), shared, flatmtl_fast.UPGrad(), batched="yes")
+
+
+def test_a_failed_capture_leaves_no_gradient_and_drops_the_accumulated_micro_batches():
+    """A loss that does not reach the shared parameters fails the capture half-way: the rows already hold some of
+    the call's gradients and .grad is bound to one of them. The error must leave every .grad None (an optimizer
+    step then changes nothing) and drop the pending micro-batches (they would aggregate with a partial one), so
+    the next accumulation equals a clean one."""
+    x, y = _batch()
+    net, clean = Net(), Net()
+    shared, shared_clean = flatmtl_fast.FlatParameters(net.trunk), flatmtl_fast.FlatParameters(clean.trunk)
+    heads = list(net.heads.parameters())
+    first, last = _micro_batch_losses(net, x, y, parts=2)
+    flatmtl_fast.backward(first, shared, flatmtl_fast.UPGrad(), task_params=heads, aggregate=False)
+
+    def broken() -> list[torch.Tensor]:
+        return [*net.losses(x, y)[:2], net.heads[0].weight.sum()]
+
+    with pytest.raises(ValueError, match="loss 2 does not depend") as raised:
+        flatmtl_fast.backward(broken(), shared, flatmtl_fast.UPGrad(), task_params=heads, aggregate=False)
+    assert "micro-batches accumulated so far (aggregate=False) were dropped" in "".join(raised.value.__notes__)
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="loss 2 does not depend") as raised:  # no pending batches: no note
+        flatmtl_fast.backward(broken(), shared, flatmtl_fast.UPGrad(), task_params=heads)
+    assert not getattr(raised.value, "__notes__", []) and all(p.grad is None for p in net.parameters())
+    first, last = _micro_batch_losses(net, x, y, parts=2)
+    flatmtl_fast.backward(first, shared, flatmtl_fast.UPGrad(), task_params=heads, aggregate=False)
+    flatmtl_fast.backward(last, shared, flatmtl_fast.UPGrad(), task_params=heads)
+    first, last = _micro_batch_losses(clean, x, y, parts=2)
+    flatmtl_fast.backward(first, shared_clean, flatmtl_fast.UPGrad(), aggregate=False)
+    flatmtl_fast.backward(last, shared_clean, flatmtl_fast.UPGrad())
+    assert torch.equal(shared.grad, shared_clean.grad)
+
+
+def test_zero_dim_shared_parameters_and_bad_task_parameters():
+    """A 0-dim shared parameter (a learnable temperature) is a one-element view; frozen shared parameters and
+    task parameters that are a tensor, frozen, shared or given twice, or a scaler of another type, raise clearly."""
+    torch.manual_seed(0)
+    layer, temperature = nn.Linear(4, 3), nn.Parameter(torch.tensor(0.7))
+    heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(2))
+    shared = flatmtl_fast.FlatParameters([*layer.parameters(), temperature])
+    assert temperature.shape == () and shared.numel == 16
+    x = torch.randn(8, 4)
+    z = torch.tanh(layer(x) * temperature)
+    losses = [head(z).pow(2).mean() for head in heads]
+    G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared.params, retain_graph=True)])
+                     for loss in losses])  # fmt: skip
+    flatmtl_fast.backward(losses, shared, reference.Mean(), task_params=heads.parameters())
+    torch.testing.assert_close(shared.grad, G.mean(0))
+    assert temperature.grad.shape == ()
+
+    frozen = nn.Linear(2, 2)
+    frozen.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"parameter 1 does not require grad \(frozen\)"):
+        flatmtl_fast.FlatParameters(frozen)
+    z = torch.tanh(layer(x) * temperature)
+    losses = [head(z).pow(2).mean() for head in heads]
+    bad = {
+        "a tensor": (heads[0].weight, TypeError, "task_params must be an iterable of parameters"),
+        "frozen": ([torch.zeros(3)], TypeError, "must contain parameters that require grad"),
+        "shared": ([layer.weight], ValueError, "is shared or appears twice"),
+        "twice": ([heads[0].bias, heads[0].bias], ValueError, "is shared or appears twice"),
+    }
+    for task_params, error, message in bad.values():
+        with pytest.raises(error, match=message):
+            flatmtl_fast.backward(losses, shared, reference.Mean(), task_params=task_params)
+    with pytest.raises(TypeError, match=r"scaler must be a torch\.amp\.GradScaler, got int"):
+        flatmtl_fast.backward(losses, shared, reference.Mean(), scaler=3)
+    # A module is taken as its parameters, as FMTL takes a head.
+    flatmtl_fast.backward(losses, shared, reference.Mean(), task_params=heads)
+    assert all(p.grad is not None for p in heads.parameters())
