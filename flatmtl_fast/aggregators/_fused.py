@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import combine, gram
+from ..primitives.checks import check_out
 from ..solvers.native import solve_natively
 from .base import GramianAggregator
 from .checks import check_gramian, check_losses, check_matrix
@@ -36,6 +37,8 @@ class FusedGramian(GramianAggregator):
     ) -> Tensor:
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=self.needs_losses, owner=type(self).__name__)
+        if out is not None:  # before the solve, which may advance state (generators, warm starts)
+            check_out(out, G, op=type(self).__name__)
         if self._uses_gram:
             w = self._guarded_weights(gram(G, dtype=torch.float64, check_finite=check_finite), losses, G.dtype)
         else:

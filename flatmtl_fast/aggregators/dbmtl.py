@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import combine, ema_row_norms
+from ..primitives.checks import check_out, overlaps
 from ..reference import dbmtl as reference
 from .checks import check_losses, check_matrix
 
@@ -32,6 +33,10 @@ class DBMTL(reference.DBMTL):
             self.buffer, self.step = torch.zeros(K, N, dtype=torch.float32, device=G.device), 0
         elif self.buffer.shape != (K, N):
             raise ValueError(f"DBMTL: the buffer has shape {tuple(self.buffer.shape)}, G {(K, N)}; call reset() first")
+        if out is not None:  # before the EMA step: a rejected call leaves the state as it was
+            out = check_out(out, G, op="DBMTL")
+            if overlaps(out, self.buffer):
+                raise ValueError("DBMTL: out overlaps the aggregator's EMA buffer, which the result is read from")
         # A state loaded from elsewhere (another device, the reference's float64 and int): as the reference,
         # follow G. Unchanged state stays the same tensors, updated in place below.
         self.buffer = self.buffer.to(device=G.device, dtype=torch.float32)

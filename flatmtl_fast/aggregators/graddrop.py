@@ -34,11 +34,11 @@ class GradDrop(reference.GradDrop):
         check_losses(losses, K, G.device, required=False, owner="GradDrop")
         primitive_checks.check_G(G, "GradDrop")  # dtype, layout and K limit of the kernels
         leak = self._leak_column(K, G.device).reshape(K).contiguous()
-        seed = draw_on(G.device, torch.randint, 0, 2**62, (1,), generator=self.generator)
         if out is None:
             out = torch.empty(N, dtype=G.dtype, device=G.device)
-        else:
-            out = primitive_checks.check_out(out, G, leak)
+        else:  # before the draw: a rejected call leaves the generator where it was
+            out = primitive_checks.check_out(out, G, leak, op="GradDrop")
+        seed = draw_on(G.device, torch.randint, 0, 2**62, (1,), generator=self.generator)
         impl = resolve("graddrop", _implementations(), G.device, G.dtype, out.dtype)
         impl.run(G, leak, seed, out)
         return out

@@ -124,14 +124,15 @@ def _check_writable(out: Tensor, op: str, name: str = "out") -> None:
         )
 
 
-def check_out(out: object, G: Tensor, w: Tensor) -> Tensor:
-    """Validate the caller's output buffer of combine (a flat ``.grad`` view, typically)."""
-    out = check_vector(out, "out", "combine", G.shape[1], G, "G", "one entry per column of G")
-    _check_writable(out, "combine")
+def check_out(out: object, G: Tensor, w: Tensor | None = None, op: str = "combine") -> Tensor:
+    """Validate the caller's output buffer of combine or of an aggregator (a flat ``.grad`` view, typically);
+    aggregators check it before they advance any state."""
+    out = check_vector(out, "out", op, G.shape[1], G, "G", "one entry per column of G")
+    _check_writable(out, op)
     if overlaps(out, G):
-        raise ValueError("combine: out overlaps G in memory; the result would overwrite its own input")
-    if overlaps(out, w):
-        raise ValueError("combine: out overlaps w in memory")
+        raise ValueError(f"{op}: out overlaps G in memory; the result would overwrite its own input")
+    if w is not None and overlaps(out, w):
+        raise ValueError(f"{op}: out overlaps w in memory")
     return out
 
 

@@ -228,6 +228,45 @@ def test_bad_inputs_raise_clearly(name: str) -> None:
             agg(random_G(3, 4))
 
 
+def _state_copy(agg) -> dict:
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in agg.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_rejected_out_leaves_the_state_as_it_was(name: str) -> None:
+    """out= is checked before anything advances (generators, EMA buffers, warm starts, step counters): a call
+    that raises on it is as if it never happened, and the next step is the one an untouched aggregator takes."""
+    G, losses = random_G(3, 40, seed=1), losses_for(name, 3)
+    agg, untouched = make(name), make(name)
+    agg(G, losses)
+    untouched(G, losses)
+    before = _state_copy(agg)
+    G2 = random_G(3, 40, seed=2)
+    bad_outs = {
+        "shape": torch.empty(39),
+        "stride": torch.empty(80)[::2],
+        "dtype": torch.empty(40, dtype=torch.int32),
+        "requires grad": torch.empty(40, requires_grad=True),
+        "aliases G": G2[1],
+    }
+    for what, out in bad_outs.items():
+        with pytest.raises((ValueError, TypeError), match=name):
+            agg(G2, losses, out=out)
+        after = _state_copy(agg)
+        assert after.keys() == before.keys(), what
+        for key, value in before.items():
+            assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value, what
+    torch.testing.assert_close(agg(G, losses), untouched(G, losses), rtol=0, atol=0)
+
+
+def test_dbmtl_out_may_not_alias_its_buffer() -> None:
+    agg = make("DBMTL")
+    G, losses = random_G(3, 8), losses_for("DBMTL", 3)
+    agg(G, losses)
+    with pytest.raises(ValueError, match="out overlaps the aggregator's EMA buffer"):
+        agg(G, losses, out=agg.buffer[1])
+
+
 def test_graddrop_same_generator_state_same_kept_entries_triton() -> None:
     G = random_G(5, 3000, seed=2)
     expected = make("GradDrop", seed=4, fused=False)(G)
