@@ -301,7 +301,8 @@ struct WeightedRows {
   }
 };
 
-// DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k in float32: stored into the buffer, and returned.
+// DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k in float32: stored into the buffer, and returned. A
+// non-finite b (left by an overflowed step that a GradScaler skipped) restarts from 0: b_k ← gain_k · g_k.
 template <typename T>
 struct EmaRows {
   float* buffer;
@@ -310,15 +311,19 @@ struct EmaRows {
   int64_t row_stride;
   float decay;
   const float* gain;
+  static vf finite_or_zero(vf b) {
+    const vi finite = ((vu)b & 0x7f800000u) != 0x7f800000u;  // exponent not all ones: neither Inf nor NaN
+    return (vf)((vu)b & (vu)finite);
+  }
   vf at(int64_t k, int64_t c) const {
     float* b = buffer + k * buffer_stride + c;
-    const vf v = decay * load(b) + gain[k] * load(base + k * row_stride + c);
+    const vf v = decay * finite_or_zero(load(b)) + gain[k] * load(base + k * row_stride + c);
     store(b, v);
     return v;
   }
   float at_scalar(int64_t k, int64_t c) const {
     float* b = buffer + k * buffer_stride + c;
-    *b = decay * *b + gain[k] * load_scalar(base + k * row_stride + c);
+    *b = decay * (std::isfinite(*b) ? *b : 0.0f) + gain[k] * load_scalar(base + k * row_stride + c);
     return *b;
   }
 };

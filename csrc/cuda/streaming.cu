@@ -119,7 +119,8 @@ struct WeightedRows {
   }
 };
 
-// ... or DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k (float32), stored into the buffer and returned.
+// ... or DB-MTL's EMA step b_k ← decay · b_k + gain_k · g_k (float32), stored into the buffer and returned; a
+// non-finite b (an overflowed step that a GradScaler skipped) restarts from 0.
 template <typename T>
 struct EmaRows {
   float* __restrict__ buffer;
@@ -130,7 +131,7 @@ struct EmaRows {
   const float* __restrict__ gain;
   __device__ __forceinline__ float at(int64_t k, int64_t c) const {
     float* b = buffer + k * buffer_stride + c;
-    const float v = fmaf(gain[k], to_float(G[k * row_stride + c]), __ldg(decay) * *b);
+    const float v = fmaf(gain[k], to_float(G[k * row_stride + c]), __ldg(decay) * (isfinite(*b) ? *b : 0.0f));
     *b = v;
     return v;
   }

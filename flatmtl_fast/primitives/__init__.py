@@ -95,8 +95,9 @@ def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float | Tensor, gain: Ten
     CUDA graph replays with the decay the tensor holds at each replay. ``gain``: (K,) float32 on G's device,
     read by the kernel too (DB-MTL passes (1 − decay) / L_i). Each entry is updated in float32 (decay rounded to
     float32; two products and a sum, or a fused multiply-add), so it is within 3 · 2⁻²⁴ (|decay · b| + |gain_i g|)
-    of the exact update; the norms are of the stored entries, summed as :func:`row_norms` sums. NaN/Inf in G,
-    gain or the buffer propagate into the affected entries and norms.
+    of the exact update; the norms are of the stored entries, summed as :func:`row_norms` sums. NaN/Inf in G or
+    gain propagate into the affected entries and norms; a NaN/Inf entry of the buffer restarts from 0 (buffer ←
+    gain ⊙ G there), so one overflowed step (skipped by a GradScaler) does not poison the EMA for good.
     """
     checks.check_G(G, "ema_row_norms")
     decay, gain = checks.check_ema(buffer, G, decay, gain)

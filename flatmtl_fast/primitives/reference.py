@@ -68,7 +68,9 @@ class ReferencePrimitives:
         step = max(1, _BLOCK_ELEMENTS // K)
         for start in _column_blocks(K, N):
             columns = buffer[:, start : start + step]
-            columns.copy_(decay64 * columns.double() + gain64 * G[:, start : start + step].double())
+            previous = columns.double()
+            previous = torch.where(torch.isfinite(previous), previous, 0.0)  # a non-finite entry restarts from 0
+            columns.copy_(decay64 * previous + gain64 * G[:, start : start + step].double())
             acc += columns.double().square().sum(dim=1)
         torch.sqrt(acc, out=out)
 

@@ -108,7 +108,8 @@ def _row_norms_partials_kernel(
 ):  # fmt: skip
     """Program (split s, row block r): float64 sum over split s's columns of v² for the BLOCK_K rows of block r,
     each BLOCK_N-column step summed in float32; written to Partials[k, s]. v = W ⊙ g_k (W = 1 unless WEIGHTED),
-    or with EMA DB-MTL's step v = Decay[0] · b_k + Gain_k · g_k, stored into the Buffer row b_k."""
+    or with EMA DB-MTL's step v = Decay[0] · b_k + Gain_k · g_k (b_k = 0 where it is not finite), stored into the
+    Buffer row b_k."""
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_rows = rows < K
@@ -129,6 +130,7 @@ def _row_norms_partials_kernel(
             v = v * tl.load(W + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
         if EMA:
             b = tl.load(Buffer + buffer_offs + cols[None, :], mask=mask, other=0.0)
+            b = tl.where((b == b) & (tl.abs(b) != float("inf")), b, 0.0)  # a non-finite entry restarts from 0
             v = decay * b + gain * v
             tl.store(Buffer + buffer_offs + cols[None, :], v, mask=mask)
         acc += tl.sum(v * v, axis=1).to(tl.float64)

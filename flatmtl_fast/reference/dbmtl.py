@@ -23,7 +23,9 @@ class DBMTL(Aggregator):
     ``DB_beta_sigma`` is 0). Update order as LibMTL: increment t, update B, then norms and combination.
     Deviations: LibMTL differentiates log(L + 1e-8) and divides by ‖B_i‖ + 1e-8; here the losses must be
     finite and > 0 (checked) so g/L is exact, and a zero row B_i gets α_i = 0 (it contributes 0 either
-    way) — scale-free, no NaN for zero gradients.
+    way) — scale-free, no NaN for zero gradients. A non-finite buffer entry (left by a step whose G overflowed,
+    which a GradScaler then skipped) restarts from 0 at the next step, B ← ĝ (1 − β/t^σ), instead of poisoning
+    every later step: LibMTL's buffer would stay NaN for good.
 
     State (``state_dict`` / ``load_state_dict`` continue identically; ``reset`` starts over): ``buffer``
     (K × N float64 on G's device, None before the first call) and ``step`` (t of the last call, None before).
@@ -54,7 +56,9 @@ class DBMTL(Aggregator):
         log_grads = G.to(torch.float64) / losses.to(torch.float64).unsqueeze(1)
         self.step += 1
         decay = self.beta / self.step**self.beta_sigma
-        self.buffer = log_grads + decay * (self.buffer.to(G.device) - log_grads)
+        previous = self.buffer.to(G.device)
+        previous = torch.where(torch.isfinite(previous), previous, 0.0)  # see the class docstring
+        self.buffer = log_grads + decay * (previous - log_grads)
 
         norms = torch.linalg.vector_norm(self.buffer, dim=1)
         alpha = norms.max() / norms

@@ -158,6 +158,30 @@ def test_nan_input_gives_nan_direction_or_raises(name: str) -> None:
         make(name)(G, check_finite=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_dbmtl_recovers_from_an_overflowed_step(backend: str) -> None:
+    """Under a GradScaler a step whose G overflowed gives a NaN direction (the scaler skips it) and leaves Inf/NaN
+    in DB-MTL's EMA buffer; those entries restart at the next step instead of poisoning every later step (which
+    stopped training for good: the scaler skipped every step and shrank its scale to 0). The continuation equals
+    the reference's, whose buffer restarts the same way, and restarted entries are ĝ (1 − β/t^σ), as at t = 1."""
+    K, N = 3, 5_003
+    Gs = [random_G(K, N, seed=s) for s in range(4)]
+    Gs[1][:, : N // 2] = torch.inf  # half the columns overflowed: those entries restart, the others keep their EMA
+    losses = losses_for("DBMTL", K)
+    fused, oracle = make("DBMTL"), make("DBMTL", fused=False)
+    with flatmtl_fast.use_backend(backend):
+        directions = [fused(G, losses) for G in Gs]
+    expected = [oracle(G.double(), losses) for G in Gs]
+    assert bool(torch.isnan(directions[1]).all())
+    for got, want in zip(directions[2:], expected[2:], strict=True):
+        assert bool(torch.isfinite(got).all())
+        # float32 EMA entries (a few roundings each) against the float64 reference, then a K-term combination.
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    restarted = Gs[2][:, : N // 2].double() / losses.unsqueeze(1) * (1 - 0.9 / 3**0.5)
+    torch.testing.assert_close(oracle.buffer[:, : N // 2], Gs[3][:, : N // 2].double() / losses.unsqueeze(1) * (
+        1 - 0.9 / 4**0.5) + 0.9 / 4**0.5 * restarted)  # fmt: skip
+
+
 @SOLVE_PATHS
 @pytest.mark.parametrize("K", [3, 70])
 @pytest.mark.parametrize("name", [n for n in ALL if n not in ("GradDrop", "DBMTL")])

@@ -167,17 +167,25 @@ def test_ema_on_column_slices_writes_only_its_view(case):
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
-def test_ema_non_finite_stays_in_its_row(case):
+def test_ema_non_finite_stays_in_its_row_and_a_non_finite_entry_restarts(case):
+    """NaN in G or gain reaches the entry and its row's norm only; a NaN/Inf entry of the buffer (an overflowed
+    step's) restarts from 0: it becomes gain · g exactly (decay · 0 + gain · g, one rounding of an exact product
+    when gain = 1), in vector lanes and in the scalar tail (column 999 with 16 lanes: 1000 = 62 · 16 + 8)."""
     G = scaled_rows(4, 1000, torch.float32, seed=51).to(case.device, copy=True)
     G[1, 17] = float("nan")
     buffer = scaled_rows(4, 1000, torch.float32, seed=52).to(case.device, copy=True)
     buffer[3, 999] = float("inf")
+    buffer[3, 8] = float("nan")
+    buffer[0, 9] = -float("inf")
     gain = torch.ones(4, device=case.device)
     gain[2] = float("nan")
     with case.active():
         norms = flatmtl_fast.ema_row_norms(buffer, G, decay=0.5, gain=gain).cpu()
-    assert norms[1].isnan() and norms[2].isnan() and norms[3].isinf() and norms[0].isfinite()
+    assert norms[1].isnan() and norms[2].isnan() and norms[0].isfinite() and norms[3].isfinite()
     assert buffer[0].isfinite().all() and buffer[1].isfinite().sum() == 999 and buffer[2].isnan().all()
+    assert buffer[3].isfinite().all()
+    for row, column in ((3, 999), (3, 8), (0, 9)):
+        assert buffer[row, column] == G[row, column], (row, column)
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
