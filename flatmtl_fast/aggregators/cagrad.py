@@ -18,8 +18,11 @@ class CAGrad(FusedGramian, reference_cagrad.CAGrad):
     those of :class:`flatmtl_fast.reference.CAGrad` (see there). The solver is an on-device second-order-cone
     interior-point method with an exact polish on the optimum's support instead of the reference's CLARABEL
     (~1e-8): its objective value is never above the reference's, its weights agree to the reference's own
-    accuracy, and an optimum at g_w = 0 is found exactly.
+    accuracy, and an optimum at g_w = 0 is found exactly. Where the compiled solver reports no convergence (a
+    task gradient ~1e-12 of the others leaves its inner QPs too ill-conditioned), the torch solver decides.
     """
+
+    _torch_solver_if_unconverged = True
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
         return "cagrad", [float(self.c), int(self.rescale), bool(self.sum_scale)]
@@ -37,6 +40,8 @@ class IMGrad(FusedGramian, reference_imgrad.IMGrad):
     constructor: ``alpha=0.8``, ``variant="official"``; same scales). g_m is the reference MGDA's Frank–Wolfe
     point (same iteration, on the device); the CAGrad-like problem is solved as in :class:`CAGrad`.
     """
+
+    _torch_solver_if_unconverged = True
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
         return "imgrad", [float(self.alpha), self.variant == "paper"]

@@ -51,10 +51,11 @@ class _NativeSolvers:
 
     def solve(
         self, solver: str, M: Tensor, parameters: Sequence[Parameter], *, nan_if_nonfinite: bool = False
-    ) -> Tensor:
-        """The K doubles ``solver`` writes for M. ``nan_if_nonfinite``: an M with a NaN or Inf is solved as M = 0
-        (so the solve cannot fail, and state it keeps moves as for M = 0) and gives NaN weights, in the same call
-        (the aggregators' policy, see ``FusedGramian``)."""
+    ) -> tuple[Tensor, bool | None]:
+        """The K doubles ``solver`` writes for M, and whether it converged (None on CUDA: the status stays on the
+        device). ``nan_if_nonfinite``: an M with a NaN or Inf is solved as M = 0 (so the solve cannot fail, and
+        state it keeps moves as for M = 0) and gives NaN weights, in the same call (the aggregators' policy, see
+        ``FusedGramian``)."""
         module = _native.module()
         K = M.shape[0]
         M = M.contiguous()
@@ -65,14 +66,15 @@ class _NativeSolvers:
             threads = _cpu_threads(module, solver, K)
             if threads > 1:  # the tasks spread over the threads, each with its scratch; same bits as one thread
                 work = _scratch(getattr(module, f"solve_{solver}_threaded_work_size")(K, threads), M.device)
-                getattr(module, f"solve_{solver}_threaded")(
+                _, converged = getattr(module, f"solve_{solver}_threaded")(
                     M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), threads, threads, nan_if_nonfinite
                 )
             else:
                 work = _scratch(getattr(module, f"solve_{solver}_work_size")(K), M.device)
-                getattr(module, f"solve_{solver}")(
+                _, converged = getattr(module, f"solve_{solver}")(
                     M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), nan_if_nonfinite
                 )
+            return w, converged
         else:
             # The CUDA kernels may spread a solve over the threads of their block, with scratch for each.
             work = _scratch(getattr(module, f"cuda_solve_{solver}_work_size")(K), M.device)
@@ -81,7 +83,7 @@ class _NativeSolvers:
             getattr(module, f"cuda_solve_{solver}")(
                 M.data_ptr(), K, *args, w.data_ptr(), work.data_ptr(), 0, device, stream, nan_if_nonfinite
             )
-        return w
+            return w, None
 
 
 def _scratch(doubles: int, device: torch.device) -> Tensor:
@@ -133,7 +135,12 @@ def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_d
     if call is None:
         return None
     solver, parameters = call
-    return impl.solve(solver, M, parameters, nan_if_nonfinite=True)
+    w, converged = impl.solve(solver, M, parameters, nan_if_nonfinite=True)
+    # Aggregators whose native solve only fails to converge on numerical trouble (CAGrad's and IMGrad's simplex
+    # problems, e.g. a task gradient 1e-12 of the others) hand it to their torch solver, where the status is known.
+    if converged is False and getattr(aggregator, "_torch_solver_if_unconverged", False):
+        return None
+    return w
 
 
 def run_native_solver(solver: str, M: Tensor, parameters: Sequence[Parameter]) -> Tensor | None:
@@ -146,4 +153,4 @@ def run_native_solver(solver: str, M: Tensor, parameters: Sequence[Parameter]) -
     # the native size limit the torch version runs too, rather than raising.
     if impl is None or not hasattr(module, f"solve_{solver}") or M.shape[0] > getattr(module, "solver_max_k", 0):
         return None
-    return impl.solve(solver, M, parameters)
+    return impl.solve(solver, M, parameters)[0]
