@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused._util import graddrop_problem
 from support.cases import CPU_CASES
 
 import flatmtl_fast
@@ -18,10 +19,7 @@ CPP_CASES = [pytest.param(c, id=c.id) for c in CPU_CASES if c.backend == "cpp"]
 @pytest.mark.parametrize(("K", "N"), [(1, 1), (1, 1001), (2, 7), (3, 1001), (7, 20_003), (40, 517), (64, 4099)])
 @pytest.mark.parametrize("leak", [0.0, "per-task"])
 def test_cpp_graddrop_equals_reference(case, dtype, K, N, leak):
-    gen = torch.Generator().manual_seed(K * 7919 + N)
-    G = torch.randn(K, N, generator=gen).to(dtype)
-    G[:, ::5] = 0.0  # all-zero columns take P = 1/2
-    leak_value = torch.rand(K, generator=gen) if leak == "per-task" else leak
+    G, leak_value = graddrop_problem(K, N, dtype, leak)
     expected = reference.GradDrop(leak=leak_value, generator=torch.Generator().manual_seed(3))(G)
     with case.active():
         got = flatmtl_fast.GradDrop(leak=leak_value, generator=torch.Generator().manual_seed(3))(G)

@@ -2,63 +2,85 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from fused._util import ALL, GRAMIAN, WEIGHT_RTOL, direction_tolerance, losses_for, make, random_G
 
 import flatmtl_fast
 
-SLOW_REFERENCE = ("UPGrad", "CAGrad", "IMGrad")  # quadprog per row / cvxpy: keep their K small enough
+BACKENDS = ("cpp", "triton", "reference")  # triton: its kernels in the interpreter (tests/conftest.py)
+DTYPES = (torch.float32, torch.bfloat16)
+KS = (1, 2, 3, 7, 40, 64)
+# N = 1001 at every K: the cost of a case is the reference's explicit-vector loops and the solvers (cvxpy,
+# quadprog, the torch solvers the triton backend solves with), not the interpreted kernels, which stream
+# 64 × 1001 entries in a few Triton programs (measured: every backend and dtype at K = 40 and 64 ≈ 10 s).
 
 
 def _reference_weights(name: str, G: torch.Tensor) -> torch.Tensor:
-    """The reference's weights on the exact float64 Gram of G (for the tolerance's magnitude m)."""
+    """The reference's effective weights w (d_ref = wᵀG) on the exact float64 G, for the tolerance's
+    magnitude m = |w|ᵀ|G|.
+
+    GradDrop keeps each g_k[n] with a factor in [0, 1]: |d_n| ≤ Σ_k |g_k[n]|, so w = 1 bounds it.
+    DB-MTL's first step has B_i = (1 − β) g_i / L_i and d = Σ α_i B_i: w_i = α_i c_i with c_i = B_i / g_i read
+    off the reference's own buffer (least squares of B_i on g_i, exact here since B_i ∥ g_i) and α_i from its
+    norms — 0.07–0.3 here (β = 0.9, losses in [0.5, 2]), not 1."""
     G64 = G.double()
-    if name in ("GradDrop", "DBMTL"):
-        return torch.ones(G.shape[0], dtype=torch.float64) * (10.0 if name == "DBMTL" else 1.0)
-    return make(name, fused=False).weights(G64 @ G64.T, losses_for(name, G.shape[0])).double()
-
-
-def _check_direction(name: str, G: torch.Tensor, backend: str, out_dtype: torch.dtype | None = None) -> None:
     K = G.shape[0]
-    losses = losses_for(name, K)
-    expected = make(name, fused=False)(G, losses)
+    if name == "GradDrop":
+        return torch.ones(K, dtype=torch.float64)
+    if name == "DBMTL":
+        reference = make(name, fused=False)
+        reference(G64, losses_for(name, K))
+        B = reference.buffer
+        norms = B.norm(dim=1)
+        alpha = torch.where(norms > 0, norms.max() / torch.where(norms > 0, norms, 1.0), 0.0)
+        return alpha * (B * G64).sum(dim=1) / (G64 * G64).sum(dim=1).clamp_min(1e-300)
+    return make(name, fused=False).weights(G64 @ G64.T, losses_for(name, K)).double()
+
+
+@functools.cache
+def _reference_direction(name: str, K: int, N: int, seed: int, scale: float, dtype: torch.dtype) -> tuple:
+    """(G, the reference's d, the entry-wise tolerance), shared by the three backends of one case."""
+    G = random_G(K, N, scale=scale, seed=seed).to(dtype)
+    expected = make(name, fused=False)(G, losses_for(name, K))
+    return G, expected, direction_tolerance(name, _reference_weights(name, G), G, dtype)
+
+
+def _check_direction(name: str, K: int, N: int, backend: str, dtype: torch.dtype, *, seed: int, scale=1.0) -> None:
+    G, expected, tolerance = _reference_direction(name, K, N, seed, scale, dtype)
     with flatmtl_fast.use_backend(backend):
-        actual = make(name)(G, losses)
+        actual = make(name)(G, losses_for(name, K))
     assert actual.shape == expected.shape and actual.dtype == G.dtype
-    tolerance = direction_tolerance(name, _reference_weights(name, G), G, G.dtype)
     err = (actual.double() - expected.double()).abs()
     assert bool((err <= tolerance).all()), f"{name} K={K}: max excess {float((err - tolerance).max())}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("K", [1, 2, 3, 7, 40, 64])
-def test_direction_parity_cpu_backends(name: str, K: int) -> None:
-    if name == "UPGrad" and K == 64:
-        pytest.skip("64 quadprog QPs per reference call: covered at K = 40")
-    N = 1001 if K < 40 else 2 * K + 1
-    for backend, dtype in (("cpp", torch.float32), ("reference", torch.bfloat16)):
-        _check_direction(name, random_G(K, N, seed=K).to(dtype), backend)
+def test_direction_parity(name: str, K: int, dtype: torch.dtype, backend: str) -> None:
+    _check_direction(name, K, 1001, backend, dtype, seed=K)
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("K", [1, 3, 7])
-def test_direction_parity_triton_interpreter(name: str, K: int) -> None:
-    _check_direction(name, random_G(K, 1001, seed=10 + K), "triton")
-
-
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("scale", [1e-10, 1e10])
-def test_direction_parity_extreme_scales(name: str, scale: float) -> None:
-    _check_direction(name, random_G(3, 7, scale=scale, seed=3), "cpp")
+@pytest.mark.parametrize("name", ALL)
+def test_direction_parity_extreme_scales(name: str, scale: float, dtype: torch.dtype, backend: str) -> None:
+    """Gram entries ~1e±20 and their products in the solvers stay inside float32's and float64's range;
+    bfloat16 has float32's exponent range."""
+    _check_direction(name, 3, 7, backend, dtype, seed=3, scale=scale)
 
 
+@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("name", GRAMIAN)
-@pytest.mark.parametrize("K", [2, 3, 7, 40])
 def test_weights_parity_on_the_same_gram(name: str, K: int) -> None:
-    """weights(M) against the reference on one float64 M (no streaming error): the solver alone."""
-    if name in SLOW_REFERENCE and K == 40:
-        K = 12
+    """weights(M) against the reference on one float64 M (no streaming error): the solver alone. The
+    reference's cost at K = 64 (measured): ≤ 0.15 s per call (GradVac's pair loop; CVXPY's CAGrad/IMGrad
+    0.02 s once compiled)."""
     G = random_G(K, 3 * K, seed=100 + K).double()
     M = G @ G.T
     fused, ref = make(name), make(name, fused=False)
