@@ -7,6 +7,9 @@ where the caller asks for them, so fused paths stay free of syncs.
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
 from torch import Tensor
 
@@ -63,3 +66,45 @@ def check_positive_finite_losses(losses: Tensor, owner: str) -> None:
         raise ValueError(f"{owner}: losses must be finite, got {losses.tolist()}")
     if not bool((losses > 0).all()):
         raise ValueError(f"{owner}: losses must be > 0 (their logarithm / reciprocal is used), got {losses.tolist()}")
+
+
+def check_real(
+    value: object,
+    owner: str,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> float:
+    """A finite real number (not a bool) within the given bounds (minimum/maximum inclusive, above/below strict), as
+    a float: a hyper-parameter that is Inf, NaN or a string would otherwise surface as NaN weights or a binding
+    error at the first step."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite real number, got {value!r}")
+    value = float(value)
+    bounds = {"≥": minimum, "≤": maximum, ">": above, "<": below}
+    tests = {"≥": value.__ge__, "≤": value.__le__, ">": value.__gt__, "<": value.__lt__}
+    if not all(tests[sign](bound) for sign, bound in bounds.items() if bound is not None):
+        wanted = " and ".join(f"{sign} {bound:g}" for sign, bound in bounds.items() if bound is not None)
+        raise ValueError(f"{owner}: {name} must be {wanted}, got {value!r}")
+    return value
+
+
+#: The largest count a compiled solver takes (a C int).
+MAX_COUNT = 2**31 - 1
+
+
+def check_count(value: object, owner: str, name: str, *, minimum: int) -> int:
+    """An integer (not a bool) in [minimum, 2³¹ − 1], as an int."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{owner}: {name} must be an integer in [{minimum}, {MAX_COUNT}], got {value!r}")
+    return int(value)
+
+
+def check_bool(value: object, owner: str, name: str) -> bool:
+    """True or False (a string such as "no" is truthy: it would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+    return value

@@ -36,6 +36,7 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     """
     checks.check_G(G, "gram")
     dtype = checks.check_gram_dtype(dtype)
+    check_finite = checks.check_flag(check_finite, "gram", "check_finite")
     out = call(gram_op, G, dtype, _backend_for("gram", G.device, G.dtype))
     if check_finite:
         bad = (~torch.isfinite(out.diagonal())).nonzero().flatten().tolist()
@@ -58,6 +59,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     _, N, _ = checks.check_G(G, "combine")
     w = checks.check_weights(w, G)
     alpha = checks.check_alpha(alpha)
+    accumulate = checks.check_flag(accumulate, "combine", "accumulate")
     if out is None:
         if accumulate:
             raise ValueError("combine: accumulate=True needs an out buffer to accumulate into")

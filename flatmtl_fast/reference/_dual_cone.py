@@ -20,26 +20,31 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
+from ..aggregators.checks import check_real
 
 
-def check_projection_parameters(pref_vector: Tensor | None, norm_eps: float, reg_eps: float, owner: str) -> None:
-    """Reject bad constructor arguments (quadprog needs a positive definite matrix, hence reg_eps > 0)."""
-    if pref_vector is not None and (not isinstance(pref_vector, Tensor) or pref_vector.dim() != 1):
-        raise ValueError(f"{owner}: pref_vector must be a 1-D tensor (one entry per task) or None")
-    if not norm_eps >= 0.0:
-        raise ValueError(f"{owner}: norm_eps must be ≥ 0, got {norm_eps}")
-    if not reg_eps > 0.0:
-        raise ValueError(f"{owner}: reg_eps must be > 0 (quadprog needs a positive definite matrix), got {reg_eps}")
+def check_projection_parameters(
+    pref_vector: Tensor | None, norm_eps: float, reg_eps: float, owner: str
+) -> tuple[float, float]:
+    """Reject bad constructor arguments (quadprog needs a positive definite matrix, hence reg_eps > 0); return
+    norm_eps and reg_eps as floats. The preference vector weighs the projected rows: negative or all-zero entries
+    would turn the combination against the tasks (d ≈ 0 or worse), so they are refused (one host read, here)."""
+    if pref_vector is not None:
+        if not isinstance(pref_vector, Tensor) or pref_vector.dim() != 1 or not pref_vector.is_floating_point():
+            raise ValueError(f"{owner}: pref_vector must be a 1-D floating tensor (one entry per task) or None")
+        values = pref_vector.detach().double().cpu()
+        if not (bool(torch.isfinite(values).all()) and bool((values >= 0).all()) and float(values.sum()) > 0):
+            raise ValueError(f"{owner}: pref_vector must be finite and ≥ 0 with a positive sum, got {values.tolist()}")
+    norm_eps = check_real(norm_eps, owner, "norm_eps", minimum=0.0)
+    return norm_eps, check_real(reg_eps, owner, "reg_eps", above=0.0)  # quadprog needs a positive definite matrix
 
 
 class DualConeAggregator(GramianAggregator):
     """The constructor and hyperparameters of UPGrad and DualProj (see :class:`~flatmtl_fast.reference.UPGrad`)."""
 
     def __init__(self, pref_vector: Tensor | None = None, *, norm_eps: float = 0.0, reg_eps: float = 1e-4) -> None:
-        check_projection_parameters(pref_vector, norm_eps, reg_eps, type(self).__name__)
+        self.norm_eps, self.reg_eps = check_projection_parameters(pref_vector, norm_eps, reg_eps, type(self).__name__)
         self.pref_vector = pref_vector
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
 
     def _hyperparameters(self) -> dict[str, object]:
         return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

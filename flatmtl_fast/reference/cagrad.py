@@ -11,7 +11,7 @@ from typing import Literal
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix
+from ..aggregators.checks import check_bool, check_gramian, check_losses, check_matrix, check_real
 from ._simplex import argmin_linear_plus_norm
 
 #: ‖g_w‖ at or below this fraction of the largest ‖g_i‖ counts as zero (the solver's own accuracy is ~1e-8).
@@ -37,13 +37,11 @@ class CAGrad(GramianAggregator):
     """
 
     def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, sum_scale: bool = False) -> None:
-        if not c >= 0:
-            raise ValueError(f"c must be ≥ 0, got {c}")
-        if rescale not in (0, 1, 2):
-            raise ValueError(f"rescale must be 0, 1 or 2 (official option), got {rescale!r}")
-        self.c = float(c)
+        if isinstance(rescale, bool) or rescale not in (0, 1, 2):
+            raise ValueError(f"CAGrad: rescale must be 0, 1 or 2 (official option), got {rescale!r}")
+        self.c = check_real(c, "CAGrad", "c", minimum=0.0)
         self.rescale = rescale
-        self.sum_scale = sum_scale
+        self.sum_scale = check_bool(sum_scale, "CAGrad", "sum_scale")
 
     def _hyperparameters(self) -> dict[str, object]:
         return {"c": self.c, "rescale": self.rescale, "sum_scale": self.sum_scale}

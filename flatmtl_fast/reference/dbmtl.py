@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import Aggregator
-from ..aggregators.checks import check_losses, check_matrix, check_positive_finite_losses
+from ..aggregators.checks import check_losses, check_matrix, check_positive_finite_losses, check_real
 
 
 class DBMTL(Aggregator):
@@ -35,12 +35,8 @@ class DBMTL(Aggregator):
     _state_attributes = ("buffer", "step")
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"DBMTL: beta must be in [0, 1], got {beta}")
-        if not beta_sigma >= 0.0:
-            raise ValueError(f"DBMTL: beta_sigma must be ≥ 0, got {beta_sigma}")
-        self.beta = beta
-        self.beta_sigma = beta_sigma
+        self.beta = check_real(beta, "DBMTL", "beta", minimum=0.0, maximum=1.0)
+        self.beta_sigma = check_real(beta_sigma, "DBMTL", "beta_sigma", minimum=0.0)
         self.buffer: Tensor | None = None
         self.step: int | None = None
 

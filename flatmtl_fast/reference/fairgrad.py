@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix
+from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
 
 #: Converged when max_i |w_i^{1/α} (Mw)_i − 1| is below this (scale-free form of Mw = w^{-1/α}).
 FAIR_TOL = 1e-10
@@ -88,9 +88,7 @@ class FairGrad(GramianAggregator):
     """
 
     def __init__(self, alpha: float = 1.0) -> None:
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = check_real(alpha, "FairGrad", "alpha", above=0.0)
 
     def _hyperparameters(self) -> dict[str, object]:
         return {"alpha": self.alpha}

@@ -4,6 +4,8 @@ Gradient Sign Dropout", NeurIPS 2020, arXiv 2010.06808, Algorithm 1 lines 10–1
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import Tensor
 
@@ -42,9 +44,13 @@ class GradDrop(GeneratorMixin, Aggregator):
     _state_attributes = ("_generator_state",)
 
     def __init__(self, leak: float | Tensor = 0.0, *, generator: torch.Generator | None = None) -> None:
+        if isinstance(leak, list | tuple):  # one leak per task
+            leak = torch.tensor(leak, dtype=torch.float64)
+        if isinstance(leak, bool) or not isinstance(leak, Tensor | Real):
+            raise ValueError(f"GradDrop: leak must be a float, a sequence or a 1-D tensor in [0, 1], got {leak!r}")
         leak_values = leak if isinstance(leak, Tensor) else torch.tensor(float(leak))
         if leak_values.dim() > 1 or not bool(((leak_values >= 0) & (leak_values <= 1)).all()):
-            raise ValueError(f"GradDrop: leak must be a float or a 1-D tensor with values in [0, 1], got {leak}")
+            raise ValueError(f"GradDrop: leak must be a float, a sequence or a 1-D tensor in [0, 1], got {leak}")
         self.leak = leak
         self._init_generator(generator)
 

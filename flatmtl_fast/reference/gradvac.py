@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix
+from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
 from ._generator import GeneratorMixin
 from ._projection_loop import Correction, corrected_direction, corrected_weights, draw_orders
 
@@ -45,12 +45,8 @@ class GradVac(GeneratorMixin, GramianAggregator):
     _state_attributes = ("phi_hat", "_generator_state")
 
     def __init__(self, beta: float = 0.01, eps: float = 1e-8, *, generator: torch.Generator | None = None) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
-        if not eps >= 0.0:
-            raise ValueError(f"GradVac: eps must be ≥ 0, got {eps}")
-        self.beta = beta
-        self.eps = eps
+        self.beta = check_real(beta, "GradVac", "beta", minimum=0.0, maximum=1.0)
+        self.eps = check_real(eps, "GradVac", "eps", minimum=0.0)
         self.phi_hat: Tensor | None = None
         self._init_generator(generator)
 

@@ -11,7 +11,7 @@ from typing import Literal
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix
+from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
 from ._simplex import argmin_linear_plus_norm
 from .cagrad import ZERO_GW_RTOL
 from .mgda import MGDA
@@ -39,8 +39,7 @@ class IMGrad(GramianAggregator):
     """
 
     def __init__(self, alpha: float = 0.8, variant: Literal["official", "paper"] = "official") -> None:
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be ≥ 0, got {alpha}")
+        alpha = check_real(alpha, "IMGrad", "alpha", minimum=0.0)
         if variant not in ("official", "paper"):
             raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
         self.alpha = float(alpha)

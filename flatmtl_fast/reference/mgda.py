@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_positive_finite_losses
+from ..aggregators.checks import (
+    check_count,
+    check_gramian,
+    check_losses,
+    check_matrix,
+    check_positive_finite_losses,
+    check_real,
+)
 from ._simplex import FW_MAX_ITER, FW_STOP_CRIT, min_norm_weights
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
@@ -42,13 +49,9 @@ class MGDA(GramianAggregator):
     ) -> None:
         if normalize not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"normalize must be 'none', 'l2', 'loss' or 'loss+', got {normalize!r}")
-        if max_iter < 0:
-            raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
-        if not stop_crit > 0:
-            raise ValueError(f"stop_crit must be > 0, got {stop_crit}")
         self.normalize = normalize
-        self.max_iter = max_iter
-        self.stop_crit = stop_crit
+        self.max_iter = check_count(max_iter, "MGDA", "max_iter", minimum=0)
+        self.stop_crit = check_real(stop_crit, "MGDA", "stop_crit", above=0.0)
         self.needs_losses = normalize in ("loss", "loss+")
 
     def _hyperparameters(self) -> dict[str, object]:

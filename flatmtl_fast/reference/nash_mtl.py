@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_gramian, check_losses, check_matrix
+from ..aggregators.checks import check_count, check_gramian, check_losses, check_matrix, check_real
 
 #: Converged when max_i |α_i (Mα)_i − 1| is below this (the official test is ‖Mα − 1/α‖ < 1e-3).
 NASH_TOL = 1e-10
@@ -73,15 +73,9 @@ class NashMTL(GramianAggregator):
     _state_attributes = ("_alpha", "_step")
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 100) -> None:
-        if not max_norm >= 0:
-            raise ValueError(f"max_norm must be ≥ 0 (0 disables the clip), got {max_norm}")
-        if update_weights_every < 1:
-            raise ValueError(f"update_weights_every must be ≥ 1, got {update_weights_every}")
-        if optim_niter < 1:
-            raise ValueError(f"optim_niter must be ≥ 1, got {optim_niter}")
-        self.max_norm = float(max_norm)
-        self.update_weights_every = update_weights_every
-        self.optim_niter = optim_niter
+        self.max_norm = check_real(max_norm, "NashMTL", "max_norm", minimum=0.0)  # 0 disables the clip
+        self.update_weights_every = check_count(update_weights_every, "NashMTL", "update_weights_every", minimum=1)
+        self.optim_niter = check_count(optim_niter, "NashMTL", "optim_niter", minimum=1)
         self._alpha: Tensor | None = None
         self._step: int | None = None
 

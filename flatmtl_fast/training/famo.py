@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..aggregators.checks import check_count, check_real
+
 
 class FAMO:
     """Loss weighting that balances the tasks' log-loss decrease rates.
@@ -47,14 +49,14 @@ class FAMO:
         min_losses: Tensor | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"FAMO: num_tasks must be ≥ 1, got {num_tasks}")
-        if not lr > 0:
-            raise ValueError(f"FAMO: lr must be > 0, got {lr}")
-        if gamma < 0:
-            raise ValueError(f"FAMO: gamma (weight decay) must be ≥ 0, got {gamma}")
-        self.num_tasks = num_tasks
-        self.lr, self.gamma, self.betas, self.adam_eps, self.eps = lr, gamma, betas, adam_eps, eps
+        self.num_tasks = check_count(num_tasks, "FAMO", "num_tasks", minimum=1)
+        self.lr = check_real(lr, "FAMO", "lr", above=0.0)
+        self.gamma = check_real(gamma, "FAMO", "gamma (weight decay)", minimum=0.0)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"FAMO: betas must be a pair (β1, β2), got {betas!r}")
+        self.betas = tuple(check_real(b, "FAMO", f"betas[{i}]", minimum=0.0, below=1.0) for i, b in enumerate(betas))
+        self.adam_eps = check_real(adam_eps, "FAMO", "adam_eps", above=0.0)
+        self.eps = check_real(eps, "FAMO", "eps (added to the losses before their log)", above=0.0)
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.min_losses = torch.zeros(num_tasks, device=device) if min_losses is None else min_losses.detach().clone()
         if self.min_losses.shape != (num_tasks,):

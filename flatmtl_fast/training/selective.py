@@ -126,11 +126,11 @@ class SelectiveGroupUpdate:
         retries: int = 9,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(num_tasks, int) or num_tasks < 1:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"SelectiveGroupUpdate: num_tasks must be an int ≥ 1, got {num_tasks!r}")
         if not 0 < decay < 1:
             raise ValueError(f"SelectiveGroupUpdate: decay must be in (0, 1), got {decay!r}")
-        if not isinstance(warmup, int) or warmup < 0:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SelectiveGroupUpdate: warmup must be an int ≥ 0, got {warmup!r}")
         if credit not in CREDIT_MODES:
             raise ValueError(f"SelectiveGroupUpdate: credit must be one of {CREDIT_MODES}, got {credit!r}")

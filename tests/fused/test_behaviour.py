@@ -388,3 +388,42 @@ def test_import_does_not_load_the_reference_solvers() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"import flatmtl_fast loaded {result.stdout.strip()}"
+
+
+BAD_HYPERPARAMETERS = [
+    ("MGDA", {"max_iter": 1.5}, "max_iter must be an integer"),
+    ("MGDA", {"max_iter": 2**40}, "max_iter must be an integer"),
+    ("MGDA", {"stop_crit": float("inf")}, "stop_crit must be a finite real"),
+    ("NashMTL", {"optim_niter": 2.5}, "optim_niter must be an integer"),
+    ("NashMTL", {"update_weights_every": 1.5}, "update_weights_every must be an integer"),
+    ("NashMTL", {"max_norm": float("nan")}, "max_norm"),
+    ("CAGrad", {"c": float("inf")}, "c must be a finite real"),
+    ("CAGrad", {"sum_scale": "no"}, "sum_scale must be True or False"),
+    ("CAGrad", {"rescale": True}, "rescale must be 0, 1 or 2"),
+    ("IMGrad", {"alpha": float("inf")}, "alpha must be a finite real"),
+    ("GradVac", {"beta": True}, "beta must be a finite real"),
+    ("GradVac", {"eps": float("inf")}, "eps must be a finite real"),
+    ("FairGrad", {"alpha": 0.0}, "alpha must be > 0"),
+    ("DBMTL", {"beta": 1.5}, r"beta must be ≥ 0 and ≤ 1"),
+    ("UPGrad", {"reg_eps": float("inf")}, "reg_eps"),
+    ("UPGrad", {"pref_vector": -torch.ones(3)}, "pref_vector must be finite and ≥ 0"),
+    ("DualProj", {"pref_vector": torch.zeros(3)}, "pref_vector must be finite and ≥ 0 with a positive sum"),
+    ("GradDrop", {"leak": "half"}, "leak must be a float, a sequence or a 1-D tensor"),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize(("name", "kwargs", "message"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_raise_at_construction(name: str, kwargs: dict, message: str, fused: bool) -> None:
+    """Inf, NaN, a string, a bool or a non-integer where a count goes: refused when the aggregator is made, naming
+    it and the argument — not NaN weights, a binding's TypeError or a silent True at the first step."""
+    module = flatmtl_fast if fused else flatmtl_fast.reference
+    with pytest.raises((ValueError, TypeError), match=f"{name}: {message}"):
+        getattr(module, name)(**kwargs)
+
+
+def test_graddrop_takes_one_leak_per_task_as_a_sequence() -> None:
+    G = random_G(3, 50, seed=4)
+    as_list = make("GradDrop", leak=[0.5, 0.0, 1.0])(G)
+    as_tensor = make("GradDrop", leak=torch.tensor([0.5, 0.0, 1.0]))(G)
+    assert torch.equal(as_list, as_tensor)

@@ -258,3 +258,12 @@ def test_unknown_backend_name():
     with pytest.raises(ValueError, match="use_backend\\(name\\) must be one of"):
         with flatmtl_fast.use_backend("fast"):
             pass
+
+
+def test_flags_must_be_bools():
+    """A truthy string or an int where a flag goes would silently pick a mode: refused, naming the flag."""
+    G = torch.ones(2, 8)
+    with pytest.raises(TypeError, match="gram: check_finite must be True or False"):
+        flatmtl_fast.gram(G, check_finite="no")
+    with pytest.raises(TypeError, match="combine: accumulate must be True or False"):
+        flatmtl_fast.combine(torch.ones(2), G, out=torch.zeros(8), accumulate=0)

@@ -74,7 +74,7 @@ def test_bad_inputs() -> None:
         DBMTL()(G, torch.tensor([1.0, float("nan")], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"losses must have shape \(2,\)"):
         DBMTL()(G, torch.ones(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match="beta must be ≥ 0 and ≤ 1"):
         DBMTL(beta=-0.1)
     agg = DBMTL()
     agg(G, LOSSES)

@@ -102,7 +102,7 @@ def test_single_task() -> None:
 
 
 def test_bad_inputs() -> None:
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match="beta must be ≥ 0 and ≤ 1"):
         GradVac(beta=1.5)
     with pytest.raises(ValueError, match="eps must be ≥ 0"):
         GradVac(eps=-1.0)

@@ -96,6 +96,19 @@ def test_no_host_sync():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="num_tasks must be"):
         flatmtl_fast.FAMO(0)
+    bad = {
+        "num_tasks": ((3.5,), {}),
+        "lr": ((3,), {"lr": float("inf")}),
+        "gamma": ((3,), {"gamma": float("nan")}),
+        r"betas\[0\]": ((3,), {"betas": (1.0, 0.999)}),
+        r"betas\[1\]": ((3,), {"betas": (0.9, -1.0)}),
+        "betas must be a pair": ((3,), {"betas": 0.9}),
+        "adam_eps": ((3,), {"adam_eps": -1.0}),
+        "eps": ((3,), {"eps": 0.0}),
+    }
+    for name, (args, kwargs) in bad.items():
+        with pytest.raises(ValueError, match=f"FAMO: {name}"):
+            flatmtl_fast.FAMO(*args, **kwargs)
     famo = flatmtl_fast.FAMO(3)
     with pytest.raises(RuntimeError, match=r"call FAMO\.loss"):
         famo.update(torch.ones(3))

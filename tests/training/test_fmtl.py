@@ -262,6 +262,8 @@ def test_bad_inputs_raise_clearly() -> None:
     model = Net()
     shared = flatmtl_fast.FlatParameters(model.trunk)
     heads = list(model.heads)
+    with pytest.raises(TypeError, match="FMTL: adaptive must be True or False, got 'no'"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), adaptive="no")  # a truthy string would mean True
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="rho"):
             flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho=bad)

@@ -245,8 +245,9 @@ def test_no_host_synchronisation_in_the_affinity_update_and_the_clustering():
 
 
 def test_bad_inputs_raise_clearly():
-    with pytest.raises(ValueError, match="num_tasks must be"):
-        flatmtl_fast.SelectiveGroupUpdate(0)
+    for num_tasks in (0, True, 2.0):
+        with pytest.raises(ValueError, match="num_tasks must be"):
+            flatmtl_fast.SelectiveGroupUpdate(num_tasks)
     for decay in (0.0, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="decay must be in"):
             flatmtl_fast.SelectiveGroupUpdate(3, decay=decay)
