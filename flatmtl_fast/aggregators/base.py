@@ -11,6 +11,7 @@ import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -42,6 +43,13 @@ class Aggregator(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
+        self._check_state(state)  # before anything is set: a rejected state leaves the aggregator as it was
+        for name in self._state_attributes:
+            setattr(self, name, copy.deepcopy(state[name]))
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Raise (naming the entry) if ``state`` cannot be this aggregator's: its keys here, the values' kinds in
+        the stateful methods' overrides (which call this first)."""
         missing = set(self._state_attributes) - set(state)
         unexpected = set(state) - set(self._state_attributes)
         if missing or unexpected:
@@ -49,8 +57,6 @@ class Aggregator(ABC):
                 f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}, "
                 f"unexpected keys {sorted(unexpected)}"
             )
-        for name in self._state_attributes:
-            setattr(self, name, copy.deepcopy(state[name]))
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())
@@ -66,3 +72,22 @@ class GramianAggregator(Aggregator):
     @abstractmethod
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """The K weights w (d = wᵀG) from the Gram matrix ``M`` (K × K)."""
+
+
+def check_state_tensor(value: object, owner: str, name: str, dim: int, *, positive: bool = False) -> None:
+    """A saved state tensor: None (before the first step) or a finite floating ``dim``-D tensor (> 0 if
+    ``positive``); one host read, at load time."""
+    if value is None:
+        return
+    if not isinstance(value, Tensor) or value.dim() != dim or not value.is_floating_point():
+        raise ValueError(f"{owner}.load_state_dict: {name} must be None or a {dim}-D floating tensor, got {value!r}")
+    if not bool(torch.isfinite(value).all()) or (positive and not bool((value > 0).all())):
+        raise ValueError(f"{owner}.load_state_dict: {name} must be finite{' and > 0' if positive else ''}")
+
+
+def check_state_step(value: object, owner: str) -> None:
+    """A saved step counter: None, or an integer-valued number or 0-D tensor ≥ 0."""
+    number = value.item() if isinstance(value, Tensor) and value.dim() == 0 else value
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int | float) or not (
+        number >= 0 and float(number).is_integer())):  # fmt: skip
+        raise ValueError(f"{owner}.load_state_dict: step must be None or a count ≥ 0, got {value!r}")

@@ -11,10 +11,13 @@ FSDP's reduce-scatter accumulates in place.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..primitives.checks import byte_range
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Shard
@@ -68,6 +71,8 @@ class FlatParameters:
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"FlatParameters: parameters need one floating dtype, got {sorted(map(str, dtypes))}")
         self.sharded = _check_sharding(self.params)
+        if not self.sharded:
+            _check_disjoint(self.params)
         # This rank's shapes: a DTensor's own shape is the global one.
         self.shapes = [p.to_local().shape if self.sharded else p.shape for p in self.params]
         self.numels = [shape.numel() for shape in self.shapes]
@@ -144,8 +149,14 @@ class FlatParameters:
         """Re-flatten if the parameters were moved or replaced (keeps their current values)."""
         if not self.is_flat():
             devices = {p.device for p in self.params}
+            dtypes = {p.dtype for p in self.params}
             if len(devices) > 1:
                 raise ValueError(f"FlatParameters: parameters are now on several devices {sorted(map(str, devices))}")
+            if len(dtypes) > 1:  # re-flattening would cast them all to the first one's dtype
+                raise ValueError(
+                    f"FlatParameters: parameters now have several dtypes {sorted(map(str, dtypes))}; cast the whole "
+                    "set (e.g. the module) to one dtype"
+                )
             self._flatten(devices.pop())
 
     def bind_grad(self, flat_grad: Tensor | None = None) -> Tensor:
@@ -179,6 +190,16 @@ class FlatParameters:
     def __repr__(self) -> str:
         shards = ", sharded" if self.sharded else ""
         return f"FlatParameters({len(self.params)} tensors, N={self.numel}, {self.dtype}, {self.device}{shards})"
+
+
+def _check_disjoint(params: list[Tensor]) -> None:
+    """Raise if two parameters share memory (views of one tensor, e.g. a weight and its transpose): flattening
+    would give each its own copy, silently untying them."""
+    spans = sorted((*byte_range(p), i) for i, p in enumerate(params) if p.numel())
+    # Sorted by start, any overlap shows between neighbours.
+    for (_, end, i), (start, _, j) in itertools.pairwise(spans):
+        if start < end:
+            raise ValueError(f"FlatParameters: parameters {min(i, j)} and {max(i, j)} share memory; pass it once")
 
 
 def _check_sharding(params: list[Tensor]) -> bool:

@@ -79,7 +79,10 @@ def check_weights(w: object, G: Tensor) -> Tensor:
     return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
 
 
-def _byte_range(t: Tensor) -> tuple[int, int]:
+def byte_range(t: Tensor) -> tuple[int, int]:
+    """[first byte, past the last byte) of ``t``'s elements (an empty tensor spans nothing)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
     start = t.data_ptr()
     return start, start + (last + 1) * t.element_size()
@@ -94,8 +97,8 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    a0, a1 = _byte_range(a)
-    b0, b1 = _byte_range(b)
+    a0, a1 = byte_range(a)
+    b0, b1 = byte_range(b)
     return a0 < b1 and b0 < a1
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregators.base import Aggregator
+from ..aggregators.base import Aggregator, check_state_step
 from ..aggregators.checks import check_losses, check_matrix, check_positive_finite_losses, check_real
 
 
@@ -39,6 +39,18 @@ class DBMTL(Aggregator):
         self.beta_sigma = check_real(beta_sigma, "DBMTL", "beta_sigma", minimum=0.0)
         self.buffer: Tensor | None = None
         self.step: int | None = None
+
+    def _check_state(self, state: dict[str, object]) -> None:
+        super()._check_state(state)
+        # Not checked for finiteness: a non-finite entry restarts at the next step (see above).
+        buffer = state["buffer"]
+        if buffer is not None and (
+            not isinstance(buffer, Tensor) or buffer.dim() != 2 or not buffer.is_floating_point()
+        ):
+            raise ValueError(f"DBMTL.load_state_dict: buffer must be None or a K × N floating tensor, got {buffer!r}")
+        check_state_step(state["step"], "DBMTL")
+        if (buffer is None) != (state["step"] is None):
+            raise ValueError("DBMTL.load_state_dict: buffer and step must both be None (before the first step) or not")
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, N = check_matrix(G)

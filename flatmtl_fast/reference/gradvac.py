@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..aggregators.base import GramianAggregator
+from ..aggregators.base import GramianAggregator, check_state_tensor
 from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
 from ._generator import GeneratorMixin
 from ._projection_loop import Correction, corrected_direction, corrected_weights, draw_orders
@@ -49,6 +49,13 @@ class GradVac(GeneratorMixin, GramianAggregator):
         self.eps = check_real(eps, "GradVac", "eps", minimum=0.0)
         self.phi_hat: Tensor | None = None
         self._init_generator(generator)
+
+    def _check_state(self, state: dict[str, object]) -> None:
+        super()._check_state(state)
+        check_state_tensor(state["phi_hat"], "GradVac", "phi_hat", 2)
+        phi_hat = state["phi_hat"]
+        if phi_hat is not None and phi_hat.shape[0] != phi_hat.shape[1]:
+            raise ValueError(f"GradVac.load_state_dict: phi_hat must be K × K, got shape {tuple(phi_hat.shape)}")
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, _ = check_matrix(G)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregators.base import GramianAggregator
+from ..aggregators.base import GramianAggregator, check_state_step, check_state_tensor
 from ..aggregators.checks import check_count, check_gramian, check_losses, check_matrix, check_real
 
 #: Converged when max_i |α_i (Mα)_i − 1| is below this (the official test is ‖Mα − 1/α‖ < 1e-3).
@@ -78,6 +78,11 @@ class NashMTL(GramianAggregator):
         self.optim_niter = check_count(optim_niter, "NashMTL", "optim_niter", minimum=1)
         self._alpha: Tensor | None = None
         self._step: int | None = None
+
+    def _check_state(self, state: dict[str, object]) -> None:
+        super()._check_state(state)
+        check_state_tensor(state["_alpha"], "NashMTL", "_alpha", 1, positive=True)
+        check_state_step(state["_step"], "NashMTL")
 
     def _hyperparameters(self) -> dict[str, object]:
         return {

@@ -129,7 +129,8 @@ def solve_natively(aggregator: object, M: Tensor, losses: Tensor | None, input_d
     weights from a solve on M = 0 where M holds a NaN or Inf), or None when the torch solver should run."""
     describe = getattr(aggregator, "_native_solver", None)
     impl = None if describe is None else _native_backend(M)
-    if impl is None:
+    # Beyond the compiled solvers' size limit the torch solver runs, rather than an error naming neither.
+    if impl is None or M.shape[0] > getattr(_native.module(), "solver_max_k", 0):
         return None
     call = describe(M, losses, input_dtype)
     if call is None:

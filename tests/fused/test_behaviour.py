@@ -427,3 +427,43 @@ def test_graddrop_takes_one_leak_per_task_as_a_sequence() -> None:
     as_list = make("GradDrop", leak=[0.5, 0.0, 1.0])(G)
     as_tensor = make("GradDrop", leak=torch.tensor([0.5, 0.0, 1.0]))(G)
     assert torch.equal(as_list, as_tensor)
+
+
+BAD_STATES = [
+    ("NashMTL", {"_alpha": torch.ones(3, 1), "_step": 1}, "_alpha must be None or a 1-D floating tensor"),
+    ("NashMTL", {"_alpha": torch.tensor([1.0, float("nan"), 1.0]), "_step": 1}, "_alpha must be finite and > 0"),
+    ("NashMTL", {"_alpha": -torch.ones(3), "_step": 1}, "_alpha must be finite and > 0"),
+    ("NashMTL", {"_alpha": torch.ones(3), "_step": None}, None),  # consistent enough: the next step counts from 0
+    ("NashMTL", {"_alpha": torch.ones(3), "_step": 1.5}, "step must be None or a count"),
+    ("GradVac", {"phi_hat": torch.ones(3, 4), "_generator_state": None}, "phi_hat must be K × K"),
+    ("DBMTL", {"buffer": torch.ones(3, 4, dtype=torch.int32), "step": 1}, "buffer must be None or a K × N floating"),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": None}, "buffer and step must both be None"),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": -1}, "step must be None or a count"),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize(("name", "state", "message"), BAD_STATES)
+def test_a_rejected_state_names_the_entry_and_changes_nothing(name: str, state: dict, message, fused: bool) -> None:
+    """A state of the wrong kind (shape, dtype, NaN, a negative count) is refused at load, naming the entry, and the
+    aggregator keeps its own — not a misleading error ("used with 3 tasks, now 3") or NaN at the next step."""
+    agg = make(name, fused=fused)
+    G, losses = random_G(3, 4, seed=9), losses_for(name, 3)
+    agg(G, losses)
+    before = _state_copy(agg)
+    if message is None:
+        agg.load_state_dict(state)
+        return
+    with pytest.raises(ValueError, match=f"{name}.load_state_dict: .*{message}"):
+        agg.load_state_dict(state)
+    after = _state_copy(agg)
+    for key, value in before.items():
+        assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value, key
+
+
+def test_beyond_the_compiled_solvers_size_the_torch_solver_runs() -> None:
+    """K above the native solvers' limit (4096): the torch solver takes over instead of a binding error."""
+    K = solvers.native._native.module().solver_max_k + 1
+    M = torch.eye(K, dtype=torch.float64)
+    for name in ("Mean", "Sum"):
+        torch.testing.assert_close(make(name).weights(M), make(name, fused=False).weights(M))

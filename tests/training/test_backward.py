@@ -548,3 +548,21 @@ def test_zero_dim_shared_parameters_and_bad_task_parameters():
     # A module is taken as its parameters, as FMTL takes a head.
     flatmtl_fast.backward(losses, shared, reference.Mean(), task_params=heads)
     assert all(p.grad is not None for p in heads.parameters())
+
+
+def test_flat_parameters_refuse_shared_memory_and_a_mixed_cast():
+    """Two parameters that are views of one tensor would each get their own copy (silently untied); casting part
+    of the set would be undone by re-flattening into the first parameter's dtype. Both raise instead."""
+    weight = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="parameters 0 and 1 share memory"):
+        flatmtl_fast.FlatParameters([weight, nn.Parameter(weight.data.T)])
+    with pytest.raises(ValueError, match="parameters 1 and 2 share memory"):
+        flatmtl_fast.FlatParameters([nn.Parameter(torch.ones(2)), weight, nn.Parameter(weight.data[3])])
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    net.trunk[0].double()
+    with pytest.raises(ValueError, match="several dtypes"):
+        shared.refresh()
+    net.trunk.double()  # the whole set: re-flattened in float64, values kept
+    shared.refresh()
+    assert shared.dtype == torch.float64 and shared.is_flat()
