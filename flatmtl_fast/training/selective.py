@@ -312,6 +312,16 @@ class SelectiveGroupUpdate:
                 f"SelectiveGroupUpdate.load_state_dict: state saved with credit={state['credit']!r}, "
                 f"this has credit={self.credit!r}"
             )
+        labels = state["labels"].tolist()
+        if sorted(set(labels)) != list(range(max(labels) + 1)) or min(labels) < 0:
+            raise ValueError(
+                "SelectiveGroupUpdate.load_state_dict: labels must number the groups 0 … M − 1 with no group empty, "
+                f"got {labels}"
+            )
+        try:  # a scratch generator: a bad state must leave this object untouched
+            torch.Generator().set_state(state["generator"])
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"SelectiveGroupUpdate.load_state_dict: bad generator state ({error})") from None
         self.affinity = state["affinity"].clone().to(torch.float64)
         self._set_labels(state["labels"].clone().to(device=self.affinity.device, dtype=torch.int64))
         self._prev = None if state["prev_losses"] is None else state["prev_losses"].clone()

@@ -278,3 +278,19 @@ def test_bad_inputs_raise_clearly():
         flatmtl_fast.SelectiveGroupUpdate(3, credit="official").load_state_dict(state)
     with pytest.raises(ValueError, match="expected an affinity of shape"):
         flatmtl_fast.SelectiveGroupUpdate(4).load_state_dict(state)
+    # Bad labels or a bad generator state are refused before anything is replaced.
+    before = {
+        key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in sgu.state_dict().items()
+    }
+    bad = {
+        "labels must number the groups": {**state, "labels": torch.tensor([-1, -1, -1])},
+        "no group empty": {**state, "labels": torch.tensor([0, 5, 5])},
+        "bad generator state": {**state, "affinity": torch.ones(3, 3), "generator": torch.zeros(3, dtype=torch.uint8)},
+    }
+    for message, broken in bad.items():
+        with pytest.raises(ValueError, match=message):
+            sgu.load_state_dict(broken)
+        after = sgu.state_dict()
+        for key, value in before.items():
+            same = torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value
+            assert same, (message, key)
