@@ -62,6 +62,10 @@ def check_losses(losses: Sequence[Tensor] | Tensor, device: torch.device, owner:
                 f"{owner}: losses must be a sequence of scalars or a 1-D tensor, got shape {tuple(losses.shape)}"
             )
         losses = list(losses.unbind())
+    if not isinstance(losses, Iterable):
+        raise TypeError(
+            f"{owner}: losses must be a sequence of scalar tensors or a 1-D tensor, got {type(losses).__name__}"
+        )
     losses = list(losses)
     if not losses:
         raise ValueError(f"{owner}: no losses given")

@@ -262,6 +262,9 @@ def test_bad_inputs_raise_clearly() -> None:
     model = Net()
     shared = flatmtl_fast.FlatParameters(model.trunk)
     heads = list(model.heads)
+    for returned in (None, 1.5):
+        with pytest.raises(TypeError, match=r"closure's .*losses must be a sequence of scalar tensors or a 1-D tensor"):
+            flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad()).step(lambda returned=returned: returned)
     with pytest.raises(TypeError, match="FMTL: adaptive must be True or False, got 'no'"):
         flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), adaptive="no")  # a truthy string would mean True
     for bad in (0.0, -1.0, float("nan"), float("inf")):
