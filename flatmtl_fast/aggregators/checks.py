@@ -101,10 +101,3 @@ def check_count(value: object, owner: str, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or not minimum <= value <= MAX_COUNT:
         raise ValueError(f"{owner}: {name} must be an integer in [{minimum}, {MAX_COUNT}], got {value!r}")
     return int(value)
-
-
-def check_bool(value: object, owner: str, name: str) -> bool:
-    """True or False (a string such as "no" is truthy: it would silently mean True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
-    return value

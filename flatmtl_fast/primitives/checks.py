@@ -263,6 +263,7 @@ def check_alpha(alpha: object) -> float:
 
 
 def check_flag(value: object, op: str, name: str) -> bool:
+    """True or False (a string such as "no" is truthy: it would silently mean True)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
     return value

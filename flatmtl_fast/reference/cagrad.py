@@ -11,7 +11,8 @@ from typing import Literal
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
-from ..aggregators.checks import check_bool, check_gramian, check_losses, check_matrix, check_real
+from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
+from ..primitives.checks import check_flag
 from ._simplex import argmin_linear_plus_norm
 
 #: ‖g_w‖ at or below this fraction of the largest ‖g_i‖ counts as zero (the solver's own accuracy is ~1e-8).
@@ -41,7 +42,7 @@ class CAGrad(GramianAggregator):
             raise ValueError(f"CAGrad: rescale must be 0, 1 or 2 (official option), got {rescale!r}")
         self.c = check_real(c, "CAGrad", "c", minimum=0.0)
         self.rescale = rescale
-        self.sum_scale = check_bool(sum_scale, "CAGrad", "sum_scale")
+        self.sum_scale = check_flag(sum_scale, "CAGrad", "sum_scale")
 
     def _hyperparameters(self) -> dict[str, object]:
         return {"c": self.c, "rescale": self.rescale, "sum_scale": self.sum_scale}

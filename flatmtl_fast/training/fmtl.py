@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from ..aggregators._fused import FusedGramian
 from ..aggregators.base import Aggregator, GramianAggregator
-from ..aggregators.checks import check_bool
 from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
 from ..primitives import combine, gram, perturb, row_norms
+from ..primitives.checks import check_flag
 from .backward import NonFinitePolicy, check_losses, check_task_params, detached_losses, finite_or_skip
 
 Closure = Callable[[], Sequence[Tensor] | Tensor]
@@ -138,7 +138,7 @@ class FMTL:
         self.shared = shared
         self.aggregator = aggregator
         self.flat_aggregator = copy.deepcopy(aggregator) if variant == "flat" else None
-        self.adaptive = check_bool(adaptive, "FMTL", "adaptive")
+        self.adaptive = check_flag(adaptive, "FMTL", "adaptive")
         self.normalize = normalize
         self.variant = variant
         self.task_params = None if task_params is None else _task_parameters(task_params, shared)

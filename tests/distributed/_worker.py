@@ -195,22 +195,10 @@ def _backward_ddp(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple
             ddp.register_comm_hook((ddp_calls, group), _counting_comm_hook)
             shared = flatmtl_fast.FlatParameters(net.trunk)
             aggregator = make(name.removesuffix("+micro-batches"))
-            # Each rank's slice in one batch, or in two micro-batches of halved losses accumulated locally
-            # (aggregate=False) before the one distributed aggregation: the same step.
-            parts = 2 if name.endswith("+micro-batches") else 1
             with ddp.no_sync():
-                slices = zip(x.chunk(P)[rank].chunk(parts), y.chunk(P)[rank].chunk(parts), strict=True)
-                for part, (xs, ys) in enumerate(slices):
-                    losses = ddp(xs, ys) / parts
-                    with counting() as calls:
-                        w = flatmtl_fast.backward(
-                            losses,
-                            shared,
-                            aggregator,
-                            task_params=net.heads.parameters(),
-                            process_group=group,
-                            aggregate=part == parts - 1,
-                        )
+                w, calls = _rank_step(
+                    ddp, net, shared, aggregator, P, rank, group, micro=name.endswith("+micro-batches")
+                )
             out[P, name] = {
                 "shared": shared.grad.clone(),
                 "heads": [p.grad.clone() for p in net.heads.parameters()],
@@ -222,6 +210,38 @@ def _backward_ddp(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple
             ddp(x.chunk(P)[rank], y.chunk(P)[rank]).sum().backward()
             out[P, name]["ddp_allreduces_outside_no_sync"] = len(ddp_calls)
     return out
+
+
+def _rank_step(
+    forward: Callable[[Tensor, Tensor], Tensor],
+    net: Net,
+    shared: flatmtl_fast.FlatParameters,
+    aggregator: flatmtl_fast.aggregators.Aggregator,
+    P: int,
+    rank: int,
+    group: dist.ProcessGroup,
+    micro: bool,
+    **options: Any,
+) -> tuple[Tensor | None, list[tuple[str, list[int]]]]:
+    """``backward`` on this rank's slice of the batch: in one call, or (``micro``) in two micro-batches of halved
+    losses accumulated locally (aggregate=False) before the one distributed aggregation — the same step. Returns
+    the weights and the collectives of the aggregating call."""
+    x, y = batch()
+    parts = 2 if micro else 1
+    slices = zip(x.chunk(P)[rank].chunk(parts), y.chunk(P)[rank].chunk(parts), strict=True)
+    for part, (xs, ys) in enumerate(slices):
+        losses = forward(xs, ys) / parts
+        with counting() as calls:
+            w = flatmtl_fast.backward(
+                losses,
+                shared,
+                aggregator,
+                task_params=net.heads.parameters(),
+                process_group=group,
+                aggregate=part == parts - 1,
+                **options,
+            )
+    return w, calls
 
 
 def _counting_comm_hook(state: tuple[list[int], dist.ProcessGroup], bucket):  # DDP rejects string annotations
@@ -306,7 +326,6 @@ def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    x, y = batch()
     out = {}
     for P, group in groups.items():
         if rank >= P:
@@ -319,23 +338,10 @@ def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
             shared = flatmtl_fast.FlatParameters(net.trunk)
             optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
             aggregator = make(case.split("+")[0])
-            parts = 2 if case.endswith("+micro-batches") else 1
             steps = []
             for _ in range(STEPS):
-                slices = zip(x.chunk(P)[rank].chunk(parts), y.chunk(P)[rank].chunk(parts), strict=True)
-                for part, (xs, ys) in enumerate(slices):
-                    losses = net(xs, ys) / parts
-                    with counting() as calls:
-                        w = flatmtl_fast.backward(
-                            losses,
-                            shared,
-                            aggregator,
-                            task_params=net.heads.parameters(),
-                            process_group=group,
-                            layout="sharded",
-                            aggregate=part == parts - 1,
-                            **options,
-                        )
+                micro = case.endswith("+micro-batches")
+                w, calls = _rank_step(net, net, shared, aggregator, P, rank, group, micro, layout="sharded", **options)
                 with uncounted():  # every rank takes part in the gathers (on one rank: the .grad itself, so clone)
                     grads = [p.grad.full_tensor().clone() for p in net.parameters()]
                 optimizer.step()
