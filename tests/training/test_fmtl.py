@@ -29,7 +29,7 @@ class Net(nn.Module):
         return [((head(z).squeeze(1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]
 
 
-def _data(seed: int = 1, n: int = 32, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(seed: int = 1, n: int = 32, d: int = 6, K: int = K) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     y = torch.stack([torch.sin(x @ torch.randn(d, generator=g)) for _ in range(K)], dim=1)
@@ -39,9 +39,10 @@ def _data(seed: int = 1, n: int = 32, d: int = 6) -> tuple[torch.Tensor, torch.T
 def _literal_step(model: Net, x, y, aggregator, *, rho, adaptive=False, normalize="separate", variant="flat"):
     """The F-MTL step written out on explicit vectors (algorithms.md §1.1), in float64 where it is free to.
 
-    Returns the shared direction d and each head's gradient; leaves the model as it found it, except for
-    the BatchNorm statistics of the one clean forward pass.
+    Returns the shared direction d, each head's gradient and d's flat part Agg(h) (None for variant "a");
+    leaves the model as it found it, except for the BatchNorm statistics of the one clean forward pass.
     """
+    K = len(model.heads)
     shared = list(model.trunk.parameters())
     heads = [list(h.parameters()) for h in model.heads]
     losses = model.losses(x, y)
@@ -81,11 +82,10 @@ def _literal_step(model: Net, x, y, aggregator, *, rho, adaptive=False, normaliz
     G, S = torch.stack(g), torch.stack(s)
     loss_values = torch.stack([loss.detach().double() for loss in losses])
     if variant == "a":
-        d = aggregator(S, loss_values)
-    else:
-        flat_aggregator = copy.deepcopy(aggregator)  # its own state (generators) from the start, as FMTL's
-        d = aggregator(G, loss_values) + flat_aggregator(S - G, loss_values)
-    return d, head_grads
+        return aggregator(S, loss_values), head_grads, None
+    flat_aggregator = copy.deepcopy(aggregator)  # its own state (generators) from the start, as FMTL's
+    flat = flat_aggregator(S - G, loss_values)
+    return aggregator(G, loss_values) + flat, head_grads, flat
 
 
 def _fmtl_step(model: Net, x, y, aggregator, **options):
@@ -113,7 +113,7 @@ def _make(name: str, fused: bool):
 def test_step_equals_literal_loop(name: str, fused: bool) -> None:
     x, y = _data()
     literal_model, model = Net(), Net()
-    expected_d, expected_heads = _literal_step(literal_model, x, y, _make(name, fused=False), rho=0.5)
+    expected_d, expected_heads, _ = _literal_step(literal_model, x, y, _make(name, fused=False), rho=0.5)
     shared, _, losses = _fmtl_step(model, x, y, _make(name, fused=fused), rho=0.5)
     tol = RTOL * expected_d.norm()
     assert (shared.grad - expected_d).norm() <= tol, f"{(shared.grad - expected_d).norm():.3g} > {tol:.3g}"
@@ -132,7 +132,7 @@ def test_a_float64_model_steps_in_float64(name: str, adaptive: bool) -> None:
     norms must not rewrite the float64 task gradients they read."""
     x, y = (t.double() for t in _data())
     literal_model, model = Net().double(), Net().double()
-    expected_d, expected_heads = _literal_step(
+    expected_d, expected_heads, _ = _literal_step(
         literal_model, x, y, _make(name, fused=False), rho=0.5, adaptive=adaptive
     )
     shared, _, losses = _fmtl_step(model, x, y, _make(name, fused=True), rho=0.5, adaptive=adaptive)
@@ -154,7 +154,7 @@ def test_a_model_cast_between_steps_gets_a_buffer_of_its_dtype() -> None:
     fmtl.step(lambda: model.losses(x, y))
     literal_model.double(), model.double()
     x, y = x.double(), y.double()
-    expected_d, _ = _literal_step(literal_model, x, y, reference.UPGrad(), rho=0.5)
+    expected_d, _, _ = _literal_step(literal_model, x, y, reference.UPGrad(), rho=0.5)
     fmtl.step(lambda: model.losses(x, y))
     assert shared.grad.dtype == torch.float64
     assert (shared.grad - expected_d).norm() <= 1e-12 * expected_d.norm()
@@ -174,10 +174,39 @@ def test_a_model_cast_between_steps_gets_a_buffer_of_its_dtype() -> None:
 def test_options_equal_literal_loop(name: str, options: dict) -> None:
     x, y = _data(seed=2)
     literal_model, model = Net(seed=4), Net(seed=4)
-    literal = dict(options)
-    expected_d, _ = _literal_step(literal_model, x, y, _make(name, fused=False), **literal)
+    expected_d, _, expected_flat = _literal_step(literal_model, x, y, _make(name, fused=False), **options)
     shared, _, _ = _fmtl_step(model, x, y, _make(name, fused=True), **options)
     assert (shared.grad - expected_d).norm() <= RTOL * expected_d.norm()
+    if expected_flat is not None:
+        # The flat part Agg(h) on its own (at ρ = 1e-3 it is ~0.3 % of d, so the check above barely sees it):
+        # d − Agg(g) with the literal's float64 Agg(g), whose distance to the fused one (~1e-6 ‖d‖, float32 Grams
+        # and combination) is ~3e-4 of Agg(h) at worst, and h itself formed in float32 (~1e-7 ‖g‖ ≈ 1e-4 ‖h‖).
+        plain = _make(name, fused=False)(_clean_gradients(Net(seed=4), x, y), None)
+        flat = shared.grad.double() - plain
+        assert (flat - expected_flat).norm() <= 1e-2 * expected_flat.norm()
+
+
+def _clean_gradients(model: Net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """G: the K clean task gradients of the shared parameters, in float64."""
+    shared = list(model.trunk.parameters())
+    losses = model.losses(x, y)
+    return torch.stack(
+        [torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
+    ).double()
+
+
+@pytest.mark.parametrize("K", [1, 2, 7])
+@pytest.mark.parametrize("name", ["UPGrad", "MGDA", "PCGrad"])
+def test_step_equals_literal_loop_for_other_task_counts(name: str, K: int) -> None:
+    """As test_step_equals_literal_loop (same tolerances) with 1, 2 and 7 tasks."""
+    x, y = _data(K=K)
+    literal_model, model = Net(K=K), Net(K=K)
+    expected_d, expected_heads, _ = _literal_step(literal_model, x, y, _make(name, fused=False), rho=0.5)
+    shared, _, _ = _fmtl_step(model, x, y, _make(name, fused=True), rho=0.5)
+    assert (shared.grad - expected_d).norm() <= RTOL * expected_d.norm()
+    for head, grads in zip(model.heads, expected_heads, strict=True):
+        for p, expected in zip(head.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_flat_part_is_not_the_plain_direction() -> None:
@@ -338,7 +367,7 @@ def test_every_backend_gives_the_literal_step(backend: str) -> None:
     """The norms, perturbations, Gram and combination of the step on each streaming backend."""
     x, y = _data(seed=5)
     literal_model, model = Net(seed=6), Net(seed=6)
-    expected_d, _ = _literal_step(literal_model, x, y, reference.UPGrad(), rho=0.5, adaptive=True)
+    expected_d, _, _ = _literal_step(literal_model, x, y, reference.UPGrad(), rho=0.5, adaptive=True)
     with flatmtl_fast.use_backend(backend):
         shared, _, _ = _fmtl_step(model, x, y, flatmtl_fast.UPGrad(), rho=0.5, adaptive=True)
     assert (shared.grad - expected_d).norm() <= RTOL * expected_d.norm()
