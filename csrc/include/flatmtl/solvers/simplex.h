@@ -111,6 +111,28 @@ FLATMTL_HD inline void normalise_on_simplex(double* w, int K, const Team& team =
   team.sync();
 }
 
+// A certificate the callers can act on: the objective qᵀw + β√(wᵀMw) (squared: + β wᵀMw) at w is not above its
+// value at any vertex e_i (q_i + β‖g_i‖, or + β‖g_i‖²) by more than the accuracy of the terms and ``slack`` (the
+// resolution the solve stops at). A task gradient ~1e-16 of the others can leave the inner QPs so ill-conditioned
+// that the active set stops at a worse point while reporting success; this makes it report failure instead (the
+// aggregators then solve with torch).
+template <class Team>
+FLATMTL_HD inline bool no_vertex_is_better(const double* q, const double* M, int K, double beta, bool squared,
+                                           double slack, const double* w, double* scratch, const Team& team) {
+  const double quadratic = max2(quad_form(M, K, w, scratch, team), 0.0);
+  const double at_w = dot(q, w, K) + beta * (squared ? quadratic : sqrt(quadratic));
+  double best = at_w, scale = fabs(at_w);
+  for (int i = 0; i < K; ++i) {
+    const double norm2 = max2(M[int64_t(i) * K + i], 0.0);
+    const double at_vertex = q[i] + beta * (squared ? norm2 : sqrt(norm2));
+    best = min2(best, at_vertex);
+    scale = max2(scale, fabs(q[i]) + beta * (squared ? norm2 : sqrt(norm2)));
+  }
+  // 1e-7 of the terms' scale: above the cancellation in qᵀw and the solve's accuracy (~1e-8 of it, CLARABEL's in
+  // the reference), far below the failures this is for (a fair fraction of the scale).
+  return !(best < at_w - 1e-7 * scale - slack);
+}
+
 // Scratch of argmin_linear_plus_norm: A, c, Mw and the active set's.
 FLATMTL_HD inline int64_t argmin_work_size(int K) {
   return int64_t(K) * K + 2 * int64_t(K) + ActiveSetQp<>::work_size(K);
@@ -145,8 +167,9 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
   ActiveSetQp<Team> qp = ActiveSetQp<Team>::on(A, K, true, Mw + K, team);
   if (squared) {
     simplex_matrix(M, K, 2.0 * beta, A, team);
-    const Status status = simplex_qp(qp, q, w);
+    Status status = simplex_qp(qp, q, w);
     normalise_on_simplex(w, K, team);
+    status.converged &= no_vertex_is_better(q, M, K, beta, squared, 0.0, w, Mw, team);
     return status;
   }
   // ‖x‖ = min_{ρ>0} ‖x‖²/(2ρ) + ρ/2: with r = ρ/β the minimiser for fixed r is
@@ -176,6 +199,8 @@ FLATMTL_HD inline Status argmin_linear_plus_norm(const double* q, const double* 
     status.converged &= ok;
   }
   normalise_on_simplex(w, K, team);
+  // Stopping at lo leaves ‖g_w‖ ≤ β lo: the objective may be that much above a zero vertex's.
+  status.converged &= no_vertex_is_better(q, M, K, beta, squared, beta * lo, w, Mw, team);
   return status;
 }
 
