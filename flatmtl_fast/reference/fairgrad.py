@@ -76,9 +76,12 @@ class FairGrad(GramianAggregator):
     """d = Σ w_i g_i with w > 0 solving M w = w^{-1/α} (g_i·d = w_i^{-1/α}); α = 1 is Nash-MTL's condition,
     α → ∞ tends to max–min fairness. Default α = 1.0 (the official code's default).
 
-    Output scale: the raw solution, as the official code backpropagates Σ w_i L_i with w from M itself
-    (no normalisation, no clip): ‖d‖² = Σ w_i^{1−1/α}, so d scales as ‖g‖^{(1−α)/(1+α)} (unit-free for α = 1,
-    where ‖d‖ = √K). K = 1: d = ‖g₁‖^{-2α/(α+1)} g₁ (for α = 1, g₁/‖g₁‖).
+    Output scale: the raw solution d = Σ w_i g_i: ‖d‖² = Σ w_i^{1−1/α}, so d scales as ‖g‖^{(1−α)/(1+α)}
+    (unit-free for α = 1, where ‖d‖ = √K). K = 1: d = ‖g₁‖^{-2α/(α+1)} g₁ (for α = 1, g₁/‖g₁‖). The official
+    training loop then multiplies d by K (``overwrite_grad``, "to match the sum loss") and clips the shared
+    gradient's norm to ``max_norm = 1.0`` (``clip_grad_norm_`` in its ``backward``). To reproduce its runs,
+    multiply by K and clip the same way; for α = 1 and K ≥ 2 (‖d‖ = √K > 1) the clip alone gives the same unit
+    vector.
 
     Deviations: Newton's method in float64 to max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10 (see :func:`fair_weights`)
     instead of SciPy ``least_squares`` from 𝟏/K (whose default tolerances and scale dependence leave it far
