@@ -27,7 +27,16 @@ def check_matrix(G: Tensor, name: str = "G") -> tuple[int, int]:
     K, N = G.shape
     if K == 0 or N == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(G.shape)}")
+    _check_not_differentiated(G, name)
     return K, N
+
+
+def _check_not_differentiated(x: Tensor, name: str) -> None:
+    if x.requires_grad:  # the reference's solvers go through NumPy, the fused kernels are not differentiable
+        raise ValueError(
+            f"{name} requires grad, but aggregators are not differentiable (they consume gradients); "
+            f"pass {name}.detach()"
+        )
 
 
 def check_gramian(M: Tensor, name: str = "M") -> int:
@@ -38,6 +47,7 @@ def check_gramian(M: Tensor, name: str = "M") -> int:
         raise ValueError(f"{name} must be a square (K, K) Gram matrix with K ≥ 1, got shape {tuple(M.shape)}")
     if M.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got dtype {M.dtype}")
+    _check_not_differentiated(M, name)
     return M.shape[0]
 
 

@@ -270,6 +270,10 @@ def test_bad_inputs_raise_clearly(name: str) -> None:
     if name == "DBMTL":
         with pytest.raises(ValueError, match="needs the task losses"):
             agg(random_G(3, 4))
+    with pytest.raises(ValueError, match=r"G requires grad, but aggregators are not differentiable"):
+        agg(random_G(3, 4).requires_grad_(), losses_for(name, 3))
+    with pytest.raises(ValueError, match=r"G requires grad, but aggregators are not differentiable"):
+        make(name, fused=False)(random_G(3, 4).requires_grad_(), losses_for(name, 3))  # not a NumPy error
 
 
 def _state_copy(agg) -> dict:
