@@ -92,3 +92,24 @@ def test_bad_inputs() -> None:
         UPGrad(reg_eps=0.0)
     with pytest.raises(ValueError, match=r"losses must have shape \(2,\)"):
         UPGrad()(torch.ones(2, 3), losses=torch.ones(3))
+
+
+@pytest.mark.parametrize("G", RANKED + SPECIAL)
+def test_projections_satisfy_their_optimality_conditions(G: Tensor) -> None:
+    """Each π(g_i) solves min_{v ≥ e_i} vᵀPv (P = M/tr M + reg_eps I): checked through the KKT conditions, not
+    against the same code — feasibility v ≥ e_i, the multiplier λ = Pv ≥ 0, and complementarity λ_k (v_k − e_k) = 0,
+    each to rounding (quadprog's dual active set is exact up to float64 on these small, well-conditioned P)."""
+    from flatmtl_fast.reference._dual_cone import project_weights
+
+    M = G.double() @ G.double().T
+    K = M.shape[0]
+    V = project_weights(M, torch.eye(K, dtype=torch.float64), norm_eps=0.0, reg_eps=1e-4)
+    trace = float(M.diagonal().sum())
+    P = (M / trace if trace > 0 else torch.zeros_like(M)) + 1e-4 * torch.eye(K, dtype=torch.float64)
+    tol = 1e-9 * (1.0 + float(V.abs().max()))
+    for i, v in enumerate(V):
+        slack = v - torch.eye(K, dtype=torch.float64)[i]
+        multiplier = P @ v
+        assert float(slack.min()) >= -tol, (i, slack)
+        assert float(multiplier.min()) >= -tol, (i, multiplier)
+        assert float((multiplier * slack).abs().max()) <= tol * (1.0 + float(multiplier.abs().max())), i
