@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._memory import overlaps
 from ..primitives import combine, ema_row_norms
-from ..primitives.checks import check_out, overlaps
+from ..primitives.checks import check_out
 from ..reference import dbmtl as reference
 from .checks import check_losses, check_matrix
 

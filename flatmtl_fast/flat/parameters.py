@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..primitives.checks import byte_range
+from .._memory import byte_range
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Shard

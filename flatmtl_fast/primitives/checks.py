@@ -7,6 +7,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .._memory import overlaps
+
 #: Largest number of tasks the streaming kernels accept.
 MAX_K = 1024
 #: Element types the streaming kernels read and write (the cpp backend: float32 and bfloat16).
@@ -77,29 +79,6 @@ def check_weights(w: object, G: Tensor) -> Tensor:
     if w.device != G.device:
         raise ValueError(f"combine: w is on {w.device} but G is on {G.device}; they must be on the same device")
     return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
-
-
-def byte_range(t: Tensor) -> tuple[int, int]:
-    """[first byte, past the last byte) of ``t``'s elements (an empty tensor spans nothing)."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    start = t.data_ptr()
-    return start, start + (last + 1) * t.element_size()
-
-
-def overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of ``a`` and ``b`` intersect (conservative for strided views).
-
-    Not checkable while torch.compile traces (fake tensors have no addresses): assumed disjoint.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a0, a1 = byte_range(a)
-    b0, b1 = byte_range(b)
-    return a0 < b1 and b0 < a1
 
 
 def check_vector(x: object, name: str, op: str, N: int, like: Tensor, like_name: str, meaning: str) -> Tensor:
