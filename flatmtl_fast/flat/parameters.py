@@ -36,7 +36,7 @@ class FlatParameters:
     FSDP2's sharded parameters (DTensors whose placements all are ``Shard``, as ``fully_shard`` leaves them)
     are taken as they are: N counts this rank's local scalars, :attr:`data` is None (FSDP owns their storage),
     and every ``.grad`` bound is a DTensor over this rank's slice of a flat buffer. Aggregate them with
-    ``backward(..., process_group=<the group they are sharded over>, layout="sharded")``.
+    ``backward(..., process_group=<the group they are sharded over>, layout="sharded")`` or ``FMTL`` likewise.
 
     Attributes:
         data: the flat parameter vector (N,); None for sharded parameters.
@@ -117,6 +117,23 @@ class FlatParameters:
                 for p, view in zip(self.params, views, strict=True)
             ]
 
+    def read_values(self, out: Tensor) -> Tensor:
+        """Copy the parameters' values (this rank's shards when sharded) into the (N,) vector ``out``; return it."""
+        with torch.no_grad():
+            if self.data is not None:
+                return out.copy_(self.data)
+            torch._foreach_copy_(self.split(out), [local_tensor(p) for p in self.params])
+        return out
+
+    def write_values(self, flat: Tensor) -> None:
+        """Set the parameters' values (this rank's shards when sharded, which FSDP gathers at the next forward)
+        from the (N,) vector ``flat``, in place: one copy into :attr:`data`, or one per shard."""
+        with torch.no_grad():
+            if self.data is not None:
+                self.data.copy_(flat)
+            else:
+                torch._foreach_copy_([local_tensor(p) for p in self.params], self.split(flat))
+
     def _flatten(self, device: torch.device) -> None:
         dtype = self.params[0].dtype
         if self.sharded:
@@ -190,6 +207,12 @@ class FlatParameters:
     def __repr__(self) -> str:
         shards = ", sharded" if self.sharded else ""
         return f"FlatParameters({len(self.params)} tensors, N={self.numel}, {self.dtype}, {self.device}{shards})"
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: a DTensor's local shard (call it without grad: writes into it reach the DTensor),
+    any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _check_disjoint(params: list[Tensor]) -> None:

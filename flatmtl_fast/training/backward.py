@@ -211,7 +211,9 @@ def backward(
             raise TypeError(f"backward: {flag} must be a bool, got {type(value).__name__}")
     shared.refresh()
     if shared.sharded:
-        _check_sharded_use(shared, process_group, layout, representation)
+        check_sharded_use(shared.params, process_group, layout, "backward", "shared")
+        if representation is not None:
+            raise ValueError("backward: representation= is not supported with FSDP2's sharded parameters")
     losses = check_losses(losses, shared.device)
     task_params = check_task_params(
         () if task_params is None else task_params, shared, set(), "backward", "task_params"
@@ -277,22 +279,17 @@ def backward(
     return None
 
 
-def _check_sharded_use(
-    shared: FlatParameters,
-    process_group: torch.distributed.ProcessGroup | None,
-    layout: str,
-    representation: Tensor | None,
+def check_sharded_use(
+    params: Iterable[Tensor], process_group: torch.distributed.ProcessGroup | None, layout: str, owner: str, name: str
 ) -> None:
-    """FSDP2's shards: each rank holds only its slice of the (already reduced) gradients, so the Gram must be
-    summed over the ranks they are sharded over."""
-    spread = max(p.device_mesh.size() for p in shared.params) > 1
+    """FSDP2's shards: each rank holds only its slice of the (already reduced) gradients, so the Gram (and F-MTL's
+    norms) must be summed over the ranks they are sharded over."""
+    spread = any(mesh.size() > 1 for p in params if (mesh := getattr(p, "device_mesh", None)) is not None)
     if spread and (process_group is None or layout != "sharded"):
         raise ValueError(
-            "backward: shared holds FSDP2's sharded parameters: pass process_group=<the group they are sharded "
-            "over> and layout='sharded' (each rank's Gram covers only its own slice)"
+            f"{owner}: {name} holds FSDP2's sharded parameters: pass process_group=<the group they are sharded "
+            "over> and layout='sharded' (each rank holds only its slice of them)"
         )
-    if representation is not None:
-        raise ValueError("backward: representation= is not supported with FSDP2's sharded parameters")
 
 
 def finite_or_skip(

@@ -30,9 +30,17 @@ from ..aggregators.base import Aggregator, GramianAggregator
 from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
+from ..flat.parameters import DTensor, local_tensor
 from ..primitives import combine, gram, perturb, row_norms
 from ..primitives.checks import check_flag
-from .backward import NonFinitePolicy, check_losses, check_task_params, detached_losses, finite_or_skip
+from .backward import (
+    NonFinitePolicy,
+    check_losses,
+    check_sharded_use,
+    check_task_params,
+    detached_losses,
+    finite_or_skip,
+)
 
 Closure = Callable[[], Sequence[Tensor] | Tensor]
 
@@ -63,7 +71,8 @@ class FMTL:
         variant: ``"flat"`` (default): d = Agg(g) + Agg(h); ``"a"``: d = Agg(s).
         task_params: one iterable of parameters per task (its head), perturbed with its own radius
             and given its SAM gradient ∂L_i/∂θ_i at the perturbed point. Parameters of task i only
-            receive gradient from L_i.
+            receive gradient from L_i. Required with FSDP2's shards, whose passes reach every parameter
+            of the graph: any other parameter the losses reach would sum the gradients of all 2K passes.
         rho_task: the heads' radius under ``"separate"`` (default ρ).
         model: the module whose BatchNorm running statistics must not see the perturbed passes (they
             are saved before each perturbed forward and restored after it).
@@ -79,9 +88,11 @@ class FMTL:
             rows marked as averaged, so only the h rows are reduce-scattered (each rank slices its shard of
             g locally), then the 2K × 2K Gram all-reduce, the combine of the shard and the all-gather of d;
             the heads' SAM gradients are averaged. ``"sharded"`` (each rank owns a slice of the shared
-            parameters, with the averaged gradient of that slice): only the K squared norms and the
-            2K × 2K Gram are all-reduced. The result equals the single-process step on the concatenated
-            batch. With one rank the O(N) collectives are skipped.
+            parameters, with the averaged gradient of that slice: tensor parallel, or FSDP2's ``fully_shard``
+            with ``process_group`` the group it shards over): only the squared norms (K for the shared
+            slices, K for the heads' FSDP2 shards) and the 2K × 2K Gram are all-reduced; each rank perturbs
+            its own shards, which FSDP gathers at the next forward. The result equals the single-process
+            step on the concatenated batch. With one rank the O(N) collectives are skipped.
         layout: see ``process_group``.
 
     Bytes per step over P > 1 ranks (counted in :attr:`traffic`; b the shared gradients' itemsize, N_pad
@@ -92,7 +103,7 @@ class FMTL:
     [g; h] (reduce-scattering the already averaged g rows again would make it (4K + 1), more than that).
     K = 3, N = 1001, P = 3, float32: the O(N) collectives send 2/3 · (2 · 12 012 + 12 024 + 4 008) = 26 704
     bytes per rank, against 32 032 for the all-reduce of [g; h] (and 34 720 with the g rows reduce-scattered
-    again). Sharded: 8 (2K)² + 32 K (losses, norms) + 16 K + 64 P, independent of N.
+    again). Sharded: 8 (2K)² + 40 K (losses, norms) + 16 K + 64 P, independent of N.
 
     Attributes:
         traffic: the bytes of the last step's collectives (:class:`~flatmtl_fast.distributed.Traffic`),
@@ -118,11 +129,6 @@ class FMTL:
     ) -> None:
         if not isinstance(shared, FlatParameters):
             raise TypeError(f"FMTL: shared must be a FlatParameters, got {type(shared).__name__}")
-        if shared.sharded:
-            raise ValueError(
-                "FMTL: shared holds FSDP2's sharded parameters, whose storage FSDP owns; F-MTL perturbs the flat "
-                "parameters in place: flatten the local slices of a tensor-parallel layer instead (layout='sharded')"
-            )
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"FMTL: aggregator must be a flatmtl_fast aggregator, got {type(aggregator).__name__}")
         self.rho = _positive(rho, "rho")
@@ -142,6 +148,12 @@ class FMTL:
         self.normalize = normalize
         self.variant = variant
         self.task_params = None if task_params is None else _task_parameters(task_params, shared)
+        check_sharded_use(shared.params, process_group, layout, "FMTL", "shared")
+        if shared.sharded and task_params is None:
+            # Its passes run over the whole graph (FSDP's parameters are not in it): a head left out would sum the
+            # gradients of all 2K passes.
+            raise ValueError("FMTL: with FSDP2's sharded parameters, pass task_params (every head's parameters)")
+        check_sharded_use(_flatten(self.task_params or []), process_group, layout, "FMTL", "task_params")
         self.model = model
         self.nonfinite: NonFinitePolicy = nonfinite
         self.eps = _positive(eps, "eps")
@@ -182,10 +194,12 @@ class FMTL:
 
         for i, loss in enumerate(losses):  # clean gradients g_i, and each head's ∂L_i/∂θ_i
             _clear_grads(heads[i])
-            rows.capture_row(i, loss, [*shared.params, *heads[i]], retain_graph=i < K - 1, name=f"loss {i}")
+            inputs = shared.backward_inputs(heads[i])
+            rows.capture_row(i, loss, inputs, retain_graph=i < K - 1, name=f"loss {i}")
         del losses
         G = rows.buffer[:K]
-        head_grads = [[_grad_or_zeros(p) for p in head] for head in heads]
+        with torch.no_grad():  # FSDP2's heads: this rank's shards of their (averaged) gradients
+            head_grads = [[local_tensor(_grad_or_zeros(p)) for p in head] for head in heads]
         if self.process_group is not None:
             self.traffic = Traffic()
             loss_values = self._all_reduce(loss_values, "the losses", mean=True)
@@ -196,11 +210,18 @@ class FMTL:
                     for g in grads:
                         self._all_reduce(g, "a head's clean gradient", mean=True)
 
-        shared_norms = row_norms(G, weight=shared.data if self.adaptive else None)
+        theta = self._backup()
+        shared_norms = row_norms(G, weight=theta if self.adaptive else None)
+        # Each head's squared norm: the part over FSDP2's shards (summed over the ranks), and the rest.
+        head_shards, head_rest = torch.stack(
+            [self._head_squares(head, grads) for head, grads in zip(heads, head_grads, strict=True)]
+        ).unbind(1)
         if self.process_group is not None and self.layout == "sharded":  # norms over every rank's slice
-            shared_norms = self._all_reduce(shared_norms.square(), "the slices' squared norms").sqrt()
-        head_norms = torch.stack([self._head_norm(head, grads) for head, grads in zip(heads, head_grads, strict=True)])
-        all_heads = [p for head in heads for p in head]
+            squares = torch.stack([shared_norms.square(), head_shards])
+            shared_norms, head_shards = self._all_reduce(squares, "the slices' squared norms").unbind()
+            shared_norms = shared_norms.sqrt()
+        head_norms = (head_shards + head_rest).sqrt()
+        all_heads = _flatten(heads)
         if not finite_or_skip(self.nonfinite, shared_norms + head_norms, loss_values, shared, all_heads, "FMTL.step"):
             return None
         if self.normalize == "joint":
@@ -209,12 +230,13 @@ class FMTL:
             shared_scale = self.rho / (shared_norms + self.eps)
             head_scale = self.rho_task / (head_norms + self.eps)
 
-        if self._theta.device != shared.data.device or self._theta.dtype != shared.data.dtype:
-            self._theta = torch.empty_like(shared.data)  # on the weights' device: the backup never leaves the GPU
-        self._theta.resize_(shared.numel).copy_(shared.data)
+        # Sharded parameters are perturbed in a scratch vector, then copied shard by shard.
+        perturbed = theta.new_empty(theta.shape) if shared.data is None else shared.data
         try:
             for i in range(K):  # SAM gradient of task i at θ + ε_i: row K + i holds h_i = s_i − g_i (or s_i)
-                perturb(self._theta, G[i], shared_scale[i : i + 1], out=shared.data, adaptive=self.adaptive)
+                perturb(theta, G[i], shared_scale[i : i + 1], out=perturbed, adaptive=self.adaptive)
+                if perturbed is not shared.data:
+                    shared.write_values(perturbed)
                 head_backup = _perturb_head(heads[i], head_grads[i], head_scale[i], self.adaptive)
                 try:
                     _clear_grads(heads[i])
@@ -222,15 +244,16 @@ class FMTL:
                     with _frozen_batchnorm(self.model):
                         loss = self._losses(closure, f"perturbed call {i + 1}", expected=K)[i]
                         subtract = G[i] if self.variant == "flat" else None
-                        inputs = [*shared.params, *heads[i]]
+                        inputs = shared.backward_inputs(heads[i])
                         rows.capture_row(K + i, loss, inputs, retain_graph=False, subtract=subtract, name=f"loss {i}")
                 finally:
                     with torch.no_grad():
-                        for p, saved in zip(heads[i], head_backup, strict=True):
-                            p.copy_(saved)
+                        for value, saved in head_backup:
+                            value.copy_(saved)
         finally:
-            shared.data.copy_(self._theta)  # bit-exact restore
-            torch.autograd.graph.increment_version(shared.data)
+            shared.write_values(theta)  # bit-exact restore
+            if shared.data is not None:
+                torch.autograd.graph.increment_version(shared.data)
 
         if self.process_group is None:
             self._aggregate(rows.buffer, loss_values)
@@ -291,13 +314,23 @@ class FMTL:
         out.copy_(self.aggregator(rows[:K], loss_values))
         out.add_(self.flat_aggregator(rows[K:], loss_values))
 
-    def _head_norm(self, head: list[Tensor], grads: list[Tensor]) -> Tensor:
-        """‖T ⊙ g‖ over one head's parameters (float64 scalar; 0 without a head)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.shared.device)
-        for p, g in zip(head, grads, strict=True):
-            scaled = g.double() * p.detach().double() if self.adaptive else g.double()
-            total = total + scaled.square().sum()
-        return total.sqrt()
+    def _backup(self) -> Tensor:
+        """The shared parameters' values (this rank's shards) copied into the reused (N,) backup θ."""
+        shared = self.shared
+        if self._theta.device != shared.device or self._theta.dtype != shared.dtype:
+            # On the weights' device: the backup never leaves the GPU.
+            self._theta = torch.empty(0, dtype=shared.dtype, device=shared.device)
+        return shared.read_values(self._theta.resize_(shared.numel))
+
+    def _head_squares(self, head: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """‖T ⊙ g‖² over one head's parameters, as (the part over DTensor shards, the rest) (float64 (2,))."""
+        parts = torch.zeros(2, dtype=torch.float64, device=self.shared.device)
+        with torch.no_grad():
+            for p, g in zip(head, grads, strict=True):
+                scaled = g.double() * local_tensor(p).double() if self.adaptive else g.double()
+                part = 0 if isinstance(p, DTensor) else 1
+                parts[part] = parts[part] + scaled.square().sum()
+        return parts
 
     def _losses(self, closure: Closure, call: str, expected: int | None = None) -> list[Tensor]:
         with torch.enable_grad():
@@ -349,6 +382,10 @@ def _task_parameters(task_params: Sequence[Iterable[Tensor]], shared: FlatParame
     return [check_task_params(head, shared, seen, "FMTL", f"task_params[{i}]") for i, head in enumerate(task_params)]
 
 
+def _flatten(heads: list[list[Tensor]]) -> list[Tensor]:
+    return [p for head in heads for p in head]
+
+
 def _clear_grads(params: list[Tensor]) -> None:
     for p in params:
         p.grad = None
@@ -358,13 +395,17 @@ def _grad_or_zeros(p: Tensor) -> Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
-def _perturb_head(head: list[Tensor], grads: list[Tensor], scale: Tensor, adaptive: bool) -> list[Tensor]:
-    """θ ← θ + scale · T² ⊙ g on one head; returns the saved weights for the exact restore."""
-    saved = [p.detach().clone() for p in head]
+def _perturb_head(
+    head: list[Tensor], grads: list[Tensor], scale: Tensor, adaptive: bool
+) -> list[tuple[Tensor, Tensor]]:
+    """θ ← θ + scale · T² ⊙ g on one head (on this rank's shards for FSDP2's); returns (value, saved copy)
+    pairs for the exact restore."""
     with torch.no_grad():
-        for p, g in zip(head, grads, strict=True):
-            step = g * p * p if adaptive else g
-            p.add_(step * scale.to(p.dtype))
+        values = [local_tensor(p) for p in head]
+        saved = [(value, value.clone()) for value in values]
+        for value, g in zip(values, grads, strict=True):
+            step = g * value * value if adaptive else g
+            value.add_(step * scale.to(value.dtype))
     return saved
 
 

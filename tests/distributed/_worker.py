@@ -109,6 +109,7 @@ def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
         "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
         "backward_fsdp2": lambda: _backward_fsdp2(rank, groups),
         "fsdp2_misuse": lambda: _fsdp2_misuse(rank, groups[2]),
+        "fmtl_fsdp2": lambda: _fmtl_fsdp2(rank, groups),
         "fmtl": lambda: _fmtl(rank, groups),
         "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
         "nonfinite": lambda: _nonfinite(rank),
@@ -323,19 +324,12 @@ FSDP2_CASES = {
 def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
     """``backward(layout="sharded")`` on a model sharded by FSDP2's ``fully_shard``: FSDP's reduce-scatter
     averages each task's gradients into this rank's slice of the buffer row, only the Gram is all-reduced."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
-
     out = {}
     for P, group in groups.items():
         if rank >= P:
             continue
-        mesh = DeviceMesh.from_group(group, "cpu")
         for case, options in FSDP2_CASES.items():
-            net = Net()
-            fully_shard(net.trunk, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-            shared = flatmtl_fast.FlatParameters(net.trunk)
+            net, shared = _fsdp2_net(group)
             optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
             aggregator = make(case.split("+")[0])
             steps = []
@@ -351,18 +345,72 @@ def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
     return out
 
 
-def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, str] | None]:
-    """FSDP2 shards used in ways that cannot give the right step: each must raise before any collective."""
+def _fsdp2_net(group: dist.ProcessGroup) -> tuple[Net, flatmtl_fast.FlatParameters]:
+    """A Net whose trunk and root are sharded by ``fully_shard`` over ``group``, and its flattened trunk shards."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    net = Net()
+    fully_shard(net.trunk, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net, flatmtl_fast.FlatParameters(net.trunk)
+
+
+#: The F-MTL cases on FSDP2 shards: aggregator, then options of FMTL.
+FMTL_FSDP2_CASES = {
+    "UPGrad": {},
+    "MGDA": {},
+    "UPGrad+a": {"variant": "a"},
+    "UPGrad+adaptive+joint": {"adaptive": True, "normalize": "joint"},
+}
+
+
+def _fmtl_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
+    """F-MTL on a model sharded by ``fully_shard`` (each rank its slice of the batch, two steps of SGD with
+    momentum): every rank perturbs its own shards of the trunk and heads by the ε_i of the whole batch."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for case, options in FMTL_FSDP2_CASES.items():
+            net, shared = _fsdp2_net(group)
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            fmtl = flatmtl_fast.FMTL(
+                shared,
+                make(case.split("+")[0]),
+                rho=0.5,
+                task_params=list(net.heads),
+                process_group=group,
+                layout="sharded",
+                **options,
+            )
+            steps = []
+            for _ in range(STEPS):
+                with uncounted():
+                    before = [p.full_tensor().detach().clone() for p in net.parameters()]
+                with counting() as calls:
+                    fmtl.step(lambda net=net, P=P: net(x.chunk(P)[rank], y.chunk(P)[rank]))
+                with uncounted():
+                    grads = [p.grad.full_tensor().clone() for p in net.parameters()]
+                    after = [p.full_tensor().detach().clone() for p in net.parameters()]
+                restored = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+                optimizer.step()
+                optimizer.zero_grad()
+                steps.append({"grads": grads, "restored": restored, "traffic": asdict(fmtl.traffic), "calls": calls})
+            out[P, case] = {"steps": steps, "params": [p.full_tensor().detach().clone() for p in net.parameters()]}
+    return out
+
+
+def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, str] | None]:
+    """FSDP2 shards used in ways that cannot give the right step: each must raise before any collective."""
     from torch.distributed.tensor import Replicate, distribute_tensor
 
     if rank >= 2:
         return {}
-    mesh = DeviceMesh.from_group(group, "cpu")
-    net = Net()
-    fully_shard(net, mesh=mesh)
-    shared = flatmtl_fast.FlatParameters(net.trunk)
+    net, shared = _fsdp2_net(group)
+    mesh = shared.params[0].device_mesh
     x, y = batch()
     replicated = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate()]))
     attempts: dict[str, Callable[[], object]] = {
@@ -373,7 +421,15 @@ def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, s
         "batched": lambda: flatmtl_fast.backward(
             net(x, y), shared, make("UPGrad"), process_group=group, layout="sharded", batched=True
         ),
-        "fmtl": lambda: flatmtl_fast.FMTL(shared, make("UPGrad"), process_group=group, layout="sharded"),
+        "fmtl without a group": lambda: flatmtl_fast.FMTL(shared, make("UPGrad")),
+        "fmtl replicated layout": lambda: flatmtl_fast.FMTL(shared, make("UPGrad"), process_group=group),
+        "fmtl without heads": lambda: flatmtl_fast.FMTL(shared, make("UPGrad"), process_group=group, layout="sharded"),
+        "fmtl sharded heads": lambda: flatmtl_fast.FMTL(
+            # A fresh model: after a forward pass FSDP keeps the root's parameters (the heads) unsharded.
+            flatmtl_fast.FlatParameters(nn.Linear(2, 2)),
+            make("UPGrad"),
+            task_params=[_fsdp2_net(group)[0].heads[0]],
+        ),
     }
     out: dict[str, tuple[str, str] | None] = {}
     for what, attempt in attempts.items():

@@ -262,7 +262,8 @@ def _fmtl_design_bytes(P: int, N: int, head_numel: int, layout: str) -> dict[str
     (the g rows' shard is a slice) and d is all-gathered. Sharded: nothing of size N."""
     spread = layout == "replicated" and P > 1
     padded_N = -(-N // P) * P
-    per_task = 8 * K + 8 * 2 * K + (8 * K if layout == "sharded" else 0)  # losses, the step's row losses, norms
+    # The losses, the step's row losses, the squared norms (sharded: the shared slices' and the heads' shards').
+    per_task = 8 * K + 8 * 2 * K + (16 * K if layout == "sharded" else 0)
     return {
         "reduce_scatter": K * padded_N * 4 if spread else 0,
         "all_gather": padded_N * 4 if spread else 0,
@@ -383,6 +384,38 @@ def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
         assert _relative_error(result[P, case]["params"], list(net.parameters())) <= relative
 
 
+@pytest.mark.parametrize("case", list(_worker.FMTL_FSDP2_CASES))
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
+    """F-MTL on a model sharded by ``fully_shard`` (each rank perturbing its own shards of the trunk and of the
+    heads, whose (1, 8) weights leave empty shards), each rank on its slice of the batch, two steps of SGD with
+    momentum: the single-process F-MTL steps on the whole batch; the weights are restored bit for bit and only
+    the losses, the squared norms, the Gram and the weights are communicated besides FSDP's own gathers."""
+    results = _scenario(ranks, "fmtl_fsdp2", P)
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    options = _worker.FMTL_FSDP2_CASES[case]
+    fmtl = flatmtl_fast.FMTL(shared, make(case.split("+")[0]), rho=0.5, task_params=list(net.heads), **options)
+    x, y = batch()
+    design = _fmtl_design_bytes(P, 0, 0, "sharded")
+    for step in range(len(results[0][P, case]["steps"])):
+        fmtl.step(lambda: net(x, y))
+        want = [p.grad for p in net.parameters()]
+        for rank, result in enumerate(results):
+            got = result[P, case]["steps"][step]
+            # As for backward on FSDP2 shards: float32 sums grouped otherwise, solver tolerances.
+            assert _relative_error(got["grads"], want) <= 1e-4, f"rank {rank}, step {step}"
+            assert got["restored"], f"rank {rank}, step {step}: the weights were not restored exactly"
+            assert got["traffic"] == design
+            ours = [(name, sizes) for name, sizes in got["calls"] if name in ("all_reduce", "broadcast")]
+            assert _counted_bytes(ours) == {**_as_counted(design), "reduce_scatter": 0, "all_gather": 0}
+        optimizer.step()
+        optimizer.zero_grad()
+    for result in results:
+        assert _relative_error(result[P, case]["params"], list(net.parameters())) <= 1e-4
+
+
 def test_misused_fsdp2_shards_raise_clearly(ranks):
     expected = {
         "mixed": "some parameters are DTensors (FSDP2 shards) and some are not",
@@ -390,7 +423,10 @@ def test_misused_fsdp2_shards_raise_clearly(ranks):
         "no process group": "pass process_group=",
         "replicated layout": "layout='sharded'",
         "batched": "use the K passes (batched=False)",
-        "fmtl": "FMTL: shared holds FSDP2's sharded parameters",
+        "fmtl without a group": "FMTL: shared holds FSDP2's sharded parameters: pass process_group=",
+        "fmtl replicated layout": "layout='sharded'",
+        "fmtl without heads": "pass task_params",
+        "fmtl sharded heads": "FMTL: task_params holds FSDP2's sharded parameters",
     }
     for rank, outcome in enumerate(_scenario(ranks, "fsdp2_misuse", 2)):
         assert set(outcome) == set(expected)
