@@ -93,6 +93,8 @@ def check_task_params(
     for p in params:
         if not isinstance(p, Tensor) or not p.requires_grad:
             raise TypeError(f"{owner}: {name} must contain parameters that require grad, got {_describe(p)}")
+        if not p.is_leaf:  # a backward pass stops at it: the parameters it is computed from would get no .grad
+            raise ValueError(f"{owner}: {name} must contain leaf tensors (parameters), got one computed by autograd")
         if id(p) in seen or id(p) in shared.ids:
             raise ValueError(f"{owner}: a parameter of {name} is shared or appears twice")
         if p.device != shared.device:

@@ -539,6 +539,8 @@ def test_zero_dim_shared_parameters_and_bad_task_parameters():
         "frozen": ([torch.zeros(3)], TypeError, "must contain parameters that require grad"),
         "shared": ([layer.weight], ValueError, "is shared or appears twice"),
         "twice": ([heads[0].bias, heads[0].bias], ValueError, "is shared or appears twice"),
+        # A tensor computed from a parameter: the passes would stop at it and leave that parameter without .grad.
+        "not a leaf": ([heads[0].weight * 2], ValueError, "must contain leaf tensors"),
     }
     for task_params, error, message in bad.values():
         with pytest.raises(error, match=message):
