@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from .._memory import byte_range
 
 if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 else:  # a torch built without distributed support has no sharded parameters
-    DTensor = Shard = ()
+    DTensor = Replicate = Shard = ()
 
 
 class FlatParameters:
@@ -33,15 +33,18 @@ class FlatParameters:
     new storage) are detected and undone by :meth:`refresh`, which every flatmtl_fast entry point
     calls. Parameters must share one device and one floating dtype, and be distinct.
 
-    FSDP2's sharded parameters (DTensors whose placements all are ``Shard``, as ``fully_shard`` leaves them)
-    are taken as they are: N counts this rank's local scalars, :attr:`data` is None (FSDP owns their storage),
-    and every ``.grad`` bound is a DTensor over this rank's slice of a flat buffer. Aggregate them with
-    ``backward(..., process_group=<the group they are sharded over>, layout="sharded")`` or ``FMTL`` likewise.
+    FSDP2's sharded parameters (DTensors placed ``Shard``, or ``Replicate`` and ``Shard`` on HSDP's 2-D mesh, as
+    ``fully_shard`` leaves them) are taken as they are: N counts this rank's local scalars, :attr:`data` is None
+    (FSDP owns their storage), and every ``.grad`` bound is a DTensor over this rank's slice of a flat buffer.
+    Aggregate them with ``backward(..., process_group=<the group they are sharded over>, layout="sharded")`` or
+    ``FMTL`` likewise (with HSDP, the shard dimension's group: the replicas hold copies).
 
     Attributes:
         data: the flat parameter vector (N,); None for sharded parameters.
         grad: the flat gradient buffer (N,); :meth:`bind_grad` makes every ``p.grad`` a view of it.
         sharded: whether the parameters are FSDP2's DTensor shards.
+        shard_ranks: the global ranks whose shards make up the parameters with this rank's (``process_group``
+            must hold exactly these), None if not sharded.
     """
 
     def __init__(self, params: Iterable[nn.Parameter] | nn.Module) -> None:
@@ -71,6 +74,7 @@ class FlatParameters:
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
             raise ValueError(f"FlatParameters: parameters need one floating dtype, got {sorted(map(str, dtypes))}")
         self.sharded = _check_sharding(self.params)
+        self.shard_ranks = shard_ranks(self.params, "FlatParameters", "params") if self.sharded else None
         if not self.sharded:
             _check_disjoint(self.params)
         # This rank's shapes: a DTensor's own shape is the global one.
@@ -226,8 +230,9 @@ def _check_disjoint(params: list[Tensor]) -> None:
 
 
 def _check_sharding(params: list[Tensor]) -> bool:
-    """Whether ``params`` are FSDP2's DTensor shards (all of them, every placement ``Shard``); raises on a mix
-    or on other placements (a replicated DTensor would count its columns once per rank in the Gram)."""
+    """Whether ``params`` are FSDP2's DTensor shards (all of them, every placement ``Shard`` or, for HSDP's
+    replicas, ``Replicate``); raises on a mix or on other placements (a ``Partial`` one holds no gradient
+    columns of its own)."""
     sharded = [isinstance(p, DTensor) for p in params]
     if not any(sharded):
         return False
@@ -236,9 +241,29 @@ def _check_sharding(params: list[Tensor]) -> bool:
             "FlatParameters: some parameters are DTensors (FSDP2 shards) and some are not; flatten each kind apart"
         )
     for i, p in enumerate(params):
-        if not all(isinstance(placement, Shard) for placement in p.placements):
+        if not all(isinstance(placement, Shard | Replicate) for placement in p.placements):
             raise ValueError(
                 f"FlatParameters: parameter {i} is a DTensor placed {tuple(p.placements)}; only Shard placements "
-                "(FSDP2's fully_shard) are supported: each rank must own distinct columns of the Gram"
+                "(FSDP2's fully_shard) and Replicate ones (HSDP's replicas) are supported"
             )
     return True
+
+
+def shard_ranks(params: Iterable[Tensor], owner: str, name: str) -> tuple[int, ...] | None:
+    """The global ranks that hold the other shards of the DTensors among ``params`` (this rank's coordinates on the
+    mesh dimensions they are replicated over, every index on those they are sharded over: the group whose partial
+    Grams add up to the whole), or None without DTensors. Raises when the parameters disagree."""
+    groups = set()
+    for p in params:
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            index = tuple(
+                slice(None) if isinstance(placement, Shard) else coordinate
+                for placement, coordinate in zip(p.placements, mesh.get_coordinate(), strict=True)
+            )
+            groups.add(tuple(sorted(mesh.mesh[index].flatten().tolist())))
+    if len(groups) > 1:
+        raise ValueError(
+            f"{owner}: the parameters of {name} are sharded over different groups of ranks {sorted(groups)}"
+        )
+    return groups.pop() if groups else None

@@ -213,7 +213,7 @@ def backward(
             raise TypeError(f"backward: {flag} must be a bool, got {type(value).__name__}")
     shared.refresh()
     if shared.sharded:
-        check_sharded_use(shared.params, process_group, layout, "backward", "shared")
+        check_sharded_use(shared.shard_ranks, process_group, layout, "backward", "shared")
         if representation is not None:
             raise ValueError("backward: representation= is not supported with FSDP2's sharded parameters")
     losses = check_losses(losses, shared.device)
@@ -282,15 +282,27 @@ def backward(
 
 
 def check_sharded_use(
-    params: Iterable[Tensor], process_group: torch.distributed.ProcessGroup | None, layout: str, owner: str, name: str
+    ranks: tuple[int, ...] | None,
+    process_group: torch.distributed.ProcessGroup | None,
+    layout: str,
+    owner: str,
+    name: str,
 ) -> None:
     """FSDP2's shards: each rank holds only its slice of the (already reduced) gradients, so the Gram (and F-MTL's
-    norms) must be summed over the ranks they are sharded over."""
-    spread = any(mesh.size() > 1 for p in params if (mesh := getattr(p, "device_mesh", None)) is not None)
-    if spread and (process_group is None or layout != "sharded"):
+    norms) must be summed over exactly the ``ranks`` holding the other slices (:func:`flat.parameters.shard_ranks`):
+    over fewer, columns are missing; over HSDP's replicas too, columns count twice."""
+    if ranks is None or (process_group is None and len(ranks) == 1):
+        return
+    if process_group is None or layout != "sharded":
         raise ValueError(
             f"{owner}: {name} holds FSDP2's sharded parameters: pass process_group=<the group they are sharded "
             "over> and layout='sharded' (each rank holds only its slice of them)"
+        )
+    group_ranks = tuple(sorted(torch.distributed.get_process_group_ranks(process_group)))
+    if group_ranks != ranks:
+        raise ValueError(
+            f"{owner}: {name} is sharded over ranks {list(ranks)}, but process_group holds ranks {list(group_ranks)}: "
+            "pass the group of their Shard mesh dimension (with HSDP, mesh['shard'].get_group(), not the replicas')"
         )
 
 

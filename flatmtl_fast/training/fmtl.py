@@ -30,7 +30,7 @@ from ..aggregators.base import Aggregator, GramianAggregator
 from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
-from ..flat.parameters import DTensor, local_tensor
+from ..flat.parameters import DTensor, local_tensor, shard_ranks
 from ..primitives import combine, gram, perturb, row_norms
 from ..primitives.checks import check_flag
 from .backward import (
@@ -148,12 +148,13 @@ class FMTL:
         self.normalize = normalize
         self.variant = variant
         self.task_params = None if task_params is None else _task_parameters(task_params, shared)
-        check_sharded_use(shared.params, process_group, layout, "FMTL", "shared")
+        check_sharded_use(shared.shard_ranks, process_group, layout, "FMTL", "shared")
         if shared.sharded and task_params is None:
             # Its passes run over the whole graph (FSDP's parameters are not in it): a head left out would sum the
             # gradients of all 2K passes.
             raise ValueError("FMTL: with FSDP2's sharded parameters, pass task_params (every head's parameters)")
-        check_sharded_use(_flatten(self.task_params or []), process_group, layout, "FMTL", "task_params")
+        head_ranks = shard_ranks(_flatten(self.task_params or []), "FMTL", "task_params")
+        check_sharded_use(head_ranks, process_group, layout, "FMTL", "task_params")
         self.model = model
         self.nonfinite: NonFinitePolicy = nonfinite
         self.eps = _positive(eps, "eps")

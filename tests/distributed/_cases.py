@@ -83,3 +83,9 @@ def batch() -> tuple[Tensor, Tensor]:
     """The global batch; rank r of P trains on ``chunk(P)[r]`` of it."""
     gen = torch.Generator().manual_seed(SEED + 1)
     return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, K, generator=gen)
+
+
+def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over a list of tensors taken as one vector."""
+    got, want = [[t.detach().flatten() for t in tensors] for tensors in (got, want)]
+    return float(torch.cat([a - b for a, b in zip(got, want, strict=True)]).norm() / torch.cat(want).norm())

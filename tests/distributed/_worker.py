@@ -95,13 +95,24 @@ def uncounted() -> Iterator[None]:
         _log = saved
 
 
-def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
+def main(rank: int, world: int, store_path: str, out_dir: str, suite: str = "main") -> None:
+    """Run the scenarios of ``suite`` on this rank: ``"main"`` (three ranks) or ``"hsdp"`` (four: a 2 × 2 mesh)."""
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     _install_counter()
-    groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.group.WORLD}
+    scenarios = _hsdp_scenarios(rank) if suite == "hsdp" else _main_scenarios(rank, store)
     results: dict[str, Any] = {"errors": {}}
-    scenarios = {
+    for name, scenario in scenarios.items():
+        try:
+            results[name] = scenario()
+        except Exception:
+            results["errors"][name] = traceback.format_exc()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _main_scenarios(rank: int, store: dist.Store) -> dict[str, Callable[[], Any]]:
+    groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.group.WORLD}
+    return {
         "aggregate": lambda: _aggregate_cases(rank, groups),
         "averaged_rows": lambda: _averaged_rows(rank, groups),
         "mismatch": lambda: _mismatch(rank),
@@ -115,12 +126,6 @@ def main(rank: int, world: int, store_path: str, out_dir: str) -> None:
         "nonfinite": lambda: _nonfinite(rank),
         "raises_mid_step": lambda: _raises_mid_step(rank, store),  # last: it leaves its subgroup broken
     }
-    for name, scenario in scenarios.items():
-        try:
-            results[name] = scenario()
-        except Exception:
-            results["errors"][name] = traceback.format_exc()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _aggregate_cases(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
@@ -345,12 +350,13 @@ def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
     return out
 
 
-def _fsdp2_net(group: dist.ProcessGroup) -> tuple[Net, flatmtl_fast.FlatParameters]:
-    """A Net whose trunk and root are sharded by ``fully_shard`` over ``group``, and its flattened trunk shards."""
+def _fsdp2_net(group: dist.ProcessGroup | Any) -> tuple[Net, flatmtl_fast.FlatParameters]:
+    """A Net whose trunk and root are sharded by ``fully_shard`` over ``group`` (or a DeviceMesh), and its flattened
+    trunk shards."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = DeviceMesh.from_group(group, "cpu")
+    mesh = group if isinstance(group, DeviceMesh) else DeviceMesh.from_group(group, "cpu")
     net = Net()
     fully_shard(net.trunk, mesh=mesh)
     fully_shard(net, mesh=mesh)
@@ -403,19 +409,87 @@ def _fmtl_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, 
     return out
 
 
+#: The HSDP cases (a 2 × 2 mesh: two replicas of two shards, each rank its quarter of the batch): aggregator, and
+#: whether the step is F-MTL's (ASAM, joint norm) rather than backward's.
+HSDP_CASES = {"UPGrad": False, "NashMTL": False, "UPGrad+F-MTL": True}
+HSDP_WORLD = 4
+
+
+def _hsdp_scenarios(rank: int) -> dict[str, Callable[[], Any]]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    return {"hsdp": lambda: _hsdp(rank, mesh), "hsdp_misuse": lambda: _hsdp_misuse(mesh)}
+
+
+def _hsdp(rank: int, mesh: Any) -> dict[str, dict[str, Any]]:
+    """``backward`` and ``FMTL`` on HSDP shards with the shard dimension's group: FSDP averages each task's
+    gradients over all four ranks, the Gram (and F-MTL's norms) are summed over the two shards only."""
+    x, y = batch()
+    shard_group = mesh.get_group("shard")
+    out = {}
+    for case, is_fmtl in HSDP_CASES.items():
+        net, shared = _fsdp2_net(mesh)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        aggregator = make(case.split("+")[0])
+        fmtl = flatmtl_fast.FMTL(
+            shared, aggregator, rho=0.5, adaptive=True, normalize="joint", task_params=list(net.heads),
+            process_group=shard_group, layout="sharded",
+        ) if is_fmtl else None  # fmt: skip
+        steps = []
+        for _ in range(STEPS):
+            if fmtl is not None:
+                fmtl.step(lambda net=net: net(x.chunk(HSDP_WORLD)[rank], y.chunk(HSDP_WORLD)[rank]))
+            else:
+                _rank_step(net, net, shared, aggregator, HSDP_WORLD, rank, shard_group, False, layout="sharded")
+            steps.append([p.grad.full_tensor().clone() for p in net.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+        out[case] = {"steps": steps, "params": [p.full_tensor().detach().clone() for p in net.parameters()]}
+    return out
+
+
+def _hsdp_misuse(mesh: Any) -> dict[str, tuple[str, str] | None]:
+    """HSDP shards aggregated over a group other than the shard dimension's: each raises before any collective."""
+    net, shared = _fsdp2_net(mesh)
+    x, y = batch()
+    attempts: dict[str, Callable[[], object]] = {
+        group_name: lambda group=group: flatmtl_fast.backward(
+            net(x, y), shared, make("UPGrad"), task_params=net.heads.parameters(), process_group=group, layout="sharded"
+        )
+        for group_name, group in (("every rank", dist.group.WORLD), ("the replicas", mesh.get_group("replicate")))
+    }
+    return _outcomes(attempts)
+
+
+def _outcomes(attempts: dict[str, Callable[[], object]]) -> dict[str, tuple[str, str] | None]:
+    """Each attempt's exception as (type name, message), or None where it did not raise."""
+    out: dict[str, tuple[str, str] | None] = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            out[what] = None
+        except Exception as err:
+            out[what] = (type(err).__name__, str(err))
+    return out
+
+
 def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, str] | None]:
     """FSDP2 shards used in ways that cannot give the right step: each must raise before any collective."""
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 
     if rank >= 2:
         return {}
     net, shared = _fsdp2_net(group)
     mesh = shared.params[0].device_mesh
     x, y = batch()
-    replicated = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Replicate()]))
+    partial = nn.Parameter(DTensor.from_local(torch.ones(4, 2), mesh, [Partial()]))
     attempts: dict[str, Callable[[], object]] = {
         "mixed": lambda: flatmtl_fast.FlatParameters([*net.trunk.parameters(), nn.Parameter(torch.ones(2))]),
-        "replicated placement": lambda: flatmtl_fast.FlatParameters([replicated]),
+        "partial placement": lambda: flatmtl_fast.FlatParameters([partial]),
+        "another group": lambda: flatmtl_fast.backward(
+            net(x, y), shared, make("UPGrad"), process_group=dist.group.WORLD, layout="sharded"
+        ),
         "no process group": lambda: flatmtl_fast.backward(net(x, y), shared, make("UPGrad")),
         "replicated layout": lambda: flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), process_group=group),
         "batched": lambda: flatmtl_fast.backward(
@@ -431,14 +505,7 @@ def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, s
             task_params=[_fsdp2_net(group)[0].heads[0]],
         ),
     }
-    out: dict[str, tuple[str, str] | None] = {}
-    for what, attempt in attempts.items():
-        try:
-            attempt()
-            out[what] = None
-        except Exception as err:
-            out[what] = (type(err).__name__, str(err))
-    return out
+    return _outcomes(attempts)
 
 
 def _fmtl(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:

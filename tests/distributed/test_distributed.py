@@ -7,14 +7,12 @@ gloo group — and saves its results; each test recomputes the single-process an
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from distributed import _worker
 from distributed._cases import (
     AVERAGED,
@@ -29,8 +27,10 @@ from distributed._cases import (
     column_slices,
     make,
     mean_inputs,
+    relative_error,
     task_losses,
 )
+from distributed._launch import launch, scenario
 
 import flatmtl_fast
 from flatmtl_fast.aggregators import Aggregator, GramianAggregator
@@ -45,40 +45,7 @@ CHECK_FIELDS = 8  # integers per rank in the consistency all-gather
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Launch the three ranks once; return each rank's saved results."""
-    out = tmp_path_factory.mktemp("ranks")
-    context = mp.get_context("spawn")
-    processes = [
-        context.Process(target=_worker.main, args=(rank, WORLD, str(out / "store"), str(out)), daemon=True)
-        for rank in range(WORLD)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    results = [
-        torch.load(out / f"rank{rank}.pt", weights_only=False) if (out / f"rank{rank}.pt").exists() else {}
-        for rank in range(WORLD)
-    ]
-    for rank, result in enumerate(results):
-        result.setdefault("errors", {})
-        if rank in hung:
-            result["errors"]["launch"] = f"rank {rank} was still running after {LAUNCH_TIMEOUT} s and was killed"
-    return results
-
-
-def _scenario(ranks: list[dict[str, Any]], name: str, world: int = WORLD) -> list[Any]:
-    """The results of scenario ``name`` on ranks 0 … world − 1, failing with the rank's traceback if it raised."""
-    for rank in range(world):
-        errors = ranks[rank]["errors"]
-        assert name not in errors, f"rank {rank} raised in scenario {name!r}:\n{errors[name]}"
-        assert name in ranks[rank], f"rank {rank} did not finish scenario {name!r}: {errors.get('launch', '')}"
-    return [ranks[rank][name] for rank in range(world)]
+    return launch(WORLD, tmp_path_factory.mktemp("ranks"), LAUNCH_TIMEOUT)
 
 
 def _single_process(name: str, G: torch.Tensor, losses: torch.Tensor, aggregator: Aggregator):
@@ -94,7 +61,7 @@ def _single_process(name: str, G: torch.Tensor, losses: torch.Tensor, aggregator
 @pytest.mark.parametrize("P", [1, 2, 3])
 @pytest.mark.parametrize("name", EXACT)
 def test_aggregate_equals_single_process(ranks, name, P, N, layout):
-    results = _scenario(ranks, "aggregate", P)
+    results = scenario(ranks, "aggregate", P)
     reference = make(name)
     for step in range(STEPS):
         G, losses = mean_inputs(P, N, step)
@@ -123,7 +90,7 @@ def test_aggregate_equals_single_process(ranks, name, P, N, layout):
 def test_graddrop_is_applied_shard_by_shard(ranks, P, N, layout):
     """GradDrop on each rank's columns with the common generator state: per shard, GradDrop of the averaged
     gradients (the uniforms restart at each shard's first column); with one rank, the single-process result."""
-    results = _scenario(ranks, "aggregate", P)
+    results = scenario(ranks, "aggregate", P)
     S = -(-N // P)
     shards = [slice(r * S, min((r + 1) * S, N)) for r in range(P)] if layout == "replicated" else column_slices(N, P)
     references = [make("GradDrop") for _ in shards]  # one per shard: every rank's generator advances once a step
@@ -172,7 +139,7 @@ def _as_counted(design: dict[str, int]) -> dict[str, int]:
 @pytest.mark.parametrize("N", N_VALUES)
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_bytes_communicated_are_the_designed_ones(ranks, P, N, layout):
-    results = _scenario(ranks, "aggregate", P)
+    results = scenario(ranks, "aggregate", P)
     for name in (*EXACT, "GradDrop"):
         for result in results:
             entry = result[P, N, name, layout, 0]
@@ -193,7 +160,7 @@ def test_bytes_communicated_are_the_designed_ones(ranks, P, N, layout):
 def test_averaged_rows_are_sliced_not_reduce_scattered(ranks, P, N):
     """Rows that every rank already holds averaged give the same step with fewer bytes: only the others are
     reduce-scattered (N = 1001: the sliced shard of the last rank is zero-padded like the scattered rows)."""
-    results = _scenario(ranks, "averaged_rows", P)
+    results = scenario(ranks, "averaged_rows", P)
     G, losses = mean_inputs(P, N, 0)
     _, expected = _single_process("UPGrad", G, losses, make("UPGrad"))
     scattered = K - AVERAGED if P > 1 else 0
@@ -210,7 +177,7 @@ def test_averaged_rows_are_sliced_not_reduce_scattered(ranks, P, N):
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_backward_under_ddp_equals_single_process_on_the_concatenated_batch(ranks, P, name):
     """Also with each rank's slice accumulated in two micro-batches (aggregate=False) before the one step."""
-    results = _scenario(ranks, "backward_ddp", P)
+    results = scenario(ranks, "backward_ddp", P)
     net = Net()
     shared = flatmtl_fast.FlatParameters(net.trunk)
     x, y = batch()
@@ -237,7 +204,7 @@ def test_backward_under_ddp_equals_single_process_on_the_concatenated_batch(rank
 @pytest.mark.parametrize(("name", "variant"), [("UPGrad", "flat"), ("MGDA", "flat"), ("UPGrad", "a")])
 def test_fmtl_step_equals_single_process(ranks, P, name, variant):
     """F-MTL over P ranks (each its slice of the batch) equals one process's F-MTL step on the whole batch."""
-    results = _scenario(ranks, "fmtl", P)
+    results = scenario(ranks, "fmtl", P)
     net = Net()
     initial = [p.detach().clone() for p in net.parameters()]
     shared = flatmtl_fast.FlatParameters(net.trunk)
@@ -284,7 +251,7 @@ def _assert_fmtl_bytes(entry: dict[str, Any], design: dict[str, int]) -> None:
 @pytest.mark.parametrize("P", [1, 2, 3])
 @pytest.mark.parametrize(("name", "variant"), [("UPGrad", "flat"), ("MGDA", "flat"), ("UPGrad", "a")])
 def test_fmtl_bytes_are_the_designed_ones(ranks, P, name, variant):
-    results = _scenario(ranks, "fmtl", P)
+    results = scenario(ranks, "fmtl", P)
     net = Net()
     N = sum(p.numel() for p in net.trunk.parameters())
     design = _fmtl_design_bytes(P, N, sum(p.numel() for p in net.heads.parameters()), "replicated")
@@ -295,7 +262,7 @@ def test_fmtl_bytes_are_the_designed_ones(ranks, P, name, variant):
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_fmtl_sharded_layout_tensor_parallel(ranks, P):
     """F-MTL with each rank owning rows of the wide layer equals one process's F-MTL step; nothing of size N moves."""
-    results = _scenario(ranks, "fmtl_tensor_parallel", P)
+    results = scenario(ranks, "fmtl_tensor_parallel", P)
     net = WideNet()
     shared = flatmtl_fast.FlatParameters(net.layer)
     x, y = batch()
@@ -317,7 +284,7 @@ def test_fmtl_sharded_layout_tensor_parallel(ranks, P):
 def test_backward_sharded_layout_tensor_parallel(ranks, P):
     """Each rank owns rows of the wide layer (its slice of the shared parameters), autograd gives it the full
     gradient of that slice; only the K × K Gram and the losses are all-reduced."""
-    results = _scenario(ranks, "backward_tensor_parallel", P)
+    results = scenario(ranks, "backward_tensor_parallel", P)
     net = WideNet()
     shared = flatmtl_fast.FlatParameters(net.layer)
     x, y = batch()
@@ -349,7 +316,7 @@ def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
     """A model sharded by ``fully_shard`` (trunk and root; the heads' (1, 8) weights leave empty shards on two of
     three ranks), each rank on its slice of the batch, two steps of SGD with momentum on the DTensor parameters:
     the single-process steps on the whole batch."""
-    results = _scenario(ranks, "backward_fsdp2", P)
+    results = scenario(ranks, "backward_fsdp2", P)
     net = Net()
     shared = flatmtl_fast.FlatParameters(net.trunk)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -366,7 +333,7 @@ def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
         want = [p.grad for p in net.parameters()]
         for rank, result in enumerate(results):
             got = result[P, case]["steps"][step]
-            assert _relative_error(got["grads"], want) <= relative, f"rank {rank}, step {step}"
+            assert relative_error(got["grads"], want) <= relative, f"rank {rank}, step {step}"
             if w is not None:
                 torch.testing.assert_close(got["weights"].double(), w.double(), rtol=10 * relative, atol=1e-6)
                 # Only the K × K Gram and the losses are all-reduced, and rank 0's weights broadcast; G is never
@@ -381,7 +348,7 @@ def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
         optimizer.step()
         optimizer.zero_grad()
     for result in results:
-        assert _relative_error(result[P, case]["params"], list(net.parameters())) <= relative
+        assert relative_error(result[P, case]["params"], list(net.parameters())) <= relative
 
 
 @pytest.mark.parametrize("case", list(_worker.FMTL_FSDP2_CASES))
@@ -391,7 +358,7 @@ def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
     heads, whose (1, 8) weights leave empty shards), each rank on its slice of the batch, two steps of SGD with
     momentum: the single-process F-MTL steps on the whole batch; the weights are restored bit for bit and only
     the losses, the squared norms, the Gram and the weights are communicated besides FSDP's own gathers."""
-    results = _scenario(ranks, "fmtl_fsdp2", P)
+    results = scenario(ranks, "fmtl_fsdp2", P)
     net = Net()
     shared = flatmtl_fast.FlatParameters(net.trunk)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -405,7 +372,7 @@ def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
         for rank, result in enumerate(results):
             got = result[P, case]["steps"][step]
             # As for backward on FSDP2 shards: float32 sums grouped otherwise, solver tolerances.
-            assert _relative_error(got["grads"], want) <= 1e-4, f"rank {rank}, step {step}"
+            assert relative_error(got["grads"], want) <= 1e-4, f"rank {rank}, step {step}"
             assert got["restored"], f"rank {rank}, step {step}: the weights were not restored exactly"
             assert got["traffic"] == design
             ours = [(name, sizes) for name, sizes in got["calls"] if name in ("all_reduce", "broadcast")]
@@ -413,13 +380,14 @@ def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
         optimizer.step()
         optimizer.zero_grad()
     for result in results:
-        assert _relative_error(result[P, case]["params"], list(net.parameters())) <= 1e-4
+        assert relative_error(result[P, case]["params"], list(net.parameters())) <= 1e-4
 
 
 def test_misused_fsdp2_shards_raise_clearly(ranks):
     expected = {
         "mixed": "some parameters are DTensors (FSDP2 shards) and some are not",
-        "replicated placement": "only Shard placements",
+        "partial placement": "only Shard placements",
+        "another group": "is sharded over ranks [0, 1], but process_group holds ranks [0, 1, 2]",
         "no process group": "pass process_group=",
         "replicated layout": "layout='sharded'",
         "batched": "use the K passes (batched=False)",
@@ -428,7 +396,7 @@ def test_misused_fsdp2_shards_raise_clearly(ranks):
         "fmtl without heads": "pass task_params",
         "fmtl sharded heads": "FMTL: task_params holds FSDP2's sharded parameters",
     }
-    for rank, outcome in enumerate(_scenario(ranks, "fsdp2_misuse", 2)):
+    for rank, outcome in enumerate(scenario(ranks, "fsdp2_misuse", 2)):
         assert set(outcome) == set(expected)
         for what, phrase in expected.items():
             assert outcome[what] is not None, f"rank {rank}: {what} did not raise"
@@ -436,21 +404,15 @@ def test_misused_fsdp2_shards_raise_clearly(ranks):
             assert kind == "ValueError" and phrase in message, f"rank {rank}, {what}: {kind}: {message}"
 
 
-def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    """‖got − want‖ / ‖want‖ over a list of tensors taken as one vector."""
-    got, want = [[t.detach().flatten() for t in tensors] for tensors in (got, want)]
-    return float(torch.cat([a - b for a, b in zip(got, want, strict=True)]).norm() / torch.cat(want).norm())
-
-
 def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(ranks):
-    for kind, message, grads_cleared in _scenario(ranks, "nonfinite"):
+    for kind, message, grads_cleared in scenario(ranks, "nonfinite"):
         assert kind == "FloatingPointError" and "non-finite" in message
         assert grads_cleared  # no rank wrote a .grad
 
 
 @pytest.mark.parametrize("field", ["K", "N", "aggregator"])
 def test_ranks_that_disagree_all_raise_without_waiting(ranks, field):
-    for outcome in _scenario(ranks, "mismatch"):
+    for outcome in scenario(ranks, "mismatch"):
         assert outcome is not None, f"a rank with a mismatched {field} did not raise"
         kind, message, seconds = outcome[field]
         assert kind == "DistributedStepError"
@@ -459,7 +421,7 @@ def test_ranks_that_disagree_all_raise_without_waiting(ranks, field):
 
 
 def test_a_rank_raising_mid_step_gives_the_others_an_error_not_a_hang(ranks):
-    waiting, raising = _scenario(ranks, "raises_mid_step", 2)
+    waiting, raising = scenario(ranks, "raises_mid_step", 2)
     assert raising[0] == "RuntimeError" and "rank 1 fails" in raising[1]
     kind, message, seconds = waiting
     assert kind == "DistributedStepError"
