@@ -196,7 +196,9 @@ def backward(
     Returns:
         The weights w (device tensor, d = wᵀG) for Gramian aggregators, else None (also when accumulating).
 
-    The shared ``.grad`` is written, not added to: to accumulate micro-batches, pass ``aggregate=False``.
+    The shared ``.grad`` is written, not added to: to accumulate micro-batches, pass ``aggregate=False``. Every
+    shared parameter gets one (its view of the flat buffer), zero where no loss reaches it, where ``loss.backward()``
+    would leave it None: an optimizer with momentum or weight decay still moves such a parameter.
     """
     if not isinstance(shared, FlatParameters):
         raise TypeError(f"backward: shared must be a FlatParameters, got {type(shared).__name__}")
