@@ -30,7 +30,9 @@ G is K × N_local, the step is the partial Gram, its all-reduce (8 K² bytes), t
 G is never gathered. FSDP2's ``fully_shard`` parameters (DTensors) go straight into
 :class:`~flatmtl_fast.FlatParameters`: their ``.grad`` are DTensors over one flat buffer, so each task pass's
 reduce-scatter accumulates into this rank's slice of its row of G. The losses are still averaged (8 K bytes);
-task parameters are left alone (the parallelism that shards them reduces them).
+task parameters are left alone (the parallelism that shards them reduces them). With HSDP (a mesh of replicas ×
+shards) the group is the shard dimension's: the replicas hold copies of the same columns, which would count twice
+(:attr:`FlatParameters.shard_ranks` names the ranks; any other group raises).
 
 **Non-Gramian aggregators** work shard-locally. GradDrop's rule is per coordinate, so GradDrop of the shard
 is GradDrop of the averaged gradients on those columns — but its uniforms U_n are drawn per shard: with equal
@@ -52,7 +54,9 @@ forward) — the gradients would be averaged twice, at K times the traffic.
 so the clean g_i are all-reduced (K N b) before the perturbed passes; the step then takes the 2K rows [g; h] with
 ``averaged_rows=K``: only the K rows h_i are reduce-scattered, the g rows' shard is a local slice. One rank sends
 ≈ (P−1)/P · (3K + 1) N b per step (ring), against (P−1)/P · 4K N b for an all-reduce of [g; h] (and
-(4K + 1) N b if the averaged g rows were reduce-scattered again). The FMTL docstring lists every term.
+(4K + 1) N b if the averaged g rows were reduce-scattered again). The FMTL docstring lists every term. Sharded
+(tensor parallel, FSDP2, HSDP): each rank perturbs its own slice, and only the squared norms (2K numbers: the
+shared slices' and the heads' shards') join the Gram's all-reduce.
 
 Timeouts: a rank that raises or exits mid-step leaves the others waiting in a collective until the process
 group's timeout (``init_process_group(timeout=...)``); gloo then raises, turned into a
