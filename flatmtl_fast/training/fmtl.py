@@ -211,7 +211,7 @@ class FMTL:
                     for g in grads:
                         self._all_reduce(g, "a head's clean gradient", mean=True)
 
-        theta = self._backup()
+        theta, perturbed = self._backup()
         shared_norms = row_norms(G, weight=theta if self.adaptive else None)
         # Each head's squared norm: the part over FSDP2's shards (summed over the ranks), and the rest.
         head_shards, head_rest = torch.stack(
@@ -231,8 +231,6 @@ class FMTL:
             shared_scale = self.rho / (shared_norms + self.eps)
             head_scale = self.rho_task / (head_norms + self.eps)
 
-        # Sharded parameters are perturbed in a scratch vector, then copied shard by shard.
-        perturbed = theta.new_empty(theta.shape) if shared.data is None else shared.data
         try:
             for i in range(K):  # SAM gradient of task i at θ + ε_i: row K + i holds h_i = s_i − g_i (or s_i)
                 perturb(theta, G[i], shared_scale[i : i + 1], out=perturbed, adaptive=self.adaptive)
@@ -315,13 +313,17 @@ class FMTL:
         out.copy_(self.aggregator(rows[:K], loss_values))
         out.add_(self.flat_aggregator(rows[K:], loss_values))
 
-    def _backup(self) -> Tensor:
-        """The shared parameters' values (this rank's shards) copied into the reused (N,) backup θ."""
+    def _backup(self) -> tuple[Tensor, Tensor]:
+        """θ, the shared parameters' values (this rank's shards) copied into a reused (N,) vector, and where the
+        perturbed values go: the flat parameters themselves, or for sharded ones a second reused vector that is
+        then copied shard by shard."""
         shared = self.shared
-        if self._theta.device != shared.device or self._theta.dtype != shared.dtype:
+        shape = (1 if shared.data is not None else 2, shared.numel)
+        if self._theta.shape != shape or self._theta.device != shared.device or self._theta.dtype != shared.dtype:
             # On the weights' device: the backup never leaves the GPU.
-            self._theta = torch.empty(0, dtype=shared.dtype, device=shared.device)
-        return shared.read_values(self._theta.resize_(shared.numel))
+            self._theta = torch.empty(shape, dtype=shared.dtype, device=shared.device)
+        theta = shared.read_values(self._theta[0])
+        return theta, self._theta[1] if shared.data is None else shared.data
 
     def _head_squares(self, head: list[Tensor], grads: list[Tensor]) -> Tensor:
         """‖T ⊙ g‖² over one head's parameters, as (the part over DTensor shards, the rest) (float64 (2,))."""
