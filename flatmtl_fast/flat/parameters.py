@@ -123,6 +123,7 @@ class FlatParameters:
 
     def read_values(self, out: Tensor) -> Tensor:
         """Copy the parameters' values (this rank's shards when sharded) into the (N,) vector ``out``; return it."""
+        self._check_vector(out, "read_values", "out")
         with torch.no_grad():
             if self.data is not None:
                 return out.copy_(self.data)
@@ -132,11 +133,19 @@ class FlatParameters:
     def write_values(self, flat: Tensor) -> None:
         """Set the parameters' values (this rank's shards when sharded, which FSDP gathers at the next forward)
         from the (N,) vector ``flat``, in place: one copy into :attr:`data`, or one per shard."""
+        self._check_vector(flat, "write_values", "flat")
         with torch.no_grad():
             if self.data is not None:
                 self.data.copy_(flat)
             else:
                 torch._foreach_copy_([local_tensor(p) for p in self.params], self.split(flat))
+
+    def _check_vector(self, vector: object, op: str, name: str) -> None:
+        if not isinstance(vector, Tensor) or vector.shape != (self.numel,) or vector.device != self.device:
+            got = f"{tuple(vector.shape)} on {vector.device}" if isinstance(vector, Tensor) else type(vector).__name__
+            raise ValueError(
+                f"FlatParameters.{op}: {name} must be an (N,) = ({self.numel},) tensor on {self.device}, got {got}"
+            )
 
     def _flatten(self, device: torch.device) -> None:
         dtype = self.params[0].dtype

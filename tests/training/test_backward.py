@@ -568,3 +568,19 @@ def test_flat_parameters_refuse_shared_memory_and_a_mixed_cast():
     net.trunk.double()  # the whole set: re-flattened in float64, values kept
     shared.refresh()
     assert shared.dtype == torch.float64 and shared.is_flat()
+
+
+def test_flat_parameters_read_and_write_values():
+    """read_values/write_values round-trip the values exactly and refuse a vector of another length or a non-tensor."""
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    saved = shared.read_values(torch.empty(shared.numel))
+    assert torch.equal(saved, shared.data) and saved.data_ptr() != shared.data.data_ptr()
+    shared.write_values(torch.zeros(shared.numel))
+    assert all(not p.any() for p in net.trunk.parameters())
+    shared.write_values(saved)
+    assert torch.equal(shared.data, saved)
+    with pytest.raises(ValueError, match=r"read_values: out must be an \(N,\) = \(\d+,\) tensor on cpu, got \(3,\)"):
+        shared.read_values(torch.empty(3))
+    with pytest.raises(ValueError, match=r"write_values: flat must be an .* got list"):
+        shared.write_values([0.0])
