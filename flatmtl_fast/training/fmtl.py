@@ -327,13 +327,15 @@ class FMTL:
 
     def _head_squares(self, head: list[Tensor], grads: list[Tensor]) -> Tensor:
         """‖T ⊙ g‖² over one head's parameters, as (the part over DTensor shards, the rest) (float64 (2,))."""
-        parts = torch.zeros(2, dtype=torch.float64, device=self.shared.device)
-        with torch.no_grad():
+        shards = rest = torch.zeros((), dtype=torch.float64, device=self.shared.device)
+        with torch.no_grad():  # one running sum each: no indexed writes per parameter (launches on a GPU)
             for p, g in zip(head, grads, strict=True):
                 scaled = g.double() * local_tensor(p).double() if self.adaptive else g.double()
-                part = 0 if isinstance(p, DTensor) else 1
-                parts[part] = parts[part] + scaled.square().sum()
-        return parts
+                if isinstance(p, DTensor):
+                    shards = shards + scaled.square().sum()
+                else:
+                    rest = rest + scaled.square().sum()
+        return torch.stack([shards, rest])
 
     def _losses(self, closure: Closure, call: str, expected: int | None = None) -> list[Tensor]:
         with torch.enable_grad():
