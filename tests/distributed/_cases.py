@@ -18,6 +18,9 @@ RANDOMISED = ("PCGrad", "GradDrop")
 AVERAGED = 2  # leading rows of G already averaged over ranks in the ``averaged_rows`` cases
 BATCH = 12  # divisible by 1, 2 and 3: every rank gets an equal slice
 HIDDEN = 12  # the tensor-parallel layer's width, split evenly over 1, 2 or 3 ranks
+#: Net's heads have 3 outputs, so FSDP2 splits each head over 2 or 3 ranks (a head of one row would sit wholly on
+#: rank 0, and a sharded step that forgot to sum the heads' norms over the ranks would go unseen).
+HEAD_WIDTH = 3
 
 
 def make(name: str) -> flatmtl_fast.aggregators.Aggregator:
@@ -58,7 +61,7 @@ class Net(nn.Module):
         super().__init__()
         torch.manual_seed(SEED)
         self.trunk = nn.Sequential(nn.Linear(6, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 8), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
+        self.heads = nn.ModuleList(nn.Linear(8, HEAD_WIDTH) for _ in range(K))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return task_losses(self.heads, self.trunk(x), y)
@@ -75,8 +78,8 @@ class WideNet(nn.Module):
 
 
 def task_losses(heads: nn.ModuleList, z: Tensor, y: Tensor) -> Tensor:
-    """The K mean squared errors of the heads on the features z (+ 0.1, so DB-MTL's losses are > 0)."""
-    return torch.stack([((head(z).squeeze(1) - y[:, i]) ** 2).mean() + 0.1 for i, head in enumerate(heads)])
+    """The K mean squared errors of the heads' mean outputs on the features z (+ 0.1, so DB-MTL's losses are > 0)."""
+    return torch.stack([((head(z).mean(1) - y[:, i]) ** 2).mean() + 0.1 for i, head in enumerate(heads)])
 
 
 def batch() -> tuple[Tensor, Tensor]:
