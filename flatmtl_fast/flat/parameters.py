@@ -37,7 +37,9 @@ class FlatParameters:
     ``fully_shard`` leaves them) are taken as they are: N counts this rank's local scalars, :attr:`data` is None
     (FSDP owns their storage), and every ``.grad`` bound is a DTensor over this rank's slice of a flat buffer.
     Aggregate them with ``backward(..., process_group=<the group they are sharded over>, layout="sharded")`` or
-    ``FMTL`` likewise (with HSDP, the shard dimension's group: the replicas hold copies).
+    ``FMTL`` likewise (with HSDP, the shard dimension's group: the replicas hold copies). Build it before the first
+    forward pass or after ``reshard()``: the gathered copies FSDP2 leaves registered after a forward pass that no
+    backward pass followed are refused.
 
     Attributes:
         data: the flat parameter vector (N,); None for sharded parameters.
@@ -66,6 +68,7 @@ class FlatParameters:
             self.params.append(p)
         if not self.params:
             raise ValueError("FlatParameters: no parameters given")
+        check_not_gathered(self.params, "FlatParameters", "params")
         self.ids = frozenset(seen)  # to tell task parameters that are shared apart
         devices = {p.device for p in self.params}
         dtypes = {p.dtype for p in self.params}
@@ -226,6 +229,48 @@ def local_tensor(t: Tensor) -> Tensor:
     """This rank's part of ``t``: a DTensor's local shard (call it without grad: writes into it reach the DTensor),
     any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_not_gathered(params: Sequence[Tensor], owner: str, name: str) -> None:
+    """Raise if one of ``params`` is the gathered copy that FSDP2 registers on a module in place of a sharded
+    parameter. The root module's stay registered after a forward pass that no backward pass followed (an evaluation
+    under ``no_grad``, say): taking them would flatten or perturb a buffer FSDP frees and refills at every step,
+    and leave the optimizer's shards with wrong gradients."""
+    gathered = _fsdp_gathered_copies()
+    for i, p in enumerate(params):
+        if id(p) in gathered:
+            raise ValueError(
+                f"{owner}: {name}[{i}] is FSDP2's gathered copy of a sharded parameter, not the parameter (FSDP2 keeps "
+                "the root module's parameters gathered after a forward pass that no backward pass followed): call "
+                f"reshard() on the fully_shard module that holds it, or build {owner} before the first forward pass"
+            )
+
+
+def _fsdp_gathered_copies() -> set[int]:
+    """The ids of the gathered (unsharded) parameters FSDP2 holds for its sharded ones, in every fully_shard module.
+
+    FSDP2 keeps no public record of them: this reads its state, and finds nothing (no check) where a torch version
+    lays that state out otherwise. A copy is allocated at its module's first forward pass and reused."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return set()
+    copies = set()
+    for module in list(_module_state_mapping):
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.12: one group at most
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                copy = getattr(fsdp_param, "_unsharded_param", None)
+                if copy is not None:
+                    copies.add(id(copy))
+    return copies
 
 
 def _check_disjoint(params: list[Tensor]) -> None:

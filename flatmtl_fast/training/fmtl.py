@@ -30,7 +30,7 @@ from ..aggregators.base import Aggregator, GramianAggregator
 from ..distributed import DistributedStep, Traffic
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
-from ..flat.parameters import DTensor, local_tensor, shard_ranks
+from ..flat.parameters import DTensor, check_not_gathered, local_tensor, shard_ranks
 from ..primitives import combine, gram, perturb, row_norms
 from ..primitives.checks import check_flag
 from .backward import (
@@ -153,6 +153,8 @@ class FMTL:
             # Its passes run over the whole graph (FSDP's parameters are not in it): a head left out would sum the
             # gradients of all 2K passes.
             raise ValueError("FMTL: with FSDP2's sharded parameters, pass task_params (every head's parameters)")
+        for i, head in enumerate(self.task_params or []):
+            check_not_gathered(head, "FMTL", f"task_params[{i}]")
         head_ranks = shard_ranks(_flatten(self.task_params or []), "FMTL", "task_params")
         check_sharded_use(head_ranks, process_group, layout, "FMTL", "task_params")
         self.model = model

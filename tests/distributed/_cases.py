@@ -18,9 +18,10 @@ RANDOMISED = ("PCGrad", "GradDrop")
 AVERAGED = 2  # leading rows of G already averaged over ranks in the ``averaged_rows`` cases
 BATCH = 12  # divisible by 1, 2 and 3: every rank gets an equal slice
 HIDDEN = 12  # the tensor-parallel layer's width, split evenly over 1, 2 or 3 ranks
-#: Net's heads have 3 outputs, so FSDP2 splits each head over 2 or 3 ranks (a head of one row would sit wholly on
-#: rank 0, and a sharded step that forgot to sum the heads' norms over the ranks would go unseen).
-HEAD_WIDTH = 3
+#: The widths of Net's heads: FSDP2 splits the wider ones over 2 or 3 ranks (with only one-row heads, wholly on
+#: rank 0, a sharded step that forgot to sum the heads' norms over the ranks would go unseen), and leaves empty
+#: shards of the narrower ones (head 0 on ranks 1 and 2, head 2 on rank 2 of 3).
+HEAD_WIDTHS = (1, 3, 2)
 
 
 def make(name: str) -> flatmtl_fast.aggregators.Aggregator:
@@ -61,7 +62,7 @@ class Net(nn.Module):
         super().__init__()
         torch.manual_seed(SEED)
         self.trunk = nn.Sequential(nn.Linear(6, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 8), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(8, HEAD_WIDTH) for _ in range(K))
+        self.heads = nn.ModuleList(nn.Linear(8, width) for width in HEAD_WIDTHS)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return task_losses(self.heads, self.trunk(x), y)

@@ -120,6 +120,7 @@ def _main_scenarios(rank: int, store: dist.Store) -> dict[str, Callable[[], Any]
         "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
         "backward_fsdp2": lambda: _backward_fsdp2(rank, groups),
         "fsdp2_misuse": lambda: _fsdp2_misuse(rank, groups[2]),
+        "fmtl_after_reshard": lambda: _fmtl_after_reshard(rank, groups[2]),
         "fmtl_fsdp2": lambda: _fmtl_fsdp2(rank, groups),
         "fmtl": lambda: _fmtl(rank, groups),
         "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
@@ -353,14 +354,26 @@ def _backward_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
 def _fsdp2_net(group: dist.ProcessGroup | Any) -> tuple[Net, flatmtl_fast.FlatParameters]:
     """A Net whose trunk and root are sharded by ``fully_shard`` over ``group`` (or a DeviceMesh), and its flattened
     trunk shards."""
+    net = _sharded_net(group)
+    return net, flatmtl_fast.FlatParameters(net.trunk)
+
+
+def _sharded_net(group: dist.ProcessGroup | Any, *, shard_trunk: bool = True, evaluated: bool = False) -> Net:
+    """A Net sharded by ``fully_shard`` over ``group`` (or a DeviceMesh): the trunk on its own unless
+    ``shard_trunk`` is False, then the root. ``evaluated``: after a forward pass under ``no_grad``, which leaves
+    the root's parameters (the heads, and the trunk's when it is not sharded on its own) FSDP's gathered copies."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = group if isinstance(group, DeviceMesh) else DeviceMesh.from_group(group, "cpu")
     net = Net()
-    fully_shard(net.trunk, mesh=mesh)
+    if shard_trunk:
+        fully_shard(net.trunk, mesh=mesh)
     fully_shard(net, mesh=mesh)
-    return net, flatmtl_fast.FlatParameters(net.trunk)
+    if evaluated:
+        with torch.no_grad():
+            net(*batch())
+    return net
 
 
 #: The F-MTL cases on FSDP2 shards: aggregator, then options of FMTL.
@@ -504,8 +517,35 @@ def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, s
             make("UPGrad"),
             task_params=[_fsdp2_net(group)[0].heads[0]],
         ),
+        "flat after evaluation": lambda: flatmtl_fast.FlatParameters(
+            _sharded_net(group, shard_trunk=False, evaluated=True).trunk
+        ),
+        "fmtl heads after evaluation": lambda: _fmtl_on(_sharded_net(group, evaluated=True), group),
     }
     return _outcomes(attempts)
+
+
+def _fmtl_on(net: Net, group: dist.ProcessGroup) -> flatmtl_fast.FMTL:
+    """UPGrad's F-MTL on FSDP2 shards of ``net``: its flattened trunk, its heads as the task parameters."""
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    return flatmtl_fast.FMTL(
+        shared, make("UPGrad"), rho=0.5, task_params=list(net.heads), process_group=group, layout="sharded"
+    )
+
+
+def _fmtl_after_reshard(rank: int, group: dist.ProcessGroup) -> bool:
+    """Whether F-MTL built after an evaluation and ``reshard()`` gives the gradients of one built before any
+    forward pass (both on rank ``rank``'s slice of the batch)."""
+    if rank >= 2:
+        return True
+    x, y = batch()
+    grads = []
+    for evaluated in (False, True):
+        net = _sharded_net(group, evaluated=evaluated)
+        net.reshard()  # no-op on a fresh model
+        _fmtl_on(net, group).step(lambda net=net: net(x.chunk(2)[rank], y.chunk(2)[rank]))
+        grads.append([p.grad.full_tensor() for p in net.parameters()])
+    return all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 def _fmtl(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:

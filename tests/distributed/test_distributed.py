@@ -395,6 +395,9 @@ def test_misused_fsdp2_shards_raise_clearly(ranks):
         "fmtl replicated layout": "layout='sharded'",
         "fmtl without heads": "pass task_params",
         "fmtl sharded heads": "FMTL: task_params holds FSDP2's sharded parameters",
+        # After a forward pass under no_grad, FSDP2 leaves gathered copies registered in place of the root's shards.
+        "flat after evaluation": "FlatParameters: params[0] is FSDP2's gathered copy of a sharded parameter",
+        "fmtl heads after evaluation": "FMTL: task_params[0][0] is FSDP2's gathered copy of a sharded parameter",
     }
     for rank, outcome in enumerate(scenario(ranks, "fsdp2_misuse", 2)):
         assert set(outcome) == set(expected)
@@ -402,6 +405,10 @@ def test_misused_fsdp2_shards_raise_clearly(ranks):
             assert outcome[what] is not None, f"rank {rank}: {what} did not raise"
             kind, message = outcome[what]
             assert kind == "ValueError" and phrase in message, f"rank {rank}, {what}: {kind}: {message}"
+
+
+def test_fmtl_built_after_an_evaluation_and_reshard_equals_one_built_before(ranks):
+    assert all(scenario(ranks, "fmtl_after_reshard", 2))
 
 
 def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(ranks):
