@@ -122,6 +122,7 @@ def _main_scenarios(rank: int, store: dist.Store) -> dict[str, Callable[[], Any]
         "fsdp2_misuse": lambda: _fsdp2_misuse(rank, groups[2]),
         "fmtl_after_reshard": lambda: _fmtl_after_reshard(rank, groups[2]),
         "fmtl_fsdp2": lambda: _fmtl_fsdp2(rank, groups),
+        "fsdp2_bfloat16": lambda: _fsdp2_bfloat16(rank, groups),
         "fmtl": lambda: _fmtl(rank, groups),
         "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
         "nonfinite": lambda: _nonfinite(rank),
@@ -358,22 +359,70 @@ def _fsdp2_net(group: dist.ProcessGroup | Any) -> tuple[Net, flatmtl_fast.FlatPa
     return net, flatmtl_fast.FlatParameters(net.trunk)
 
 
-def _sharded_net(group: dist.ProcessGroup | Any, *, shard_trunk: bool = True, evaluated: bool = False) -> Net:
+def _sharded_net(
+    group: dist.ProcessGroup | Any,
+    *,
+    shard_trunk: bool = True,
+    evaluated: bool = False,
+    bfloat16: bool = False,
+    trunk_reshards: bool = True,
+) -> Net:
     """A Net sharded by ``fully_shard`` over ``group`` (or a DeviceMesh): the trunk on its own unless
     ``shard_trunk`` is False, then the root. ``evaluated``: after a forward pass under ``no_grad``, which leaves
-    the root's parameters (the heads, and the trunk's when it is not sharded on its own) FSDP's gathered copies."""
+    the root's parameters (the heads, and the trunk's when it is not sharded on its own) FSDP's gathered copies.
+    ``bfloat16``: FSDP's mixed precision, bfloat16 parameters and inputs in the passes, gradients averaged in
+    float32. ``trunk_reshards=False``: the trunk stays gathered from its forward pass to its backward pass."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = group if isinstance(group, DeviceMesh) else DeviceMesh.from_group(group, "cpu")
+    options: dict[str, Any] = {"mesh": mesh}
+    if bfloat16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     net = Net()
     if shard_trunk:
-        fully_shard(net.trunk, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+        fully_shard(net.trunk, reshard_after_forward=trunk_reshards, **options)
+    fully_shard(net, **options)
     if evaluated:
         with torch.no_grad():
             net(*batch())
     return net
+
+
+#: FSDP2 with mixed precision (bfloat16 passes, float32 averaging): the step, and whether the trunk reshards after
+#: its forward pass (FSDP's default) or stays gathered until its backward pass.
+FSDP2_BFLOAT16_CASES = {
+    "backward": True,
+    "F-MTL": True,
+    "F-MTL+trunk kept gathered": False,
+}
+
+
+def _fsdp2_bfloat16(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, list[Tensor]]:
+    """One UPGrad step (``backward`` or F-MTL) on a model under FSDP2's mixed precision, each rank on its slice of
+    the batch: the float32 gradients of the whole model."""
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        xs, ys = x.chunk(P)[rank], y.chunk(P)[rank]
+        for case, trunk_reshards in FSDP2_BFLOAT16_CASES.items():
+            net = _sharded_net(group, bfloat16=True, trunk_reshards=trunk_reshards)
+            if case == "backward":
+                flatmtl_fast.backward(
+                    net(xs, ys),
+                    flatmtl_fast.FlatParameters(net.trunk),
+                    make("UPGrad"),
+                    task_params=net.heads.parameters(),
+                    process_group=group,
+                    layout="sharded",
+                )
+            else:
+                _fmtl_on(net, group).step(lambda net=net, xs=xs, ys=ys: net(xs, ys))
+            with uncounted():
+                out[P, case] = [p.grad.full_tensor().clone() for p in net.parameters()]
+    return out
 
 
 #: The F-MTL cases on FSDP2 shards: aggregator, then options of FMTL.

@@ -313,8 +313,8 @@ def test_backward_sharded_layout_tensor_parallel(ranks, P):
 @pytest.mark.parametrize("case", list(_worker.FSDP2_CASES))
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
-    """A model sharded by ``fully_shard`` (trunk and root; the heads' (1, 8) weights leave empty shards on two of
-    three ranks), each rank on its slice of the batch, two steps of SGD with momentum on the DTensor parameters:
+    """A model sharded by ``fully_shard`` (trunk and root; heads split over the ranks, and heads leaving empty
+    shards), each rank on its slice of the batch, two steps of SGD with momentum on the DTensor parameters:
     the single-process steps on the whole batch."""
     results = scenario(ranks, "backward_fsdp2", P)
     net = Net()
@@ -355,9 +355,10 @@ def test_backward_on_fsdp2_shards_equals_one_process(ranks, P, case):
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
     """F-MTL on a model sharded by ``fully_shard`` (each rank perturbing its own shards of the trunk and of the
-    heads, whose (1, 8) weights leave empty shards), each rank on its slice of the batch, two steps of SGD with
-    momentum: the single-process F-MTL steps on the whole batch; the weights are restored bit for bit and only
-    the losses, the squared norms, the Gram and the weights are communicated besides FSDP's own gathers."""
+    heads, some split over the ranks, some leaving empty shards), each rank on its slice of the batch, two steps
+    of SGD with momentum: the single-process F-MTL steps on the whole batch; the weights are restored bit for bit
+    and only the losses, the squared norms, the Gram and the weights are communicated besides FSDP's own
+    gathers."""
     results = scenario(ranks, "fmtl_fsdp2", P)
     net = Net()
     shared = flatmtl_fast.FlatParameters(net.trunk)
@@ -381,6 +382,53 @@ def test_fmtl_on_fsdp2_shards_equals_one_process(ranks, P, case):
         optimizer.zero_grad()
     for result in results:
         assert relative_error(result[P, case]["params"], list(net.parameters())) <= 1e-4
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_fsdp2_mixed_precision_equals_one_process(ranks, P):
+    """FSDP2's mixed precision (bfloat16 parameters and inputs in the passes, float32 averaging), each rank on its
+    slice of the batch, one UPGrad step; float32 gradients come out.
+
+    ``backward``: one process replays each rank's bfloat16 passes (the same bfloat16 operations on the same slice,
+    hence the same bfloat16 task gradients), averages them in float32 and aggregates with the reference UPGrad:
+    float32 sums grouped otherwise (a few ulps) and the solvers' agreement (1e-9), 1e-6 (measured 1.5e-8).
+    F-MTL: one process on the whole batch in bfloat16, which perturbs bfloat16 weights (FSDP: the float32 shards)
+    and whose passes round otherwise (a mean over 12 samples, not over 6 or 4): a few bfloat16 ulps (2⁻⁸ relative
+    each) through the perturbation and the second passes, 2e-2 (measured 3–5e-3)."""
+    results = scenario(ranks, "fsdp2_bfloat16", P)
+    x, y = batch()
+    model = Net().to(torch.bfloat16)
+    trunk, heads = list(model.trunk.parameters()), list(model.heads.parameters())
+    rows, head_grads = [], []
+    for xs, ys in zip(x.chunk(P), y.chunk(P), strict=True):
+        losses = model(xs.bfloat16(), ys.bfloat16())
+        rows.append(
+            torch.stack(
+                [
+                    torch.cat([g.flatten() for g in torch.autograd.grad(loss, trunk, retain_graph=True)])
+                    for loss in losses
+                ]
+            )
+        )
+        head_grads.append(torch.autograd.grad(losses.sum(), heads))
+    d = flatmtl_fast.reference.UPGrad()(torch.stack(rows).float().mean(0))
+    averaged_heads = [torch.stack(grads).float().mean(0) for grads in zip(*head_grads, strict=True)]
+    want = [
+        *(part.view(p.shape) for part, p in zip(d.split([p.numel() for p in trunk]), trunk, strict=True)),
+        *averaged_heads,
+    ]
+
+    fmtl = flatmtl_fast.FMTL(
+        flatmtl_fast.FlatParameters(model.trunk), make("UPGrad"), rho=0.5, task_params=list(model.heads)
+    )
+    fmtl.step(lambda: model(x.bfloat16(), y.bfloat16()))
+    want_fmtl = [p.grad.float() for p in model.parameters()]
+    for rank, result in enumerate(results):
+        for case in _worker.FSDP2_BFLOAT16_CASES:
+            got = result[P, case]
+            assert all(g.dtype == torch.float32 for g in got), f"rank {rank}, {case}: {[g.dtype for g in got]}"
+            exact, relative = (want, 1e-6) if case == "backward" else (want_fmtl, 2e-2)
+            assert relative_error(got, exact) <= relative, f"rank {rank}, {case}: {relative_error(got, exact)}"
 
 
 def test_misused_fsdp2_shards_raise_clearly(ranks):
