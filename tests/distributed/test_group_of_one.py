@@ -98,3 +98,35 @@ def test_aggregate_equals_the_plain_aggregation_without_host_sync(group, layout:
     assert torch.equal(result.weights, expected_w)
     assert torch.equal(out, expected_d)
     assert result.traffic.reduce_scatter == result.traffic.all_gather == 0  # one rank: nothing of size N moves
+
+
+@pytest.mark.parametrize("step", ["backward", "F-MTL"])
+def test_fsdp2_shards_equal_the_plain_path(group, step: str) -> None:
+    """FSDP2's ``fully_shard`` over the group of one rank (sharded layout), ``backward`` or F-MTL: the plain step's
+    ``.grad`` (shared and heads) bit for bit — on a GPU, FSDP2 over NCCL."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    process_group, device = group
+    x, y = (t.to(device) for t in batch())
+    grads = []
+    for sharded in (False, True):
+        net = Net().to(device)  # seeded: the same parameters both times
+        options = {}
+        if sharded:
+            mesh = DeviceMesh.from_group(process_group, device.type)
+            fully_shard(net.trunk, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            options = {"process_group": process_group, "layout": "sharded"}
+        shared = flatmtl_fast.FlatParameters(net.trunk)
+        if step == "backward":
+            flatmtl_fast.backward(
+                net(x, y), shared, flatmtl_fast.UPGrad(), task_params=net.heads.parameters(), **options
+            )
+        else:
+            fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho=0.5, task_params=list(net.heads), **options)
+            fmtl.step(lambda net=net: net(x, y))
+        grads.append([(p.grad.full_tensor() if sharded else p.grad).clone() for p in net.parameters()])
+    plain, fsdp = grads
+    for got, want in zip(fsdp, plain, strict=True):
+        assert torch.equal(got, want)
