@@ -258,9 +258,10 @@ def _fsdp_gathered_copies() -> set[int]:
         return set()
     copies = set()
     for module in list(_module_state_mapping):
-        if not isinstance(module, FSDPModule):
+        get_state = getattr(module, "_get_fsdp_state", None) if isinstance(module, FSDPModule) else None
+        if get_state is None:
             continue
-        state = module._get_fsdp_state()
+        state = get_state()
         groups = getattr(state, "_fsdp_param_groups", None)
         if groups is None:  # torch < 2.12: one group at most
             group = getattr(state, "_fsdp_param_group", None)
