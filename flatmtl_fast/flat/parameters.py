@@ -68,7 +68,7 @@ class FlatParameters:
             self.params.append(p)
         if not self.params:
             raise ValueError("FlatParameters: no parameters given")
-        check_not_gathered(self.params, "FlatParameters", "params")
+        check_not_gathered(((f"params[{i}]", p) for i, p in enumerate(self.params)), "FlatParameters")
         self.ids = frozenset(seen)  # to tell task parameters that are shared apart
         devices = {p.device for p in self.params}
         dtypes = {p.dtype for p in self.params}
@@ -231,16 +231,16 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def check_not_gathered(params: Sequence[Tensor], owner: str, name: str) -> None:
-    """Raise if one of ``params`` is the gathered copy that FSDP2 registers on a module in place of a sharded
-    parameter. The root module's stay registered after a forward pass that no backward pass followed (an evaluation
-    under ``no_grad``, say): taking them would flatten or perturb a buffer FSDP frees and refills at every step,
-    and leave the optimizer's shards with wrong gradients."""
+def check_not_gathered(named: Iterable[tuple[str, Tensor]], owner: str) -> None:
+    """Raise if one of the ``(name, tensor)`` pairs holds the gathered copy that FSDP2 registers on a module in
+    place of a sharded parameter. The root module's stay registered after a forward pass that no backward pass
+    followed (an evaluation under ``no_grad``, say): taking them would flatten or perturb a buffer FSDP frees and
+    refills at every step, and leave the optimizer's shards with wrong gradients."""
     gathered = _fsdp_gathered_copies()
-    for i, p in enumerate(params):
+    for name, p in named:
         if id(p) in gathered:
             raise ValueError(
-                f"{owner}: {name}[{i}] is FSDP2's gathered copy of a sharded parameter, not the parameter (FSDP2 keeps "
+                f"{owner}: {name} is FSDP2's gathered copy of a sharded parameter, not the parameter (FSDP2 keeps "
                 "the root module's parameters gathered after a forward pass that no backward pass followed): call "
                 f"reshard() on the fully_shard module that holds it, or build {owner} before the first forward pass"
             )

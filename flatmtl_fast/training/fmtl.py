@@ -153,9 +153,11 @@ class FMTL:
             # Its passes run over the whole graph (FSDP's parameters are not in it): a head left out would sum the
             # gradients of all 2K passes.
             raise ValueError("FMTL: with FSDP2's sharded parameters, pass task_params (every head's parameters)")
-        for i, head in enumerate(self.task_params or []):
-            check_not_gathered(head, "FMTL", f"task_params[{i}]")
-        head_ranks = shard_ranks(_flatten(self.task_params or []), "FMTL", "task_params")
+        heads = self.task_params or []
+        check_not_gathered(
+            ((f"task_params[{i}][{j}]", p) for i, head in enumerate(heads) for j, p in enumerate(head)), "FMTL"
+        )
+        head_ranks = shard_ranks(_flatten(heads), "FMTL", "task_params")
         check_sharded_use(head_ranks, process_group, layout, "FMTL", "task_params")
         self.model = model
         self.nonfinite: NonFinitePolicy = nonfinite

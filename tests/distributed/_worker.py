@@ -443,17 +443,9 @@ def _fmtl_fsdp2(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, 
         if rank >= P:
             continue
         for case, options in FMTL_FSDP2_CASES.items():
-            net, shared = _fsdp2_net(group)
+            net = _sharded_net(group)
             optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-            fmtl = flatmtl_fast.FMTL(
-                shared,
-                make(case.split("+")[0]),
-                rho=0.5,
-                task_params=list(net.heads),
-                process_group=group,
-                layout="sharded",
-                **options,
-            )
+            fmtl = _fmtl_on(net, group, case.split("+")[0], **options)
             steps = []
             for _ in range(STEPS):
                 with uncounted():
@@ -574,11 +566,12 @@ def _fsdp2_misuse(rank: int, group: dist.ProcessGroup) -> dict[str, tuple[str, s
     return _outcomes(attempts)
 
 
-def _fmtl_on(net: Net, group: dist.ProcessGroup) -> flatmtl_fast.FMTL:
-    """UPGrad's F-MTL on FSDP2 shards of ``net``: its flattened trunk, its heads as the task parameters."""
+def _fmtl_on(net: Net, group: dist.ProcessGroup, name: str = "UPGrad", **options: Any) -> flatmtl_fast.FMTL:
+    """F-MTL (ρ = 0.5, FMTL's ``options``) around the aggregator ``name`` on FSDP2 shards of ``net``: its flattened
+    trunk, its heads as the task parameters."""
     shared = flatmtl_fast.FlatParameters(net.trunk)
     return flatmtl_fast.FMTL(
-        shared, make("UPGrad"), rho=0.5, task_params=list(net.heads), process_group=group, layout="sharded"
+        shared, make(name), rho=0.5, task_params=list(net.heads), process_group=group, layout="sharded", **options
     )
 
 
