@@ -58,22 +58,20 @@ def graddrop_problem(K: int, N: int, dtype: torch.dtype, leak: str) -> tuple[tor
     return G, (torch.rand(K, generator=gen) if leak == "per-task" else 0.0)
 
 
-#: Methods whose weights depend on M (the solver term of :func:`direction_tolerance`).
+#: Methods whose weights depend on M (whose directions carry a solver error).
 SOLVED = tuple(name for name in GRAMIAN if name not in ("Mean", "Sum", "RLW"))
 
 
 def direction_tolerance(
-    name: str, w: torch.Tensor, G: torch.Tensor, out_dtype: torch.dtype, weight_error: torch.Tensor | None = None
+    name: str, w: torch.Tensor, G: torch.Tensor, out_dtype: torch.dtype, weight_error: torch.Tensor, *, fused: int = 1
 ) -> torch.Tensor:
     """Entry-wise bound for |d_fused − d_ref| with m = |w|ᵀ|G| (float64) and the fused weights within
-    ``weight_error`` (K,) of the reference's w:
+    ``weight_error`` (K,) of the reference's w, where ``fused`` of the two directions come from the fused path
+    (2: two backends compared with each other):
 
-    - solver: |Δw|ᵀ|G|. The parity tests measure ``weight_error`` (see test_parity.py). Without it, the
-      argued allowance 1e-3·|w| for methods in ``SOLVED``: the gram sums float32 products over ≤ 4096 terms
-      per tile, so entry error ≤ 5·√4096·u·‖g_i‖‖g_j‖ (tests/support/cases.py), a relative perturbation
-      δ ≈ 2e-5 of M in the worst case, which a solver with condition number κ ≲ 50 turns into κδ on w;
-    - combine: a K-term float32 sum, (K + 2)·u·m, then one rounding to the output dtype — and the
-      reference rounds its float64 result once too: two half-ulps, 2·u(out dtype)·m.
+    - solver: |Δw|ᵀ|G|, with ``weight_error`` measured by the caller (see test_parity.py, assert_paths_agree);
+    - combine: each fused direction is a K-term float32 sum, (K + 2)·u·m, then both directions are rounded once
+      to the output dtype (the reference's float64 result too): two half-ulps, 2·u(out dtype)·m.
     DB-MTL (w its effective weights α_i (1 − β)/L_i, not 1) adds its float32 state: the gain (1 − β)/L_i
       rounded to float32 and the buffer entry gain·g rounded (2u), the two row norms in α_i = max‖B‖/‖B_i‖,
       each within (3 + 5√4096)·u/2 relative (tests/support/cases.py norm_tolerance), and α's rounding to
@@ -81,8 +79,30 @@ def direction_tolerance(
     """
     w = w.double()
     m = w.abs() @ G.double().abs()
-    if weight_error is None:
-        weight_error = (1e-3 if name in SOLVED else 0.0) * w.abs()
     rounding = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[out_dtype]
     state = (6 + 5 * 4096**0.5) * U32 if name == "DBMTL" else 0.0
-    return weight_error.double() @ G.double().abs() + (state + (G.shape[0] + 2) * U32 + 2 * rounding) * m + 1e-30
+    combine = fused * (G.shape[0] + 2) * U32
+    return weight_error.double() @ G.double().abs() + (state + combine + 2 * rounding) * m + 1e-30
+
+
+def assert_paths_agree(name: str, G: torch.Tensor, *paths: tuple[str, torch.Tensor]) -> None:
+    """The fused directions of the float32 G along two paths, each (backend, G on its device), agree within
+    the bound of :func:`direction_tolerance` with both directions fused (e.g. a CUDA backend against the CPU
+    path). Each path solves on its own float64 Gram, so the weights differ by at most |w(M_2) − w(M_1)| (the
+    problem's sensitivity to the two Grams' rounding, measured with the cpp solver on both) + 2·WEIGHT_RTOL·max|w|
+    (each path's solver within WEIGHT_RTOL of the reference on one M: test_weights_parity_on_the_same_gram,
+    and for the torch solvers the parity tests' ``reference`` and ``triton`` backends)."""
+    losses = losses_for(name, G.shape[0])
+    directions, weights = [], []
+    for backend, G_on_device in paths:
+        losses_on_device = None if losses is None else losses.to(G_on_device.device)
+        with flatmtl_fast.use_backend(backend):
+            directions.append(make(name)(G_on_device, losses_on_device).cpu().double())
+            M = flatmtl_fast.gram(G_on_device, dtype=torch.float64).cpu()  # the aggregator's own (deterministic)
+        with flatmtl_fast.use_backend("cpp"):  # a fresh instance: the same draws and starts as the path's
+            weights.append(make(name).weights(M, losses))
+    error = (weights[1] - weights[0]).abs() + 2 * WEIGHT_RTOL[name] * float(weights[0].abs().max())
+    excess = (directions[1] - directions[0]).abs() - direction_tolerance(
+        name, weights[0], G, torch.float32, error, fused=2
+    )
+    assert bool((excess <= 0).all()), f"{name} K={G.shape[0]} {paths[1][0]}: max excess {float(excess.max()):.3g}"

@@ -6,7 +6,17 @@ import functools
 
 import pytest
 import torch
-from fused._util import ALL, GRAMIAN, SOLVED, WEIGHT_RTOL, direction_tolerance, losses_for, make, random_G
+from fused._util import (
+    ALL,
+    GRAMIAN,
+    SOLVED,
+    WEIGHT_RTOL,
+    assert_paths_agree,
+    direction_tolerance,
+    losses_for,
+    make,
+    random_G,
+)
 
 import flatmtl_fast
 
@@ -212,3 +222,12 @@ def test_zero_in_hull_matches_reference(name: str, kwargs: dict, where: str, K: 
         atol = WEIGHT_RTOL[name] * float(w_ref.abs().max())
         torch.testing.assert_close(w, w_ref, rtol=0, atol=atol)
         torch.testing.assert_close(d, d_ref, rtol=0, atol=atol * float(G.abs().sum(dim=0).max()))
+
+
+@pytest.mark.parametrize("K", [2, 7, 40])
+@pytest.mark.parametrize("name", GRAMIAN)
+def test_two_fused_paths_agree(name: str, K: int) -> None:
+    """The check of the GPU test (each CUDA backend against the CPU path) run on the CPU, so CI exercises its
+    measured tolerance: the torch solvers behind torch's Gram (``reference`` backend) against the cpp path."""
+    G = random_G(K, 20_011, seed=K)
+    assert_paths_agree(name, G, ("cpp", G), ("reference", G))
