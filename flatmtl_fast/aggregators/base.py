@@ -27,6 +27,9 @@ class Aggregator(ABC):
     needs_losses: bool = False
     #: Names of attributes that form the state between steps (tensors, numbers or None).
     _state_attributes: tuple[str, ...] = ()
+    #: Whether the state keeps (a combination of) the gradients themselves (DB-MTL's EMA), not only K-sized values:
+    #: ``backward`` with a GradScaler then hands them over unscaled, so that steps of different scales do not mix.
+    keeps_gradients: bool = False
 
     @abstractmethod
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:

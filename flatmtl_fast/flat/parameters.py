@@ -45,11 +45,19 @@ class FlatParameters:
         data: the flat parameter vector (N,); None for sharded parameters.
         grad: the flat gradient buffer (N,); :meth:`bind_grad` makes every ``p.grad`` a view of it.
         sharded: whether the parameters are FSDP2's DTensor shards.
+        kept: what entry points keep with these parameters between steps (``backward``'s reused K × N buffer),
+            freed with them.
         shard_ranks: the global ranks whose shards make up the parameters with this rank's (``process_group``
             must hold exactly these), None if not sharded.
     """
 
     def __init__(self, params: Iterable[nn.Parameter] | nn.Module) -> None:
+        if isinstance(params, Tensor) or not isinstance(params, Iterable | nn.Module):
+            # A lone tensor is iterable too: it would be flattened as its rows (views, not parameters).
+            raise TypeError(
+                "FlatParameters: params must be a module or an iterable of parameters (a single one: [param]), got "
+                + ("a tensor" if isinstance(params, Tensor) else type(params).__name__)
+            )
         if isinstance(params, nn.Module):
             params = params.parameters()
         self.params: list[nn.Parameter] = []
@@ -63,6 +71,11 @@ class FlatParameters:
                 raise ValueError(
                     f"FlatParameters: parameter {len(self.params)} does not require grad (frozen): leave it out of "
                     "the shared parameters"
+                )
+            if not p.is_leaf:  # a view or a result: its .data cannot be re-pointed, backward passes stop at it
+                raise ValueError(
+                    f"FlatParameters: parameter {len(self.params)} is computed by autograd (not a leaf): pass the "
+                    "parameters it is computed from"
                 )
             seen.add(id(p))
             self.params.append(p)
@@ -86,6 +99,7 @@ class FlatParameters:
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
+        self.kept: dict[str, object] = {}
         self._flatten(self.params[0].device)
 
     @property
@@ -179,7 +193,14 @@ class FlatParameters:
         return list(map(Tensor.data_ptr, self.params)) == self._addresses
 
     def refresh(self) -> None:
-        """Re-flatten if the parameters were moved or replaced (keeps their current values)."""
+        """Re-flatten if the parameters were moved or replaced (keeps their current values); raise if one was frozen
+        or reshaped since (its view of the flat buffer would be wrong)."""
+        for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                raise ValueError(
+                    f"FlatParameters: parameter {i} {tuple(p.shape)} no longer requires grad (frozen after it was "
+                    "flattened): build a new FlatParameters without it"
+                )
         if not self.is_flat():
             devices = {p.device for p in self.params}
             dtypes = {p.dtype for p in self.params}
@@ -190,6 +211,12 @@ class FlatParameters:
                     f"FlatParameters: parameters now have several dtypes {sorted(map(str, dtypes))}; cast the whole "
                     "set (e.g. the module) to one dtype"
                 )
+            for i, (p, shape) in enumerate(zip(self.params, self.shapes, strict=True)):
+                if (p.to_local().shape if self.sharded else p.shape) != shape:
+                    raise ValueError(
+                        f"FlatParameters: parameter {i} changed shape from {tuple(shape)} to {tuple(p.shape)}: build a "
+                        "new FlatParameters for the new shapes"
+                    )
             self._flatten(devices.pop())
 
     def bind_grad(self, flat_grad: Tensor | None = None) -> Tensor:
@@ -202,6 +229,11 @@ class FlatParameters:
             return self.grad
         self.bind_grad_views(self.grad_views(flat_grad))
         return flat_grad
+
+    def unbind_grad(self) -> None:
+        """Set every ``p.grad`` to None (no longer a view of a buffer that will be overwritten)."""
+        for p in self.params:
+            p.grad = None
 
     def bind_grad_views(self, views: Sequence[Tensor]) -> None:
         """Make every ``p.grad`` its view in ``views`` (from :meth:`grad_views`, kept by callers that rebind

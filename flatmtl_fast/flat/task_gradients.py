@@ -22,12 +22,23 @@ class TaskGradients:
     ordinary gradient Σ_i ∂L_i/∂θ in ``.grad``.
     """
 
-    def __init__(self, shared: FlatParameters, num_tasks: int, dtype: torch.dtype | None = None) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"TaskGradients: num_tasks must be ≥ 1, got {num_tasks}")
+    def __init__(
+        self,
+        shared: FlatParameters,
+        num_tasks: int,
+        dtype: torch.dtype | None = None,
+        *,
+        owner: str = "TaskGradients",
+        name: str = "dtype",
+    ) -> None:
+        """``owner`` and ``name``: how errors name the caller and the argument that gave ``dtype``."""
+        if not isinstance(shared, FlatParameters):
+            raise TypeError(f"{owner}: shared must be a FlatParameters, got {type(shared).__name__}")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"{owner}: num_tasks must be an integer ≥ 1, got {num_tasks!r}")
         dtype = shared.dtype if dtype is None else dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"TaskGradients: dtype must be a floating dtype, got {dtype}")
+            raise TypeError(f"{owner}: {name} must be float32, bfloat16, float16 or float64, got {dtype}")
         self.shared = shared
         self.buffer = torch.empty(num_tasks, shared.numel, dtype=dtype, device=shared.device)
         self._scratch = None if dtype == shared.dtype else torch.empty_like(shared.grad)
@@ -60,7 +71,8 @@ class TaskGradients:
 
         The graph is kept until the last pass (and after it when ``retain_graph``). Raises if a
         loss reaches none of the shared parameters (its row would silently be zero). With ``add``,
-        row i receives its gradient added to what it holds (micro-batch accumulation).
+        row i receives its gradient added to what it holds (micro-batch accumulation). The shared
+        parameters' ``.grad`` are None afterwards (and after an error): they were views of the buffer.
 
         With ``batched``, one vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``)
         gives all K rows, then one plain pass over the extra inputs gives them Σ_i ∂L_i/∂θ: the autograd
@@ -73,6 +85,14 @@ class TaskGradients:
             raise ValueError(
                 f"expected {self.num_tasks} losses (the number of tasks this buffer was made for), got {len(losses)}"
             )
+        for i, loss in enumerate(losses):
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                got = type(loss).__name__
+                if isinstance(loss, Tensor):
+                    got = f"shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}"
+                raise ValueError(
+                    f"TaskGradients.capture: loss {i} must be a scalar tensor that requires grad, got {got}"
+                )
         if batched:
             if self.shared.sharded:
                 raise ValueError(
@@ -82,9 +102,12 @@ class TaskGradients:
             self._capture_batched(losses, extra_inputs, retain_graph=retain_graph, add=add)
             return self.buffer
         inputs = self.shared.backward_inputs(extra_inputs)
-        for i, loss in enumerate(losses):
-            last = i == len(losses) - 1
-            self.capture_row(i, loss, inputs, retain_graph=retain_graph or not last, add=add, name=f"loss {i}")
+        try:
+            for i, loss in enumerate(losses):
+                last = i == len(losses) - 1
+                self.capture_row(i, loss, inputs, retain_graph=retain_graph or not last, add=add, name=f"loss {i}")
+        finally:  # a later backward pass or zero_grad must not write into the returned rows
+            self.shared.unbind_grad()
         return self.buffer
 
     def _capture_batched(
@@ -148,6 +171,9 @@ class TaskGradients:
         version = target._version
         torch.autograd.backward(loss, inputs=inputs, retain_graph=retain_graph)
         if target._version == version:
-            raise ValueError(f"{name} does not depend on the shared parameters (its gradient there is zero)")
+            raise ValueError(
+                f"{name} does not depend on the shared parameters (its gradient there is zero), or the graph hides "
+                "them from backward(inputs=...): reentrant activation checkpointing does, use use_reentrant=False"
+            )
         if self._scratch is not None:
             (self.buffer[row].add_ if add else self.buffer[row].copy_)(self._scratch)

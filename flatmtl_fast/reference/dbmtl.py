@@ -33,6 +33,7 @@ class DBMTL(Aggregator):
 
     needs_losses = True
     _state_attributes = ("buffer", "step")
+    keeps_gradients = True
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
         self.beta = check_real(beta, "DBMTL", "beta", minimum=0.0, maximum=1.0)

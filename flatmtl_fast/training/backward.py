@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..aggregators._fused import FusedGramian
 from ..aggregators.base import Aggregator, GramianAggregator
 from ..flat import FlatParameters, TaskGradients
 from ..primitives import combine, gram
@@ -26,17 +26,20 @@ class _Kept:
     pending_losses: Tensor | None = None
 
 
-_kept: weakref.WeakKeyDictionary[FlatParameters, _Kept] = weakref.WeakKeyDictionary()
-
-
 def release_buffers(shared: FlatParameters) -> None:
     """Free the per-task gradient buffer kept for ``shared`` (e.g. before changing the number of tasks), with
     any micro-batches accumulated in it (``aggregate=False``) and not yet aggregated."""
-    _kept.pop(shared, None)
+    if not isinstance(shared, FlatParameters):
+        raise TypeError(f"release_buffers: shared must be a FlatParameters, got {type(shared).__name__}")
+    shared.kept.pop(_KEPT, None)
+
+
+#: The key of backward's buffer in ``FlatParameters.kept``: kept with the parameters, it is freed with them.
+_KEPT = "backward"
 
 
 def _kept_for(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> _Kept:
-    kept = _kept.get(shared)
+    kept = shared.kept.get(_KEPT)
     if kept is not None and kept.gradients.num_tasks != K:
         raise ValueError(
             f"backward: the number of losses changed from {kept.gradients.num_tasks} to {K} between steps; "
@@ -50,7 +53,7 @@ def _kept_for(shared: FlatParameters, K: int, dtype: torch.dtype | None) -> _Kep
                 "accumulating (aggregate=False); aggregate them first, or drop them with "
                 "flatmtl_fast.release_buffers(shared)"
             )
-        kept = _kept[shared] = _Kept(TaskGradients(shared, K, dtype))
+        kept = shared.kept[_KEPT] = _Kept(TaskGradients(shared, K, dtype, owner="backward", name="grad_dtype"))
     return kept
 
 
@@ -148,9 +151,9 @@ def backward(
         losses: K scalar losses from one forward pass (or a (K,) tensor of them).
         shared: the shared parameters, flattened with :class:`~flatmtl_fast.FlatParameters`.
         aggregator: any aggregator of this library (fused or ``flatmtl_fast.reference``).
-        task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ. If the
-            task gradients cannot be captured (e.g. a loss does not reach the shared parameters), the error leaves
-            the shared and task ``.grad`` None and drops any accumulated micro-batches.
+        task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ. An error
+            (e.g. a loss that does not reach the shared parameters, a failed solve) leaves the shared and task
+            ``.grad`` None and drops any accumulated micro-batches.
         grad_dtype: storage of the K × N task-gradient buffer (default: the parameters' dtype;
             ``torch.bfloat16`` halves its memory and traffic).
         representation: the shared features z (MGDA-UB): the weights are computed from the task
@@ -158,7 +161,9 @@ def backward(
             Σ w_i L_i fills the shared ``.grad``. Gramian aggregators only.
         scaler: a ``torch.amp.GradScaler`` whose ``scale()`` produced the losses: the weights are
             computed from the unscaled Gram (M / s²), the written gradient stays scaled so that
-            ``scaler.unscale_`` / ``scaler.step`` treat it like any other gradient.
+            ``scaler.unscale_`` / ``scaler.step`` treat it like any other gradient. Aggregators whose state keeps
+            gradients (DB-MTL) get them unscaled (two more passes over the buffer), and an overflowed step advances
+            that state as zero gradients would while ``.grad`` gets NaN for the scaler.
         nonfinite: what a NaN/Inf in a loss or task gradient does. ``"raise"`` (default without a
             scaler): ``FloatingPointError`` before any ``.grad`` is written (one host sync).
             ``"skip"``: one host sync; the shared and task ``.grad`` are set to None so the
@@ -230,7 +235,8 @@ def backward(
     if representation is not None:
         if process_group is not None:
             raise ValueError("backward: representation= is not supported with process_group=")
-        if not aggregate or (shared in _kept and _kept[shared].pending_losses is not None):
+        kept = shared.kept.get(_KEPT)
+        if not aggregate or (kept is not None and kept.pending_losses is not None):
             raise ValueError("backward: representation= does not accumulate micro-batches (aggregate=False)")
         if batched:
             raise ValueError("backward: representation= differentiates with respect to z, not batched=True")
@@ -242,20 +248,34 @@ def backward(
     pending = kept.pending_losses
     try:
         G = kept.gradients.capture(losses, extra_inputs=task_params, add=pending is not None, batched=batched)
+        loss_values = loss_values if pending is None else pending + loss_values
+        kept.pending_losses = None if aggregate else loss_values
+        if not aggregate:
+            return None
+        return _aggregate(G, shared, aggregator, task_params, loss_values, scale, nonfinite, process_group, layout)
     except BaseException as error:
-        # The rows hold part of this call's gradients and .grad is bound to one of them: leave neither behind.
+        # The rows hold part of this call's gradients and task gradients or a partial result may sit in .grad:
+        # leave neither behind, so that an optimizer step after a caught error moves nothing.
         kept.pending_losses = None
         for p in [*shared.params, *task_params]:
             p.grad = None
         if pending is not None:
             error.add_note("backward: the micro-batches accumulated so far (aggregate=False) were dropped")
         raise
-    loss_values = loss_values if pending is None else pending + loss_values
-    kept.pending_losses = None if aggregate else loss_values
-    if not aggregate:
-        for p in shared.params:
-            p.grad = None  # bound to a buffer row until now: no partial sum is left where an optimizer would read it
-        return None
+
+
+def _aggregate(
+    G: Tensor,
+    shared: FlatParameters,
+    aggregator: Aggregator,
+    task_params: list[Tensor],
+    loss_values: Tensor,
+    scale: Tensor | None,
+    nonfinite: NonFinitePolicy,
+    process_group: torch.distributed.ProcessGroup | None,
+    layout: Literal["replicated", "sharded"],
+) -> Tensor | None:
+    """The aggregation stage of :func:`backward` on the captured (K, N) task gradients ``G``."""
     step = None
     if process_group is not None:
         from ..distributed import DistributedStep  # training's distributed form (same layer)
@@ -267,7 +287,10 @@ def backward(
         if not finite_or_skip(nonfinite, M.diagonal(), loss_values, shared, task_params):
             return None
         M = M if scale is None else M / scale.double() ** 2
-        w = aggregator.weights(M, loss_values) if step is None else step.weights(M)
+        if isinstance(aggregator, FusedGramian) or bool(torch.isfinite(M).all()):
+            w = aggregator.weights(M, loss_values) if step is None else step.weights(M)
+        else:  # "propagate" (a scaler's overflow): the reference solvers refuse such an M, and synchronise anyway
+            w = torch.full((M.shape[0],), torch.nan, dtype=torch.float64, device=M.device)
         if step is None:
             combine(w, G, out=shared.bind_grad())
         else:
@@ -276,11 +299,30 @@ def backward(
     row_norms = torch.linalg.vector_norm(G.float(), dim=1) if step is None else step.row_norms()
     if not finite_or_skip(nonfinite, row_norms, loss_values, shared, task_params):
         return None
+    out = shared.bind_grad()
+    rescale = None
+    if scale is not None and aggregator.keeps_gradients:
+        rescale, loss_values = _unscale_rows(G if step is None else step.shard, row_norms, loss_values, scale)
     if step is None:
-        shared.bind_grad().copy_(aggregator(G, loss_values))
+        out.copy_(aggregator(G, loss_values))
     else:
-        step.apply(out=shared.bind_grad())
+        step.losses = loss_values
+        step.apply(out=out)
+    if rescale is not None:
+        out.mul_(rescale)
     return None
+
+
+def _unscale_rows(rows: Tensor, row_norms: Tensor, loss_values: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """For an aggregator whose state keeps gradients (DB-MTL's EMA): divide ``rows`` by the scaler's ``scale`` in
+    place, so that steps under different scales do not mix in its state, and replace a non-finite step (an
+    overflow the scaler will skip) by zero rows and unit losses, which leave its state finite. Returns the factor
+    that makes the result scaled again (NaN for the non-finite step, so that the scaler sees it) and the losses."""
+    finite = torch.isfinite(torch.cat([row_norms.double(), loss_values])).all()
+    rows.mul_((1.0 / scale).to(rows.dtype))
+    rows.masked_fill_(~finite, 0.0)
+    safe_losses = torch.where(finite, loss_values, 1.0)
+    return torch.where(finite, scale, torch.nan), safe_losses
 
 
 def check_sharded_use(

@@ -226,8 +226,20 @@ def test_flat_parameters_and_task_gradients_bad_inputs():
     shared = flatmtl_fast.FlatParameters([nn.Parameter(torch.ones(3))])
     with pytest.raises(ValueError, match="num_tasks must be"):
         flatmtl_fast.TaskGradients(shared, 0)
-    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+    with pytest.raises(ValueError, match="num_tasks must be an integer"):
+        flatmtl_fast.TaskGradients(shared, 2.0)
+    with pytest.raises(TypeError, match="shared must be a FlatParameters, got Linear"):
+        flatmtl_fast.TaskGradients(nn.Linear(2, 2), 2)
+    with pytest.raises(TypeError, match="TaskGradients: dtype must be float32, bfloat16, float16 or float64"):
         flatmtl_fast.TaskGradients(shared, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="single one: \\[param\\]\\), got a tensor"):  # not its rows
+        flatmtl_fast.FlatParameters(nn.Parameter(torch.ones(3, 4)))
+    with pytest.raises(TypeError, match="got int"):
+        flatmtl_fast.FlatParameters(3)
+    with pytest.raises(ValueError, match="parameter 0 is computed by autograd"):
+        flatmtl_fast.FlatParameters([p * 2.0])
+    with pytest.raises(TypeError, match="release_buffers: shared must be a FlatParameters"):
+        flatmtl_fast.release_buffers(3)
     with pytest.raises(ValueError, match="expected one view per parameter"):
         shared.bind_grad_views([])
     capture = flatmtl_fast.TaskGradients(shared, 2)
@@ -235,6 +247,8 @@ def test_flat_parameters_and_task_gradients_bad_inputs():
     loss = (shared.params[0] ** 2).sum()
     with pytest.raises(ValueError, match="expected 2 losses"):
         capture.capture([loss])
+    with pytest.raises(ValueError, match="loss 1 must be a scalar tensor that requires grad"):
+        capture.capture([loss, torch.tensor(1.0)])
 
 
 def test_the_loss_values_are_one_stack_and_one_conversion():
