@@ -104,7 +104,16 @@ class DistributedStep:
         self._gram: Tensor | None = None
         task_params = list(task_params)
         if check:
-            self._check_agreement(G, losses is not None, sum(p.numel() for p in task_params), averaged_rows)
+            check_agreement(
+                G,
+                aggregator,
+                layout,
+                self.group,
+                self.traffic,
+                has_losses=losses is not None,
+                task_numel=sum(p.numel() for p in task_params),
+                averaged_rows=averaged_rows,
+            )
         #: The losses averaged over ranks (float64), or None.
         self.losses = None if losses is None else self._mean(losses.detach().to(torch.float64), "the losses")
         replicated = layout == "replicated" and self.world_size > 1
@@ -177,37 +186,6 @@ class DistributedStep:
         run_collective(
             kind, what, self.traffic, whole.numel() * whole.element_size(), self.group, tensor, *args, **kwargs
         )
-
-    def _check_agreement(self, G: Tensor, has_losses: bool, task_numel: int, averaged_rows: int) -> None:
-        """One all-gather of a few integers: ranks that would run different collectives all raise here instead."""
-        K, N = G.shape
-        # The class decides the sequence of collectives. Not the repr: tensors in it name each rank's device,
-        # and differing hyperparameters cannot hang a step (every rank uses rank 0's weights).
-        cls = type(self.aggregator)
-        fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode())
-        layout, dtype = LAYOUTS.index(self.layout), _DTYPES.index(G.dtype)
-        values = [K, N, dtype, layout, fingerprint, int(has_losses), task_numel, averaged_rows]
-        mine = torch.tensor(values, dtype=torch.int64, device=G.device)
-        everyone = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=G.device)
-        self._collective("check", "consistency check", everyone, mine)
-        rows = everyone.view(self.world_size, -1).tolist()
-        differ = [
-            i
-            for i, field in enumerate(_AGREEMENT_FIELDS)
-            if len({row[i] for row in rows}) > 1 and not (field == "N" and self.layout == "sharded")
-        ]
-        if differ:
-            shown = {2: lambda v: str(_DTYPES[v]), 3: lambda v: LAYOUTS[v], 4: lambda v: f"class hash {v:08x}"}
-            per_rank = "; ".join(
-                f"rank {r}: " + ", ".join(f"{_AGREEMENT_FIELDS[i]}={shown.get(i, str)(row[i])}" for i in differ)
-                for r, row in enumerate(rows)
-            )
-            raise DistributedStepError(
-                f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
-                "same K, dtype, layout, aggregator class, losses or none, task parameters, averaged rows and, "
-                f"in the replicated layout, N (this rank's aggregator: {self.aggregator!r}). Nothing was "
-                "communicated beyond this check"
-            )
 
     def _mean(self, values: Tensor, what: str) -> Tensor:
         total = values.contiguous().clone()
@@ -290,6 +268,51 @@ class DistributedStep:
         if n > 1 and out.stride(0) != 1:
             raise ValueError(f"distributed: out must be contiguous, got stride {out.stride()}")
         return out
+
+
+def check_agreement(
+    G: Tensor,
+    aggregator: Aggregator,
+    layout: Layout,
+    group: dist.ProcessGroup,
+    traffic: Traffic,
+    *,
+    has_losses: bool,
+    task_numel: int,
+    averaged_rows: int,
+) -> None:
+    """One all-gather of a few integers (counted into ``traffic``): ranks whose steps would run different
+    collectives all raise :class:`DistributedStepError` here instead of hanging or failing in one of them. Run by
+    :class:`DistributedStep` (unless ``check=False``), and by callers that communicate before building it (F-MTL)."""
+    K, N = G.shape
+    # The class decides the sequence of collectives. Not the repr: tensors in it name each rank's device,
+    # and differing hyperparameters cannot hang a step (every rank uses rank 0's weights).
+    cls = type(aggregator)
+    fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode())
+    values = [K, N, _DTYPES.index(G.dtype), LAYOUTS.index(layout), fingerprint, int(has_losses), task_numel]
+    mine = torch.tensor([*values, averaged_rows], dtype=torch.int64, device=G.device)
+    world_size = dist.get_world_size(group)
+    everyone = torch.empty(world_size * mine.numel(), dtype=torch.int64, device=G.device)
+    nbytes = everyone.numel() * everyone.element_size()
+    run_collective("check", "consistency check", traffic, nbytes, group, everyone, mine)
+    rows = everyone.view(world_size, -1).tolist()
+    differ = [
+        i
+        for i, field in enumerate(_AGREEMENT_FIELDS)
+        if len({row[i] for row in rows}) > 1 and not (field == "N" and layout == "sharded")
+    ]
+    if differ:
+        shown = {2: lambda v: str(_DTYPES[v]), 3: lambda v: LAYOUTS[v], 4: lambda v: f"class hash {v:08x}"}
+        per_rank = "; ".join(
+            f"rank {r}: " + ", ".join(f"{_AGREEMENT_FIELDS[i]}={shown.get(i, str)(row[i])}" for i in differ)
+            for r, row in enumerate(rows)
+        )
+        raise DistributedStepError(
+            f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
+            "same K, dtype, layout, aggregator class, losses or none, task parameters, averaged rows and, "
+            f"in the replicated layout, N (this rank's aggregator: {aggregator!r}). Nothing was "
+            "communicated beyond this check"
+        )
 
 
 def aggregate(

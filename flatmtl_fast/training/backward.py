@@ -218,6 +218,7 @@ def backward(
     for flag, value in (("aggregate", aggregate), ("batched", batched)):
         if not isinstance(value, bool):
             raise TypeError(f"backward: {flag} must be a bool, got {type(value).__name__}")
+    check_process_group(process_group, "backward")
     shared.refresh()
     if shared.sharded:
         check_sharded_use(shared.shard_ranks, process_group, layout, "backward", "shared")
@@ -325,6 +326,17 @@ def _unscale_rows(rows: Tensor, row_norms: Tensor, loss_values: Tensor, scale: T
     return torch.where(finite, scale, torch.nan), safe_losses
 
 
+def check_process_group(process_group: object, owner: str) -> None:
+    """None, or a ``torch.distributed.ProcessGroup`` (else a clear error before any pass or collective)."""
+    if process_group is None:
+        return
+    if not torch.distributed.is_available() or not isinstance(process_group, torch.distributed.ProcessGroup):
+        raise TypeError(
+            f"{owner}: process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD), "
+            f"got {type(process_group).__name__}"
+        )
+
+
 def check_sharded_use(
     ranks: tuple[int, ...] | None,
     process_group: torch.distributed.ProcessGroup | None,
@@ -358,7 +370,8 @@ def finite_or_skip(
     task_params: list[Tensor],
     owner: str = "backward",
 ) -> bool:
-    """Apply the non-finite policy to per-task values; False means the step was skipped (grads set to None)."""
+    """Apply the non-finite policy to per-task values (``row_values``: K of them, or several rows of K); False means
+    the step was skipped (grads set to None)."""
     if policy == "propagate":
         return True
     finite = torch.isfinite(torch.cat([row_values.reshape(-1), loss_values.reshape(-1)])).all()  # 3 kernels, not 5
@@ -367,8 +380,9 @@ def finite_or_skip(
     for p in [*shared.params, *task_params]:
         p.grad = None  # the optimizer skips parameters without a gradient: its state stays as it was
     if policy == "raise":
-        bad = sorted(set((~torch.isfinite(row_values)).nonzero().flatten().tolist()) | set(
-            (~torch.isfinite(loss_values)).nonzero().flatten().tolist()))  # fmt: skip
+        K = loss_values.numel()
+        finite_tasks = torch.isfinite(row_values.reshape(-1, K)).all(0) & torch.isfinite(loss_values.reshape(-1))
+        bad = (~finite_tasks).nonzero().flatten().tolist()
         raise FloatingPointError(f"{owner}: tasks {bad} have a non-finite loss or gradient; no .grad was written")
     return False
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..aggregators._fused import FusedGramian
 from ..aggregators.base import Aggregator, GramianAggregator
 from ..distributed import DistributedStep, Traffic
+from ..distributed.aggregate import check_agreement
 from ..distributed.traffic import run_collective
 from ..flat import FlatParameters, TaskGradients
 from ..flat.parameters import DTensor, check_not_gathered, local_tensor, shard_ranks
@@ -36,6 +37,7 @@ from ..primitives.checks import check_flag
 from .backward import (
     NonFinitePolicy,
     check_losses,
+    check_process_group,
     check_sharded_use,
     check_task_params,
     detached_losses,
@@ -76,9 +78,11 @@ class FMTL:
         rho_task: the heads' radius under ``"separate"`` (default ρ).
         model: the module whose BatchNorm running statistics must not see the perturbed passes (they
             are saved before each perturbed forward and restored after it).
-        nonfinite: a NaN/Inf loss, gradient or perturbation norm: ``"raise"`` (default,
-            ``FloatingPointError`` before any ``.grad`` is written, one host sync per step), ``"skip"``
-            (one sync; ``.grad`` set to None, :meth:`step` returns None) or ``"propagate"`` (no sync).
+        nonfinite: a NaN/Inf loss, gradient or perturbation norm, clean or perturbed: ``"raise"`` (default,
+            ``FloatingPointError``, every ``.grad`` None and the aggregators' state untouched; one host sync per
+            step, after the perturbed passes), ``"skip"`` (one sync; ``.grad`` set to None, :meth:`step` returns
+            None) or ``"propagate"`` (no sync). With a process group the perturbed passes are judged by their
+            shared gradients (the all-reduced Gram): their losses and the heads' SAM gradients are per rank.
         eps: added to every norm before dividing (a zero gradient is not perturbed).
         process_group: run the step over the ranks of this ``torch.distributed`` group (Gramian
             aggregators). ``"replicated"`` layout (DDP-style, each rank its own batch; use the module inside
@@ -164,6 +168,7 @@ class FMTL:
         self.eps = _positive(eps, "eps")
         if layout not in ("replicated", "sharded"):
             raise ValueError(f"FMTL: layout must be 'replicated' or 'sharded', got {layout!r}")
+        check_process_group(process_group, "FMTL")
         if process_group is not None and not isinstance(aggregator, GramianAggregator):
             raise TypeError(
                 f"FMTL: with a process_group the aggregator must be Gramian, got {type(aggregator).__name__}"
@@ -189,8 +194,21 @@ class FMTL:
         losses (a detached (K,) tensor, float32, or float64 for float64 parameters), or None when
         ``nonfinite="skip"`` skipped the step.
         """
+        if not callable(closure):
+            got = type(closure).__name__
+            raise TypeError(f"FMTL.step: closure must be a callable returning the K losses, got {got}")
+        self.shared.refresh()
+        try:
+            return self._step(closure)
+        except BaseException:
+            # .grad may hold a buffer row or a head's partial SAM gradient: an optimizer step after the caught error
+            # must move nothing (the weights themselves are restored by _step).
+            self.shared.unbind_grad()
+            _clear_grads(_flatten(self.task_params or []))
+            raise
+
+    def _step(self, closure: Closure) -> Tensor | None:
         shared = self.shared
-        shared.refresh()
         losses = self._losses(closure, "the first call")
         K = len(losses)
         rows = self._buffer(K)
@@ -205,8 +223,20 @@ class FMTL:
         G = rows.buffer[:K]
         with torch.no_grad():  # FSDP2's heads: this rank's shards of their (averaged) gradients
             head_grads = [[local_tensor(_grad_or_zeros(p)) for p in head] for head in heads]
+        all_heads = _flatten(heads)
         if self.process_group is not None:
             self.traffic = Traffic()
+            # Before the first collective: ranks that disagree on K, N, ... raise here, not in a mismatched collective.
+            check_agreement(
+                rows.buffer,
+                self.aggregator,
+                self.layout,
+                self.process_group,
+                self.traffic,
+                has_losses=True,
+                task_numel=sum(p.numel() for p in all_heads),
+                averaged_rows=K,
+            )
             loss_values = self._all_reduce(loss_values, "the losses", mean=True)
             if self.layout == "replicated" and torch.distributed.get_world_size(self.process_group) > 1:
                 # Every rank perturbs by the ε_i of the whole batch (and the step then slices these g rows).
@@ -226,15 +256,13 @@ class FMTL:
             shared_norms, head_shards = self._all_reduce(squares, "the slices' squared norms").unbind()
             shared_norms = shared_norms.sqrt()
         head_norms = (head_shards + head_rest).sqrt()
-        all_heads = _flatten(heads)
-        if not finite_or_skip(self.nonfinite, shared_norms + head_norms, loss_values, shared, all_heads, "FMTL.step"):
-            return None
         if self.normalize == "joint":
             shared_scale = head_scale = self.rho / (torch.sqrt(shared_norms**2 + head_norms**2) + self.eps)
         else:
             shared_scale = self.rho / (shared_norms + self.eps)
             head_scale = self.rho_task / (head_norms + self.eps)
 
+        perturbed_losses: list[Tensor] = []
         try:
             for i in range(K):  # SAM gradient of task i at θ + ε_i: row K + i holds h_i = s_i − g_i (or s_i)
                 perturb(theta, G[i], shared_scale[i : i + 1], out=perturbed, adaptive=self.adaptive)
@@ -246,6 +274,7 @@ class FMTL:
                     # The statistics are restored after the backward pass, which reads the saved ones.
                     with _frozen_batchnorm(self.model):
                         loss = self._losses(closure, f"perturbed call {i + 1}", expected=K)[i]
+                        perturbed_losses.append(loss.detach().reshape(()))
                         subtract = G[i] if self.variant == "flat" else None
                         inputs = shared.backward_inputs(heads[i])
                         rows.capture_row(K + i, loss, inputs, retain_graph=False, subtract=subtract, name=f"loss {i}")
@@ -258,10 +287,24 @@ class FMTL:
             if shared.data is not None:
                 torch.autograd.graph.increment_version(shared.data)
 
+        # The non-finite policy, once for the whole step (one host sync), before any state moves: the clean losses
+        # and norms, and the perturbed passes, whose h rows the aggregation hands over (their Gram diagonal or norms).
+        per_task = [shared_norms + head_norms]  # rows of K values
+        if self.process_group is None:  # the perturbed losses and heads' SAM gradients are this rank's alone
+            with torch.no_grad():
+                sam = [self._head_squares(head, [_grad_or_zeros(p) for p in head]).sum() for head in heads]
+            per_task += [torch.stack(perturbed_losses).double(), torch.stack(sam)]
+
+        def finite(h_values: Tensor) -> bool:
+            values = torch.stack([*per_task, h_values.double()])
+            return finite_or_skip(self.nonfinite, values, loss_values, shared, all_heads, "FMTL.step")
+
         if self.process_group is None:
-            self._aggregate(rows.buffer, loss_values)
+            done = self._aggregate(rows.buffer, loss_values, finite)
         else:
-            self._aggregate_distributed(rows.buffer, loss_values, all_heads)
+            done = self._aggregate_distributed(rows.buffer, loss_values, all_heads, finite)
+        if not done:
+            return None
         return loss_values if shared.dtype == torch.float64 else loss_values.float()
 
     def _all_reduce(self, tensor: Tensor, what: str, *, mean: bool = False) -> Tensor:
@@ -273,7 +316,9 @@ class FMTL:
         )
         return tensor.div_(torch.distributed.get_world_size(self.process_group)) if mean else tensor
 
-    def _aggregate_distributed(self, rows: Tensor, loss_values: Tensor, heads: list[Tensor]) -> None:
+    def _aggregate_distributed(
+        self, rows: Tensor, loss_values: Tensor, heads: list[Tensor], finite: Callable[[Tensor], bool]
+    ) -> bool:
         """The fused aggregation of the [g; h] rows over the group; the g rows already are the mean over
         ranks (replicated layout: all-reduced before the perturbations), so the step slices their shard."""
         K = rows.shape[0] // 2
@@ -287,8 +332,11 @@ class FMTL:
             layout=self.layout,
             task_params=heads,
             averaged_rows=K,
+            check=False,  # checked before the step's first collective
         )
         M = step.gram()
+        if not finite(M.diagonal()[K:]):
+            return False
         if self.variant == "a":  # d = Agg(s): the g rows take weight 0
             b = self.aggregator.weights(M[K:, K:], loss_values)
             a = torch.zeros_like(b)
@@ -297,25 +345,31 @@ class FMTL:
         w = torch.cat([a, b])
         step.combine(step.broadcast(w), out=self.shared.bind_grad())
         self.traffic += step.traffic
+        return True
 
-    def _aggregate(self, rows: Tensor, loss_values: Tensor) -> None:
+    def _aggregate(self, rows: Tensor, loss_values: Tensor, finite: Callable[[Tensor], bool]) -> bool:
+        """d into the flat ``.grad``; False (nothing written) where ``finite`` of the h rows' values skips the step."""
         K = rows.shape[0] // 2
-        out = self.shared.bind_grad()
         if isinstance(self.aggregator, FusedGramian):
+            M = gram(rows[K:] if self.variant == "a" else rows, dtype=torch.float64)
+            if not finite(M.diagonal()[-K:]):
+                return False
             if self.variant == "a":
-                w = self.aggregator.weights(gram(rows[K:], dtype=torch.float64), loss_values)
-                combine(w, rows[K:], out=out)
-                return
-            M = gram(rows, dtype=torch.float64)
+                combine(self.aggregator.weights(M, loss_values), rows[K:], out=self.shared.bind_grad())
+                return True
             a = self.aggregator.weights(M[:K, :K], loss_values)
             b = self.flat_aggregator.weights(M[K:, K:], loss_values)
-            combine(torch.cat([a, b]), rows, out=out)
-            return
+            combine(torch.cat([a, b]), rows, out=self.shared.bind_grad())
+            return True
+        if not finite(row_norms(rows[K:])):
+            return False
+        out = self.shared.bind_grad()
         if self.variant == "a":
             out.copy_(self.aggregator(rows[K:], loss_values))
-            return
+            return True
         out.copy_(self.aggregator(rows[:K], loss_values))
         out.add_(self.flat_aggregator(rows[K:], loss_values))
+        return True
 
     def _backup(self) -> tuple[Tensor, Tensor]:
         """θ, the shared parameters' values (this rank's shards) copied into a reused (N,) vector, and where the
@@ -387,6 +441,8 @@ def _positive(value: float, name: str) -> float:
 def _task_parameters(task_params: Sequence[Iterable[Tensor]], shared: FlatParameters) -> list[list[Tensor]]:
     if isinstance(task_params, (Tensor, nn.Module)) or not isinstance(task_params, Sequence):
         raise TypeError("FMTL: task_params must be a sequence with one iterable of parameters per task")
+    if not task_params:
+        raise ValueError("FMTL: task_params is empty: give one iterable of parameters per task, or None for no heads")
     seen: set[int] = set()
     return [check_task_params(head, shared, seen, "FMTL", f"task_params[{i}]") for i, head in enumerate(task_params)]
 

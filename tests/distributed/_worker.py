@@ -171,8 +171,9 @@ def _averaged_rows(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tupl
     return out
 
 
-def _mismatch(rank: int) -> dict[str, tuple[str, str, float] | None]:
-    """Ranks that disagree on K, N or the aggregator: every rank must raise, quickly (no timeout)."""
+def _mismatch(rank: int) -> dict[tuple[str, str], tuple[str, str, float] | None]:
+    """Ranks that disagree on K, N or the aggregator, in ``aggregate`` and in an F-MTL step (which communicates
+    before its aggregation): every rank must raise, quickly (no timeout)."""
     cases = {
         "K": (3 if rank == 0 else 4, 10, "UPGrad"),
         "N": (K, 10 + rank, "UPGrad"),
@@ -180,13 +181,25 @@ def _mismatch(rank: int) -> dict[str, tuple[str, str, float] | None]:
     }
     out = {}
     for what, (rows, columns, name) in cases.items():
-        start = time.monotonic()
-        try:
-            aggregate(torch.ones(rows, columns), make(name))
-            out[what] = None
-        except DistributedStepError as err:
-            out[what] = (type(err).__name__, str(err), time.monotonic() - start)
+        for path, run in (("aggregate", _aggregate_ones), ("FMTL", _fmtl_step_on_a_vector)):
+            start = time.monotonic()
+            try:
+                run(rows, columns, name)
+                out[path, what] = None
+            except DistributedStepError as err:
+                out[path, what] = (type(err).__name__, str(err), time.monotonic() - start)
     return out
+
+
+def _aggregate_ones(rows: int, columns: int, name: str) -> None:
+    aggregate(torch.ones(rows, columns), make(name))
+
+
+def _fmtl_step_on_a_vector(rows: int, columns: int, name: str) -> None:
+    """One F-MTL step over the global group on a shared vector of ``columns`` scalars with ``rows`` losses."""
+    theta = nn.Parameter(torch.linspace(0.5, 1.5, columns))
+    fmtl = flatmtl_fast.FMTL(flatmtl_fast.FlatParameters([theta]), make(name), process_group=dist.group.WORLD)
+    fmtl.step(lambda: [(theta * (i + 1)).square().sum() for i in range(rows)])
 
 
 def _backward_ddp(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:

@@ -465,11 +465,13 @@ def test_nonfinite_gradient_on_one_rank_raises_on_every_rank(ranks):
         assert grads_cleared  # no rank wrote a .grad
 
 
+@pytest.mark.parametrize("path", ["aggregate", "FMTL"])
 @pytest.mark.parametrize("field", ["K", "N", "aggregator"])
-def test_ranks_that_disagree_all_raise_without_waiting(ranks, field):
+def test_ranks_that_disagree_all_raise_without_waiting(ranks, field, path):
+    """F-MTL all-reduces its clean gradients before it aggregates: it checks before that."""
     for outcome in scenario(ranks, "mismatch"):
-        assert outcome is not None, f"a rank with a mismatched {field} did not raise"
-        kind, message, seconds = outcome[field]
+        assert outcome[path, field] is not None, f"a rank with a mismatched {field} did not raise in {path}"
+        kind, message, seconds = outcome[path, field]
         assert kind == "DistributedStepError"
         assert "disagree" in message and f"{field}=" in message
         assert seconds < 0.5 * _worker.GROUP_TIMEOUT.total_seconds()  # the check caught it, not a timeout
@@ -516,8 +518,13 @@ def test_bad_arguments_raise_before_any_communication():
     shared = flatmtl_fast.FlatParameters(net.trunk)
     with pytest.raises(ValueError, match="layout must be"):
         flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), layout="columns")
+    with pytest.raises(TypeError, match="backward: process_group must be a torch"):
+        flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), process_group=object())
+    with pytest.raises(TypeError, match="FMTL: process_group must be a torch"):
+        flatmtl_fast.FMTL(shared, make("UPGrad"), process_group="WORLD")
+    unused_group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # never communicates: the check comes first
     with pytest.raises(ValueError, match="representation"):
-        flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), representation=x, process_group=object())
+        flatmtl_fast.backward(net(x, y), shared, make("UPGrad"), representation=x, process_group=unused_group)
 
 
 def test_bad_out_buffer_on_a_group_of_one(tmp_path):

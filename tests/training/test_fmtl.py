@@ -371,3 +371,84 @@ def test_every_backend_gives_the_literal_step(backend: str) -> None:
     with flatmtl_fast.use_backend(backend):
         shared, _, _ = _fmtl_step(model, x, y, flatmtl_fast.UPGrad(), rho=0.5, adaptive=True)
     assert (shared.grad - expected_d).norm() <= RTOL * expected_d.norm()
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_nonfinite_perturbed_pass_follows_the_policy(policy, where) -> None:
+    """A NaN that appears only at a perturbed point (the clean pass is finite) is caught too: no .grad, weights
+    restored, and the aggregators' state untouched (Nash-MTL's step counter and warm start)."""
+    x, y = _data()
+    model = Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    fmtl = flatmtl_fast.FMTL(
+        shared, flatmtl_fast.NashMTL(), task_params=list(model.heads), model=model, nonfinite=policy
+    )
+    fmtl.step(lambda: model.losses(x, y))
+    state = copy.deepcopy(fmtl.state_dict())
+    before = shared.data.clone()
+    calls = []
+
+    def closure() -> list[torch.Tensor]:
+        calls.append(None)
+        losses = model.losses(x, y)
+        if len(calls) == 3:  # the perturbed pass of task 1
+            losses[1] = losses[1] * float("nan") if where == "loss" else _NaNGradient.apply(losses[1])
+        return losses
+
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+            fmtl.step(closure)
+    else:
+        assert fmtl.step(closure) is None
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(shared.data, before)
+    for family in state:
+        for key, value in state[family].items():
+            assert _same(fmtl.state_dict()[family][key], value), f"{family}.{key} moved"
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity whose gradient is NaN: a finite loss with a NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def _same(a: object, b: object) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_an_error_in_a_perturbed_pass_leaves_no_gradient() -> None:
+    """The weights are restored and no .grad points into the internal rows or holds a partial SAM gradient."""
+    x, y = _data()
+    model = Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), task_params=list(model.heads), model=model)
+    before = shared.data.clone()
+    calls = []
+
+    def closure() -> list[torch.Tensor]:
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("the data loader failed")
+        return model.losses(x, y)
+
+    with pytest.raises(RuntimeError, match="the data loader failed"):
+        fmtl.step(closure)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(shared.data, before)
+
+
+def test_bad_step_arguments() -> None:
+    model = Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    with pytest.raises(TypeError, match="closure must be a callable returning the K losses, got NoneType"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad()).step(None)
+    with pytest.raises(ValueError, match="task_params is empty"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), task_params=[])
