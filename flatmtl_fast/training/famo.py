@@ -58,7 +58,12 @@ class FAMO:
         self.adam_eps = check_real(adam_eps, "FAMO", "adam_eps", above=0.0)
         self.eps = check_real(eps, "FAMO", "eps (added to the losses before their log)", above=0.0)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.min_losses = torch.zeros(num_tasks, device=device) if min_losses is None else min_losses.detach().clone()
+        if min_losses is None:
+            self.min_losses = torch.zeros(num_tasks, device=device)
+        else:
+            self.min_losses = torch.as_tensor(min_losses).detach().clone()  # a list of numbers too
+            if not self.min_losses.is_floating_point():
+                self.min_losses = self.min_losses.float()
         if self.min_losses.shape != (num_tasks,):
             raise ValueError(f"FAMO: min_losses must have shape ({num_tasks},), got {tuple(self.min_losses.shape)}")
         self.reset()
@@ -141,6 +146,19 @@ class FAMO:
         expected = {"logits", "exp_avg", "exp_avg_sq", "step", "min_losses", "prev_losses"}
         if set(state) != expected:
             raise KeyError(f"FAMO.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}")
+        # Checked before anything is set: a rejected state leaves this FAMO as it was.
+        shapes = {"logits": (self.num_tasks,), "exp_avg": (self.num_tasks,), "exp_avg_sq": (self.num_tasks,)}
+        shapes |= {"step": (), "min_losses": (self.num_tasks,), "prev_losses": (self.num_tasks,)}
+        for key, shape in shapes.items():
+            value = state[key]
+            if key == "prev_losses" and value is None:
+                continue
+            if not isinstance(value, Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"FAMO.load_state_dict: {key} must be a tensor of shape {shape} (this FAMO has {self.num_tasks} "
+                    f"tasks), got {got}"
+                )
         self.logits = state["logits"].clone()
         self._exp_avg = state["exp_avg"].clone()
         self._exp_avg_sq = state["exp_avg_sq"].clone()

@@ -270,7 +270,7 @@ class SelectiveGroupUpdate:
         if not members or len(set(members)) != len(members) or not all(0 <= t < self.num_tasks for t in members):
             raise ValueError(
                 f"SelectiveGroupUpdate.loss: group must be a non-empty list of distinct task indices in "
-                f"[0, {self.num_tasks}), got {list(group)!r}"
+                f"[0, {self.num_tasks}), got {group!r}"
             )
         return members
 

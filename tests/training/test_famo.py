@@ -114,3 +114,16 @@ def test_bad_inputs():
         famo.update(torch.ones(3))
     with pytest.raises(ValueError, match="expected 3 losses"):
         famo.loss(torch.ones(2, requires_grad=True))
+
+
+def test_a_state_of_another_shape_is_refused_and_min_losses_take_a_list():
+    famo = flatmtl_fast.FAMO(3)
+    saved = famo.state_dict()
+    with pytest.raises(
+        ValueError, match=r"logits must be a tensor of shape \(3,\) \(this FAMO has 3 tasks\), got \(1,\)"
+    ):
+        famo.load_state_dict(flatmtl_fast.FAMO(1).state_dict())
+    with pytest.raises(ValueError, match="prev_losses must be a tensor of shape"):
+        famo.load_state_dict(saved | {"prev_losses": torch.ones(5)})
+    assert all(torch.equal(v, saved[k]) for k, v in famo.state_dict().items() if v is not None)  # untouched
+    assert torch.equal(flatmtl_fast.FAMO(3, min_losses=[0, 0.5, 1]).min_losses, torch.tensor([0.0, 0.5, 1.0]))

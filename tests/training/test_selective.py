@@ -294,3 +294,10 @@ def test_bad_inputs_raise_clearly():
         for key, value in before.items():
             same = torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value
             assert same, (message, key)
+
+
+def test_a_group_that_is_not_a_sequence_is_named_in_the_error():
+    sgu = flatmtl_fast.SelectiveGroupUpdate(num_tasks=3)
+    for group in (0, None):
+        with pytest.raises(ValueError, match=rf"group must be a non-empty list .*, got {group}$"):
+            sgu.loss(torch.ones(3, requires_grad=True), group)
