@@ -258,8 +258,7 @@ def backward(
         # The rows hold part of this call's gradients and task gradients or a partial result may sit in .grad:
         # leave neither behind, so that an optimizer step after a caught error moves nothing.
         kept.pending_losses = None
-        for p in [*shared.params, *task_params]:
-            p.grad = None
+        clear_grads(shared, task_params)
         if pending is not None:
             error.add_note("backward: the micro-batches accumulated so far (aggregate=False) were dropped")
         raise
@@ -326,6 +325,13 @@ def _unscale_rows(rows: Tensor, row_norms: Tensor, loss_values: Tensor, scale: T
     return torch.where(finite, scale, torch.nan), safe_losses
 
 
+def clear_grads(shared: FlatParameters, task_params: Iterable[Tensor]) -> None:
+    """Set the shared and task parameters' ``.grad`` to None: what a failed or skipped step leaves."""
+    shared.unbind_grad()
+    for p in task_params:
+        p.grad = None
+
+
 def check_process_group(process_group: object, owner: str) -> None:
     """None, or a ``torch.distributed.ProcessGroup`` (else a clear error before any pass or collective)."""
     if process_group is None:
@@ -377,8 +383,7 @@ def finite_or_skip(
     finite = torch.isfinite(torch.cat([row_values.reshape(-1), loss_values.reshape(-1)])).all()  # 3 kernels, not 5
     if bool(finite):
         return True
-    for p in [*shared.params, *task_params]:
-        p.grad = None  # the optimizer skips parameters without a gradient: its state stays as it was
+    clear_grads(shared, task_params)  # the optimizer skips parameters without a gradient: its state stays as it was
     if policy == "raise":
         K = loss_values.numel()
         finite_tasks = torch.isfinite(row_values.reshape(-1, K)).all(0) & torch.isfinite(loss_values.reshape(-1))

@@ -40,6 +40,7 @@ from .backward import (
     check_process_group,
     check_sharded_use,
     check_task_params,
+    clear_grads,
     detached_losses,
     finite_or_skip,
 )
@@ -203,8 +204,7 @@ class FMTL:
         except BaseException:
             # .grad may hold a buffer row or a head's partial SAM gradient: an optimizer step after the caught error
             # must move nothing (the weights themselves are restored by _step).
-            self.shared.unbind_grad()
-            _clear_grads(_flatten(self.task_params or []))
+            clear_grads(self.shared, _flatten(self.task_params or []))
             raise
 
     def _step(self, closure: Closure) -> Tensor | None:
@@ -289,15 +289,16 @@ class FMTL:
 
         # The non-finite policy, once for the whole step (one host sync), before any state moves: the clean losses
         # and norms, and the perturbed passes, whose h rows the aggregation hands over (their Gram diagonal or norms).
-        per_task = [shared_norms + head_norms]  # rows of K values
-        if self.process_group is None:  # the perturbed losses and heads' SAM gradients are this rank's alone
-            with torch.no_grad():
-                sam = [self._head_squares(head, [_grad_or_zeros(p) for p in head]).sum() for head in heads]
-            per_task += [torch.stack(perturbed_losses).double(), torch.stack(sam)]
-
-        def finite(h_values: Tensor) -> bool:
-            values = torch.stack([*per_task, h_values.double()])
-            return finite_or_skip(self.nonfinite, values, loss_values, shared, all_heads, "FMTL.step")
+        # "propagate" checks nothing, so it gathers none of these values.
+        def finite(h_values: Callable[[], Tensor]) -> bool:
+            if self.nonfinite == "propagate":
+                return True
+            per_task = [shared_norms + head_norms, h_values().double()]  # rows of K values
+            if self.process_group is None:  # the perturbed losses and heads' SAM gradients are this rank's alone
+                with torch.no_grad():
+                    sam = [self._head_squares(head, [_grad_or_zeros(p) for p in head]).sum() for head in heads]
+                per_task += [torch.stack(perturbed_losses).double(), torch.stack(sam)]
+            return finite_or_skip(self.nonfinite, torch.stack(per_task), loss_values, shared, all_heads, "FMTL.step")
 
         if self.process_group is None:
             done = self._aggregate(rows.buffer, loss_values, finite)
@@ -317,7 +318,7 @@ class FMTL:
         return tensor.div_(torch.distributed.get_world_size(self.process_group)) if mean else tensor
 
     def _aggregate_distributed(
-        self, rows: Tensor, loss_values: Tensor, heads: list[Tensor], finite: Callable[[Tensor], bool]
+        self, rows: Tensor, loss_values: Tensor, heads: list[Tensor], finite: Callable[[Callable[[], Tensor]], bool]
     ) -> bool:
         """The fused aggregation of the [g; h] rows over the group; the g rows already are the mean over
         ranks (replicated layout: all-reduced before the perturbations), so the step slices their shard."""
@@ -335,7 +336,7 @@ class FMTL:
             check=False,  # checked before the step's first collective
         )
         M = step.gram()
-        if not finite(M.diagonal()[K:]):
+        if not finite(lambda: M.diagonal()[K:]):
             return False
         if self.variant == "a":  # d = Agg(s): the g rows take weight 0
             b = self.aggregator.weights(M[K:, K:], loss_values)
@@ -347,12 +348,13 @@ class FMTL:
         self.traffic += step.traffic
         return True
 
-    def _aggregate(self, rows: Tensor, loss_values: Tensor, finite: Callable[[Tensor], bool]) -> bool:
-        """d into the flat ``.grad``; False (nothing written) where ``finite`` of the h rows' values skips the step."""
+    def _aggregate(self, rows: Tensor, loss_values: Tensor, finite: Callable[[Callable[[], Tensor]], bool]) -> bool:
+        """d into the flat ``.grad``; False (nothing written) where ``finite`` (given how to read the h rows' values:
+        norms or Gram diagonal) skips the step."""
         K = rows.shape[0] // 2
         if isinstance(self.aggregator, FusedGramian):
             M = gram(rows[K:] if self.variant == "a" else rows, dtype=torch.float64)
-            if not finite(M.diagonal()[-K:]):
+            if not finite(lambda: M.diagonal()[-K:]):
                 return False
             if self.variant == "a":
                 combine(self.aggregator.weights(M, loss_values), rows[K:], out=self.shared.bind_grad())
@@ -361,7 +363,7 @@ class FMTL:
             b = self.flat_aggregator.weights(M[K:, K:], loss_values)
             combine(torch.cat([a, b]), rows, out=self.shared.bind_grad())
             return True
-        if not finite(row_norms(rows[K:])):
+        if not finite(lambda: row_norms(rows[K:])):
             return False
         out = self.shared.bind_grad()
         if self.variant == "a":
