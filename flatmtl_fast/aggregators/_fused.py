@@ -7,11 +7,11 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from ..primitives import combine, gram
-from ..primitives.checks import check_out
+from ..primitives import check_runnable, combine, gram
+from ..primitives.checks import check_flag
 from ..solvers.native import solve_natively
 from .base import GramianAggregator
-from .checks import check_gramian, check_losses, check_matrix
+from .checks import check_gramian, check_losses, check_matrix, check_streaming
 
 
 class FusedGramian(GramianAggregator):
@@ -37,8 +37,9 @@ class FusedGramian(GramianAggregator):
     ) -> Tensor:
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=self.needs_losses, owner=type(self).__name__)
-        if out is not None:  # before the solve, which may advance state (generators, warm starts)
-            check_out(out, G, op=type(self).__name__)
+        check_finite = check_flag(check_finite, type(self).__name__, "check_finite")
+        out = check_streaming(G, out, type(self).__name__)  # before the solve, which may advance state
+        check_runnable("combine", G.device, G.dtype, G.dtype if out is None else out.dtype)
         if self._uses_gram:
             w = self._guarded_weights(gram(G, dtype=torch.float64, check_finite=check_finite), losses, G.dtype)
         else:

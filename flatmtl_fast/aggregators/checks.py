@@ -13,6 +13,8 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
+from ..primitives import checks as primitive_checks
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -37,6 +39,14 @@ def _check_not_differentiated(x: Tensor, name: str) -> None:
             f"{name} requires grad, but aggregators are not differentiable (they consume gradients); "
             f"pass {name}.detach()"
         )
+
+
+def check_streaming(G: Tensor, out: Tensor | None, owner: str) -> Tensor | None:
+    """The streaming primitives' checks of ``G`` (row layout, dtype, K limit) and of ``out`` (returned checked), made
+    by a fused aggregator before it advances any state (generators, warm starts, step counts), so that a refused
+    call leaves the state as it was."""
+    primitive_checks.check_G(G, owner)
+    return None if out is None else primitive_checks.check_out(out, G, op=owner)
 
 
 def check_gramian(M: Tensor, name: str = "M") -> int:

@@ -6,10 +6,9 @@ import torch
 from torch import Tensor
 
 from .._memory import overlaps
-from ..primitives import combine, ema_row_norms
-from ..primitives.checks import check_out
+from ..primitives import check_runnable, combine, ema_row_norms
 from ..reference import dbmtl as reference
-from .checks import check_losses, check_matrix
+from .checks import check_losses, check_matrix, check_streaming
 
 
 class DBMTL(reference.DBMTL):
@@ -30,17 +29,21 @@ class DBMTL(reference.DBMTL):
     def __call__(self, G: Tensor, losses: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
         K, N = check_matrix(G)
         check_losses(losses, K, G.device, required=True, owner="DBMTL")
+        # Everything is checked before the state moves: a refused call leaves buffer and step as they were.
+        out = check_streaming(G, out, "DBMTL")
+        check_runnable("ema_row_norms", G.device, G.dtype, torch.float32)
+        check_runnable("combine", G.device, torch.float32, G.dtype if out is None else out.dtype)
         if self.buffer is None:
             self.buffer, self.step = torch.zeros(K, N, dtype=torch.float32, device=G.device), 0
         elif self.buffer.shape != (K, N):
             raise ValueError(f"DBMTL: the buffer has shape {tuple(self.buffer.shape)}, G {(K, N)}; call reset() first")
-        if out is not None:  # before the EMA step: a rejected call leaves the state as it was
-            out = check_out(out, G, op="DBMTL")
-            if overlaps(out, self.buffer):
-                raise ValueError("DBMTL: out overlaps the aggregator's EMA buffer, which the result is read from")
-        # A state loaded from elsewhere (another device, the reference's float64 and int): as the reference,
-        # follow G. Unchanged state stays the same tensors, updated in place below.
-        self.buffer = self.buffer.to(device=G.device, dtype=torch.float32)
+        elif overlaps(G, self.buffer):
+            raise ValueError("DBMTL: G overlaps the aggregator's EMA buffer, which this step updates")
+        elif out is not None and overlaps(out, self.buffer):
+            raise ValueError("DBMTL: out overlaps the aggregator's EMA buffer, which the result is read from")
+        # A state loaded from elsewhere (another device, the reference's float64 and int, a non-contiguous tensor):
+        # as the reference, follow G. Unchanged state stays the same tensors, updated in place below.
+        self.buffer = self.buffer.to(device=G.device, dtype=torch.float32).contiguous()
         if isinstance(self.step, Tensor):
             self.step = self.step.to(device=G.device, dtype=torch.float64)
         else:  # a fill on the device, not a host-to-device copy

@@ -7,11 +7,11 @@ import functools
 import torch
 from torch import Tensor
 
+from .._memory import overlaps
 from .._random import draw_on
 from ..backends import resolve
-from ..primitives import checks as primitive_checks
 from ..reference import graddrop as reference
-from .checks import check_losses, check_matrix
+from .checks import check_losses, check_matrix, check_streaming
 from .graddrop_kernels import implementations
 
 
@@ -32,13 +32,14 @@ class GradDrop(reference.GradDrop):
     def __call__(self, G: Tensor, losses: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
         K, N = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="GradDrop")
-        primitive_checks.check_G(G, "GradDrop")  # dtype, layout and K limit of the kernels
+        # Everything is checked before the draw: a refused call leaves the generator where it was.
+        out = check_streaming(G, out, "GradDrop")
         leak = self._leak_column(K, G.device).reshape(K).contiguous()
         if out is None:
             out = torch.empty(N, dtype=G.dtype, device=G.device)
-        else:  # before the draw: a rejected call leaves the generator where it was
-            out = primitive_checks.check_out(out, G, leak, op="GradDrop")
-        seed = draw_on(G.device, torch.randint, 0, 2**62, (1,), generator=self.generator)
+        elif overlaps(out, leak):
+            raise ValueError("GradDrop: out overlaps leak in memory")
         impl = resolve("graddrop", _implementations(), G.device, G.dtype, out.dtype)
+        seed = draw_on(G.device, torch.randint, 0, 2**62, (1,), generator=self.generator)
         impl.run(G, leak, seed, out)
         return out

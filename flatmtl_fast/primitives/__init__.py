@@ -9,7 +9,7 @@ from ..backends import resolve
 from . import checks
 from .ops import call, combine_op, ema_row_norms_op, gram_op, implementations, perturb_op, row_norms_op
 
-__all__ = ["MAX_K", "combine", "ema_row_norms", "gram", "perturb", "row_norms"]
+__all__ = ["MAX_K", "check_runnable", "combine", "ema_row_norms", "gram", "perturb", "row_norms"]
 
 MAX_K = checks.MAX_K
 
@@ -19,6 +19,13 @@ def _backend_for(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
     # Evaluated eagerly while torch.compile traces: the backend in force then is baked into the graph.
     # ``dtypes``: every element type the kernel reads or writes (the backend must handle them all).
     return resolve(op, implementations(), device, *dtypes).name
+
+
+def check_runnable(op: str, device: torch.device, *dtypes: torch.dtype) -> None:
+    """Raise now, as ``op`` would, if the backend in force cannot run ``op`` on ``device`` tensors of these dtypes
+    (every one it reads or writes): an aggregator asks before it advances its state, so a refused call leaves it
+    as it was."""
+    _backend_for(op, device, *dtypes)
 
 
 def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = False) -> Tensor:

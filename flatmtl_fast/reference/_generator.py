@@ -29,6 +29,24 @@ class GeneratorMixin:
         """Where to draw: the generator's device, or ``like``'s device (its default generator)."""
         return like.device if self.generator is None else self.generator.device
 
+    def _check_state(self, state: dict[str, object]) -> None:
+        super()._check_state(state)  # type: ignore[misc]  (the aggregator's)
+        value, owner = state["_generator_state"], type(self).__name__
+        if value is None:
+            return
+        if self.generator is None:
+            raise ValueError(
+                f"{owner}.load_state_dict: _generator_state is a generator's state, but this aggregator was built "
+                "without a generator (pass generator=)"
+            )
+        try:  # on a scratch generator: a rejected state changes nothing
+            torch.Generator(device=self.generator.device).set_state(value)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"{owner}.load_state_dict: _generator_state is not a state of a {self.generator.device} generator "
+                f"({error})"
+            ) from None
+
     @property
     def _generator_state(self) -> Tensor | None:
         return None if self.generator is None else self.generator.get_state()
@@ -36,7 +54,6 @@ class GeneratorMixin:
     @_generator_state.setter
     def _generator_state(self, state: Tensor | None) -> None:
         # None comes from reset(): rewind to the state at construction.
+        # A state without a generator is refused by _check_state, before load_state_dict sets anything.
         if self.generator is not None:
             self.generator.set_state(self._initial_generator_state if state is None else state)
-        elif state is not None:
-            raise ValueError("cannot load a generator state into an aggregator built without a generator")

@@ -94,7 +94,9 @@ class NashMTL(GramianAggregator):
     def _next_alpha(self, M: Tensor) -> Tensor:
         """α for the float64 Gram M (before the clip), advancing the state."""
         K = M.shape[0]
+        # A loaded state follows M (as the fused class does): float32 from a cast checkpoint, another device.
         previous = torch.ones(K, dtype=torch.float64, device=M.device) if self._alpha is None else self._alpha
+        previous = previous.to(device=M.device, dtype=torch.float64)
         if previous.shape != (K,):
             raise ValueError(f"NashMTL was used with {previous.shape[0]} tasks, now {K}: call reset() first")
         step = self._step or 0

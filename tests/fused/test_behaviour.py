@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatmtl_fast
 from flatmtl_fast import solvers
+from flatmtl_fast.primitives import MAX_K
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"], ids=["native-solver", "torch-solver"])
@@ -158,6 +159,13 @@ def test_nan_input_gives_nan_direction_or_raises(name: str) -> None:
         make(name)(G, check_finite=True)
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("GradDrop", "DBMTL")])
+def test_check_finite_is_a_flag(name: str) -> None:
+    """A truthy string would silently mean True (a host synchronisation per step): refused, naming the flag."""
+    with pytest.raises(TypeError, match=f"{name}: check_finite must be True or False"):
+        make(name)(random_G(3, 20), check_finite="no")
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_dbmtl_recovers_from_an_overflowed_step(backend: str) -> None:
     """Under a GradScaler a step whose G overflowed gives a NaN direction (the scaler skips it) and leaves Inf/NaN
@@ -281,25 +289,34 @@ def _state_copy(agg) -> dict:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_a_rejected_out_leaves_the_state_as_it_was(name: str) -> None:
-    """out= is checked before anything advances (generators, EMA buffers, warm starts, step counters): a call
-    that raises on it is as if it never happened, and the next step is the one an untouched aggregator takes."""
+def test_a_rejected_call_leaves_the_state_as_it_was(name: str) -> None:
+    """G's layout and K limit, out=, and whether the chosen backend can run these dtypes are checked before anything
+    advances (generators, EMA buffers, warm starts, step counters): a call that raises is as if it never happened,
+    and the next step is the one an untouched aggregator takes."""
     G, losses = random_G(3, 40, seed=1), losses_for(name, 3)
     agg, untouched = make(name), make(name)
     agg(G, losses)
     untouched(G, losses)
     before = _state_copy(agg)
     G2 = random_G(3, 40, seed=2)
-    bad_outs = {
-        "shape": torch.empty(39),
-        "stride": torch.empty(80)[::2],
-        "dtype": torch.empty(40, dtype=torch.int32),
-        "requires grad": torch.empty(40, requires_grad=True),
-        "aliases G": G2[1],
+    bad_calls = {  # what: (G, losses, out, backend)
+        "out's shape": (G2, losses, torch.empty(39), "auto"),
+        "out's stride": (G2, losses, torch.empty(80)[::2], "auto"),
+        "out's dtype": (G2, losses, torch.empty(40, dtype=torch.int32), "auto"),
+        "out requires grad": (G2, losses, torch.empty(40, requires_grad=True), "auto"),
+        "out aliases G": (G2, losses, G2[1], "auto"),
+        "G's rows not contiguous": (random_G(40, 3, seed=2).t(), losses, None, "auto"),
+        "K over the kernels' limit": (random_G(MAX_K + 1, 2), losses_for(name, MAX_K + 1), None, "auto"),
+        "out's dtype not the backend's": (G2, losses, torch.empty(40, dtype=torch.float16), "cpp"),
+        "G's dtype not the backend's": (G2.double(), losses, None, "cpp"),
     }
-    for what, out in bad_outs.items():
-        with pytest.raises((ValueError, TypeError), match=name):
-            agg(G2, losses, out=out)
+    if name == "DBMTL":
+        bad_calls["G aliases the EMA buffer"] = (agg.buffer, losses, None, "auto")
+    for what, (bad_G, bad_losses, out, backend) in bad_calls.items():
+        if name == "DBMTL" and bad_G.shape != G.shape:
+            continue  # refused for its shape (the buffer's), before anything else
+        with flatmtl_fast.use_backend(backend), pytest.raises((ValueError, TypeError, RuntimeError)):
+            agg(bad_G, bad_losses, out=out)
         after = _state_copy(agg)
         assert after.keys() == before.keys(), what
         for key, value in before.items():
@@ -313,6 +330,18 @@ def test_dbmtl_out_may_not_alias_its_buffer() -> None:
     agg(G, losses)
     with pytest.raises(ValueError, match="out overlaps the aggregator's EMA buffer"):
         agg(G, losses, out=agg.buffer[1])
+
+
+def test_dbmtl_takes_a_loaded_buffer_of_any_layout() -> None:
+    """A buffer saved transposed (or sliced) continues as the same values stored contiguously would."""
+    G, losses = random_G(3, 40, seed=3), losses_for("DBMTL", 3)
+    saved = make("DBMTL")
+    saved(G, losses)
+    state = saved.state_dict()
+    transposed = {**state, "buffer": state["buffer"].t().contiguous().t()}
+    agg = make("DBMTL")
+    agg.load_state_dict(transposed)
+    torch.testing.assert_close(agg(G, losses), saved(G, losses), rtol=0, atol=0)
 
 
 def test_graddrop_same_generator_state_same_kept_entries_triton() -> None:
@@ -441,6 +470,12 @@ BAD_STATES = [
     ("NashMTL", {"_alpha": torch.ones(3), "_step": None}, None),  # consistent enough: the next step counts from 0
     ("NashMTL", {"_alpha": torch.ones(3), "_step": 1.5}, "step must be None or a count"),
     ("GradVac", {"phi_hat": torch.ones(3, 4), "_generator_state": None}, "phi_hat must be K × K"),
+    (
+        "GradVac",
+        {"phi_hat": torch.ones(3, 3), "_generator_state": torch.zeros(3, dtype=torch.uint8)},
+        "_generator_state is not a state of a cpu generator",
+    ),
+    ("PCGrad", {"_generator_state": "x"}, "_generator_state is not a state of a cpu generator"),
     ("DBMTL", {"buffer": torch.ones(3, 4, dtype=torch.int32), "step": 1}, "buffer must be None or a K × N floating"),
     ("DBMTL", {"buffer": torch.ones(3, 4), "step": None}, "buffer and step must both be None"),
     ("DBMTL", {"buffer": torch.ones(3, 4), "step": -1}, "step must be None or a count"),
@@ -464,6 +499,22 @@ def test_a_rejected_state_names_the_entry_and_changes_nothing(name: str, state: 
     after = _state_copy(agg)
     for key, value in before.items():
         assert torch.equal(after[key], value) if isinstance(value, torch.Tensor) else after[key] == value, key
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_a_nash_mtl_state_cast_to_float32_continues(fused: bool) -> None:
+    """A checkpoint whose tensors were cast to float32 (e.g. by a ``.half()``/``.float()`` sweep over the whole
+    checkpoint) continues as the float64 state rounded to float32 would — not a dtype error at the next step."""
+    G = random_G(3, 30, seed=4)
+    saved = make("NashMTL", fused=fused)
+    saved(G)
+    state = saved.state_dict()
+    rounded = {**state, "_alpha": state["_alpha"].float()}
+    expected = make("NashMTL", fused=fused)
+    expected.load_state_dict({**state, "_alpha": rounded["_alpha"].double()})
+    agg = make("NashMTL", fused=fused)
+    agg.load_state_dict(rounded)
+    torch.testing.assert_close(agg(G), expected(G), rtol=0, atol=0)
 
 
 def test_beyond_the_compiled_solvers_size_the_torch_solver_runs() -> None:
