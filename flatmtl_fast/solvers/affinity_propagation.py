@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._device import as_device_tensor
+from ..aggregators.checks import check_count, check_real
 from .native import run_native_solver
 
 #: Each retry runs this many iterations more than the previous attempt.
@@ -45,15 +46,13 @@ def _noise(n: int, seed: int, device: torch.device) -> Tensor:
 
 def check_affinity_propagation_parameters(damping: float, convergence_iter: int, max_iter: int, retries: int) -> None:
     """Raise ``ValueError`` naming the first parameter of :func:`affinity_propagation` out of its range."""
-    if not 0.5 <= damping < 1:
-        raise ValueError(f"affinity_propagation: damping must be in [0.5, 1) (as scikit-learn), got {damping}")
+    check_real(damping, "affinity_propagation", "damping (as scikit-learn)", minimum=0.5, below=1.0)
     for name, value, least in (
         ("convergence_iter", convergence_iter, 1),
         ("max_iter", max_iter, 1),
         ("retries", retries, 0),
     ):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"affinity_propagation: {name} must be an int ≥ {least}, got {value!r}")
+        check_count(value, "affinity_propagation", name, minimum=least)
 
 
 def affinity_propagation(

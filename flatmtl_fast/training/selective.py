@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..aggregators.checks import check_real
 from ..solvers.affinity_propagation import affinity_propagation, check_affinity_propagation_parameters
 
 CREDIT_MODES = ("paper", "official")
@@ -128,14 +129,22 @@ class SelectiveGroupUpdate:
     ) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"SelectiveGroupUpdate: num_tasks must be an int ≥ 1, got {num_tasks!r}")
-        if not 0 < decay < 1:
-            raise ValueError(f"SelectiveGroupUpdate: decay must be in (0, 1), got {decay!r}")
+        decay = check_real(decay, "SelectiveGroupUpdate", "decay", above=0.0, below=1.0)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SelectiveGroupUpdate: warmup must be an int ≥ 0, got {warmup!r}")
         if credit not in CREDIT_MODES:
             raise ValueError(f"SelectiveGroupUpdate: credit must be one of {CREDIT_MODES}, got {credit!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"SelectiveGroupUpdate: generator must be a CPU torch.Generator, got {generator.device}")
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+            got = generator.device if isinstance(generator, torch.Generator) else repr(generator)
+            raise ValueError(f"SelectiveGroupUpdate: generator must be a CPU torch.Generator or None, got {got}")
+        if isinstance(preference, Tensor):
+            if preference.shape not in ((), (num_tasks,)) or not preference.is_floating_point():
+                raise ValueError(
+                    f"SelectiveGroupUpdate: a preference tensor must be floating, of shape () or ({num_tasks},), got "
+                    f"{preference.dtype} of shape {tuple(preference.shape)}"
+                )
+        elif preference is not None:
+            preference = check_real(preference, "SelectiveGroupUpdate", "preference")
         check_affinity_propagation_parameters(damping, convergence_iter, max_iter, retries)
         self.num_tasks, self.decay, self.warmup, self.credit = num_tasks, decay, warmup, credit
         self._clustering = {
@@ -262,14 +271,14 @@ class SelectiveGroupUpdate:
             self._to(vector.device)
         return items, vector
 
-    def _as_group(self, group: Sequence[int]) -> tuple[int, ...]:
+    def _as_group(self, group: Sequence[int], what: str = "loss: group") -> tuple[int, ...]:
         try:
             members = tuple(operator.index(t) for t in group)
         except TypeError:
             members = ()  # not a sequence of integers: reported below
         if not members or len(set(members)) != len(members) or not all(0 <= t < self.num_tasks for t in members):
             raise ValueError(
-                f"SelectiveGroupUpdate.loss: group must be a non-empty list of distinct task indices in "
+                f"SelectiveGroupUpdate.{what} must be a non-empty list of distinct task indices in "
                 f"[0, {self.num_tasks}), got {group!r}"
             )
         return members
@@ -301,31 +310,47 @@ class SelectiveGroupUpdate:
             raise KeyError(
                 f"SelectiveGroupUpdate.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}"
             )
-        K = self.num_tasks
-        if state["affinity"].shape != (K, K) or state["labels"].shape != (K,):
+        K, affinity, labels, prev = self.num_tasks, state["affinity"], state["labels"], state["prev_losses"]
+        if not (isinstance(affinity, Tensor) and affinity.shape == (K, K) and affinity.is_floating_point()) or not (
+            isinstance(labels, Tensor) and labels.shape == (K,) and not labels.is_floating_point()
+        ):
             raise ValueError(
-                f"SelectiveGroupUpdate.load_state_dict: expected an affinity of shape ({K}, {K}) and labels of "
-                f"shape ({K},), got {tuple(state['affinity'].shape)} and {tuple(state['labels'].shape)}"
+                f"SelectiveGroupUpdate.load_state_dict: expected an affinity of shape ({K}, {K}) (floating) and "
+                f"labels of shape ({K},) (integers), got {_describe(affinity)} and {_describe(labels)}"
             )
+        if prev is not None and not (isinstance(prev, Tensor) and prev.shape == (K,) and prev.is_floating_point()):
+            raise ValueError(
+                f"SelectiveGroupUpdate.load_state_dict: prev_losses must be None or {K} floating losses (shape "
+                f"({K},)), got {_describe(prev)}"
+            )
+        pending = None if state["pending"] is None else self._as_group(state["pending"], "load_state_dict: pending")
+        batches = state["batches"]
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"SelectiveGroupUpdate.load_state_dict: batches must be an int ≥ 0, got {batches!r}")
         if state["credit"] != self.credit:
             raise ValueError(
                 f"SelectiveGroupUpdate.load_state_dict: state saved with credit={state['credit']!r}, "
                 f"this has credit={self.credit!r}"
             )
-        labels = state["labels"].tolist()
-        if sorted(set(labels)) != list(range(max(labels) + 1)) or min(labels) < 0:
+        numbers = labels.tolist()
+        if sorted(set(numbers)) != list(range(max(numbers) + 1)) or min(numbers) < 0:
             raise ValueError(
                 "SelectiveGroupUpdate.load_state_dict: labels must number the groups 0 … M − 1 with no group empty, "
-                f"got {labels}"
+                f"got {numbers}"
             )
         try:  # a scratch generator: a bad state must leave this object untouched
             torch.Generator().set_state(state["generator"])
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"SelectiveGroupUpdate.load_state_dict: bad generator state ({error})") from None
-        self.affinity = state["affinity"].clone().to(torch.float64)
-        self._set_labels(state["labels"].clone().to(device=self.affinity.device, dtype=torch.int64))
-        self._prev = None if state["prev_losses"] is None else state["prev_losses"].clone()
-        self._pending = None if state["pending"] is None else tuple(state["pending"])
-        self.batches = int(state["batches"])
+        self.affinity = affinity.clone().to(torch.float64)
+        self._set_labels(labels.clone().to(device=self.affinity.device, dtype=torch.int64))
+        self._prev = None if prev is None else prev.clone().to(torch.float64)
+        self._pending = pending
+        self.batches = batches
         self.generator.set_state(state["generator"])
         self._to(self.affinity.device)
+
+
+def _describe(value: object) -> str:
+    """A state entry as an error message shows it: a tensor's dtype and shape, anything else's type."""
+    return f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__

@@ -248,9 +248,22 @@ def test_bad_inputs_raise_clearly():
     for num_tasks in (0, True, 2.0):
         with pytest.raises(ValueError, match="num_tasks must be"):
             flatmtl_fast.SelectiveGroupUpdate(num_tasks)
-    for decay in (0.0, 1.0, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="decay must be in"):
+    for decay in (0.0, 1.0, 1.5, float("nan"), "x", None):
+        with pytest.raises(ValueError, match="SelectiveGroupUpdate: decay must be"):
             flatmtl_fast.SelectiveGroupUpdate(3, decay=decay)
+    for generator in (3, "cpu"):
+        with pytest.raises(ValueError, match=r"generator must be a CPU torch\.Generator or None, got"):
+            flatmtl_fast.SelectiveGroupUpdate(3, generator=generator)
+    for preference in ("x", float("inf")):
+        with pytest.raises(ValueError, match="SelectiveGroupUpdate: preference must be a finite real"):
+            flatmtl_fast.SelectiveGroupUpdate(3, preference=preference)
+    with pytest.raises(ValueError, match=r"a preference tensor must be floating, of shape \(\) or \(3,\)"):
+        flatmtl_fast.SelectiveGroupUpdate(3, preference=torch.ones(2))
+    for damping in ("x", True, 1.0):
+        with pytest.raises(ValueError, match="damping"):
+            flatmtl_fast.SelectiveGroupUpdate(3, damping=damping)
+    with pytest.raises(ValueError, match="max_iter must be an integer"):
+        flatmtl_fast.SelectiveGroupUpdate(3, max_iter=True)
     with pytest.raises(ValueError, match="warmup must be"):
         flatmtl_fast.SelectiveGroupUpdate(3, warmup=-1)
     with pytest.raises(ValueError, match="credit must be one of"):
@@ -286,6 +299,10 @@ def test_bad_inputs_raise_clearly():
         "labels must number the groups": {**state, "labels": torch.tensor([-1, -1, -1])},
         "no group empty": {**state, "labels": torch.tensor([0, 5, 5])},
         "bad generator state": {**state, "affinity": torch.ones(3, 3), "generator": torch.zeros(3, dtype=torch.uint8)},
+        "prev_losses must be None or 3 floating losses": {**state, "prev_losses": torch.ones(2)},
+        r"pending must be a non-empty list of distinct task indices in \[0, 3\), got \[4\]": {**state, "pending": [4]},
+        "batches must be an int ≥ 0": {**state, "batches": -1},
+        r"expected an affinity of shape \(3, 3\) \(floating\)": {**state, "affinity": [[0.0] * 3] * 3},
     }
     for message, broken in bad.items():
         with pytest.raises(ValueError, match=message):
