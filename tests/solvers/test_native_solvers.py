@@ -424,6 +424,29 @@ def test_fairgrad_and_nash_at_extreme_scales(scale):
         assert float((w * (M @ w) - 1.0).abs().max()) <= 1e-9, (name, w)
 
 
+SCALE_FREE = ("MGDA", "PCGrad", "CAGrad", "IMTLG", "AlignedMTL", "UPGrad", "DualProj", "IMGrad")
+
+
+@pytest.mark.parametrize("K", [2, 7, 40])
+@pytest.mark.parametrize("exponent", [-1000, -500, 500, 1000])
+def test_scale_free_solvers_at_the_ends_of_the_double_range(K, exponent):
+    """The methods whose weights do not change when M is scaled, on M · 2^±1000 (Gram entries up to 1e±301, as
+    float64 gradients of norm 1e±150 give): a power of two scales exactly, so any difference from the weights of
+    M is a product or a square that left the double range. (Aligned-MTL's used to, above 1e153.)"""
+    G = make_G(K, "full", 1.0, seed_of(K, "range"))
+    M = G @ G.T
+
+    def weights(name: str, M: torch.Tensor) -> torch.Tensor:
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if name == "PCGrad" else {}
+        with flatmtl_fast.use_backend("cpp"):
+            return getattr(flatmtl_fast, name)(**kwargs).weights(M)
+
+    for name in SCALE_FREE:
+        w, scaled = weights(name, M), weights(name, M * 2.0**exponent)
+        # Iterative solvers stop on scale-free tests, so they take the same steps: rounding only.
+        torch.testing.assert_close(scaled, w, rtol=1e-9, atol=1e-9 * float(w.abs().max()), msg=name)
+
+
 # ------------------------------------------------------------------------------------------ CAGrad / IMGrad
 
 

@@ -37,15 +37,18 @@ struct AlignedMtl : TeamSolver {
     const Scratch at(work, K);
     double* R = at.R;
     double* lambda = at.lambda;
+    // w is scale-free: M is taken times the power of two (exact) that brings it near 1, so that the products of
+    // the Cholesky and Jacobi steps stay in range for Gram entries up to the largest double.
+    const double scale = unit_scale(M, K);
     double shift = 0.0;
     int rank = 0;
-    if (!factor(M, K, shift, at, &rank, team)) {
+    if (!factor(M, K, scale, shift, at, &rank, team)) {
       for (int i = 0; i < K; ++i) {
         double row = 0.0;
-        for (int j = 0; j < K; ++j) row += fabs(M[int64_t(i) * K + j]);
+        for (int j = 0; j < K; ++j) row += fabs(M[int64_t(i) * K + j]) * scale;
         shift = max2(shift, row);
       }
-      factor(M, K, shift, at, &rank, team);
+      factor(M, K, scale, shift, at, &rank, team);
     }
     const Status status = jacobi_svd(R, rank, K, nullptr, at.norms, kMaxSweeps, team);
     for (int k = first_owned(team, 0); k < rank; k += team.size()) {
@@ -60,19 +63,19 @@ struct AlignedMtl : TeamSolver {
     return status;
   }
 
-  // Pivoted Cholesky of M + shift I into R's rows (using A and the eliminated flags), down to pivots ≤ eps
+  // Pivoted Cholesky of scale M + shift I into R's rows (using A and the eliminated flags), down to pivots ≤ eps
   // max diagonal; *rank gets the rows made. Returns whether the Schur complement left is rounding (every entry
   // ≤ 4 K eps max diagonal), as it is for a positive semidefinite matrix.
   template <class Team>
-  FLATMTL_HD static bool factor(const double* M, int K, double shift, const Scratch& at, int* rank,
+  FLATMTL_HD static bool factor(const double* M, int K, double scale, double shift, const Scratch& at, int* rank,
                                 const Team& team) {
     double* A = at.A;
     double* R = at.R;
     double* eliminated = at.eliminated;
     double max_diag = 0.0;
-    for (int k = 0; k < K; ++k) max_diag = max2(max_diag, M[int64_t(k) * K + k] + shift);
+    for (int k = 0; k < K; ++k) max_diag = max2(max_diag, M[int64_t(k) * K + k] * scale + shift);
     for (int i = first_owned(team, 0); i < K; i += team.size()) {
-      for (int j = 0; j < K; ++j) A[int64_t(i) * K + j] = M[int64_t(i) * K + j] + (i == j ? shift : 0.0);
+      for (int j = 0; j < K; ++j) A[int64_t(i) * K + j] = M[int64_t(i) * K + j] * scale + (i == j ? shift : 0.0);
       eliminated[i] = 0.0;
     }
     team.sync();

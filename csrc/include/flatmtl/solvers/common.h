@@ -128,6 +128,16 @@ FLATMTL_HD inline double quad_form(const double* M, int K, const double* x, doub
   return q;
 }
 
+// The power of two 2^-e with 2^e ≤ max |M_ij| < 2^(e+1) (e clamped to ±1000; 1 for M = 0): multiplying by it is
+// exact and brings the largest entry into [1, 2).
+FLATMTL_HD inline double unit_scale(const double* M, int n) {
+  double largest = 0.0;
+  for (int64_t k = 0; k < int64_t(n) * n; ++k) largest = max2(largest, fabs(M[k]));
+  if (!(largest > 0.0)) return 1.0;
+  const int e = ilogb(largest);
+  return ldexp(1.0, e < -1000 ? 1000 : e > 1000 ? -1000 : -e);
+}
+
 // Divides the n x n M by ‖M‖_F in place (Nash-MTL and FairGrad solve on the normalised Gram) and returns
 // ‖M‖_F, scaled by the largest |entry| so that the squares neither overflow nor underflow (a Gram of
 // gradients at 1e±100 has entries at 1e±200). The sum of squares runs by rows, then over the rows in order

@@ -36,7 +36,7 @@ FLATMTL_HD inline double dot_lane(const double* a, const double* b, int n, int l
 struct JacobiRotation {
   double cs, sn, t;
   FLATMTL_HD bool make(double app, double aqq, double apq, double noise) {
-    if (!(fabs(apq) > kDoubleEps * sqrt(app * aqq)) || min2(app, aqq) <= noise) return false;  // or NaN
+    if (!(fabs(apq) > kDoubleEps * sqrt(app) * sqrt(aqq)) || min2(app, aqq) <= noise) return false;  // or NaN
     const double zeta = (aqq - app) / (2.0 * apq);
     t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
     cs = 1.0 / sqrt(1.0 + t * t);
