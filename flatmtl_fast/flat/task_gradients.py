@@ -173,7 +173,9 @@ class TaskGradients:
         if target._version == version:
             raise ValueError(
                 f"{name} does not depend on the shared parameters (its gradient there is zero), or the graph hides "
-                "them from backward(inputs=...): reentrant activation checkpointing does, use use_reentrant=False"
+                "them from backward(inputs=...): reentrant activation checkpointing does, use use_reentrant=False; "
+                "or the module's parameters were replaced after FlatParameters was built (load_state_dict("
+                "assign=True), a new nn.Parameter assigned): build FlatParameters again"
             )
         if self._scratch is not None:
             (self.buffer[row].add_ if add else self.buffer[row].copy_)(self._scratch)

@@ -67,6 +67,15 @@ def test_a_shared_parameter_frozen_or_reshaped_after_flattening_is_refused():
         shared.refresh()
 
 
+def test_parameters_replaced_by_load_state_dict_assign_are_named_in_the_error():
+    """assign=True swaps in new Parameter objects, which FlatParameters never saw: the error says so."""
+    net = Net()
+    shared = flatmtl_fast.FlatParameters(net.trunk)
+    net.load_state_dict(Net().state_dict(), assign=True)
+    with pytest.raises(ValueError, match=r"load_state_dict\(assign=True\).*build FlatParameters again"):
+        flatmtl_fast.backward(net.losses(*_batch()), shared, flatmtl_fast.UPGrad())
+
+
 @pytest.mark.parametrize("namespace", [reference, flatmtl_fast], ids=["reference", "fused"])
 def test_dbmtl_under_a_changing_grad_scale_steps_as_without_a_scaler(namespace):
     """DB-MTL's EMA keeps gradients: under a scale that grows at every step it must see them unscaled, so every
