@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends import resolve
+from ..backends import current_backend, resolve
 from . import checks
 from .ops import call, combine_op, ema_row_norms_op, gram_op, implementations, perturb_op, row_norms_op
 
@@ -24,8 +24,10 @@ def _backend_for(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
 def check_runnable(op: str, device: torch.device, *dtypes: torch.dtype) -> None:
     """Raise now, as ``op`` would, if the backend in force cannot run ``op`` on ``device`` tensors of these dtypes
     (every one it reads or writes): an aggregator asks before it advances its state, so a refused call leaves it
-    as it was."""
-    _backend_for(op, device, *dtypes)
+    as it was. Under ``auto`` nothing can be refused (the reference backend runs every dtype the checks let through),
+    so only an explicit backend is asked."""
+    if current_backend() != "auto":
+        _backend_for(op, device, *dtypes)
 
 
 def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = False) -> Tensor:
