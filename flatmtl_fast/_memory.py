@@ -17,13 +17,15 @@ def byte_range(t: Tensor) -> tuple[int, int]:
 
 
 def overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of ``a`` and ``b`` intersect (conservative for strided views).
+    """Whether the memory spans of ``a`` and ``b`` intersect (conservative for strided views), by address: two
+    storages over the same memory (``torch.from_numpy`` of overlapping slices) count too.
 
-    Not checkable while torch.compile traces (fake tensors have no addresses): assumed disjoint.
+    Tensors without memory (meta and fake tensors, as torch.compile traces with) have no addresses: assumed
+    disjoint; the custom ops check again on the real tensors they run on.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or a.device != b.device:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.untyped_storage().data_ptr() == 0 or b.untyped_storage().data_ptr() == 0:
         return False
     a0, a1 = byte_range(a)
     b0, b1 = byte_range(b)

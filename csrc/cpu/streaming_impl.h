@@ -185,9 +185,10 @@ void gram_typed(const T* base, int64_t K, int64_t N, int64_t row_stride, double*
     for (int64_t j = i; j < K; ++j) {
       double sum = 0.0;
       for (int64_t s = 0; s < slabs; ++s) sum += partials[size_t(s * K * K + i * K + j)];
-      // Columns past the last full SIMD group: few, summed directly in float64.
+      // Columns past the last full SIMD group: few, summed directly in float64 — their products in float32 as
+      // every other column's, so a square that overflows or underflows float32 does so in any column, on any ISA.
       for (int64_t c = vec_cols; c < N; ++c) {
-        sum += double(load_scalar(base + i * row_stride + c)) * double(load_scalar(base + j * row_stride + c));
+        sum += double(load_scalar(base + i * row_stride + c) * load_scalar(base + j * row_stride + c));
       }
       out[i * K + j] = sum;
       out[j * K + i] = sum;

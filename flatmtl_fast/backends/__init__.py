@@ -131,6 +131,20 @@ def backends() -> dict[str, str]:
     return {name: unavailable(name) or "available" for name in NAMES}
 
 
+def require(
+    name: str, op: str, implementations: Mapping[str, Implementation], device: torch.device, *dtypes: torch.dtype
+):
+    """Backend ``name``'s implementation of ``op`` for tensors of ``device`` / ``dtypes``; raises if it cannot run
+    them (an explicit choice, or the backend a traced call was compiled with)."""
+    impl = implementations.get(name)
+    reason = unavailable(name) or (
+        f"no {name} implementation of {op}" if impl is None else impl.unsupported(device, dtypes)
+    )
+    if reason:
+        raise RuntimeError(f"flatmtl_fast backend {name!r} cannot run {op} here: {reason}")
+    return impl
+
+
 def resolve(op: str, implementations: Mapping[str, Implementation], device: torch.device, *dtypes: torch.dtype):
     """The implementation of ``op`` to run on tensors of ``device`` / ``dtypes`` under the current backend.
 
@@ -140,13 +154,7 @@ def resolve(op: str, implementations: Mapping[str, Implementation], device: torc
     """
     name = current_backend()
     if name != "auto":
-        impl = implementations.get(name)
-        reason = unavailable(name) or (
-            f"no {name} implementation of {op}" if impl is None else impl.unsupported(device, dtypes)
-        )
-        if reason:
-            raise RuntimeError(f"flatmtl_fast backend {name!r} cannot run {op} here: {reason}")
-        return impl
+        return require(name, op, implementations, device, *dtypes)
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         impl = implementations.get(candidate)
         if impl is None:

@@ -26,7 +26,7 @@ def check_runnable(op: str, device: torch.device, *dtypes: torch.dtype) -> None:
     (every one it reads or writes): an aggregator asks before it advances its state, so a refused call leaves it
     as it was. Under ``auto`` nothing can be refused (the reference backend runs every dtype the checks let through),
     so only an explicit backend is asked."""
-    if current_backend() != "auto":
+    if torch.compiler.is_compiling() or current_backend() != "auto":  # Dynamo cannot trace the ContextVar read
         _backend_for(op, device, *dtypes)
 
 

@@ -66,9 +66,9 @@ def check_gram_dtype(dtype: object) -> torch.dtype:
 
 
 def check_weights(w: object, G: Tensor) -> Tensor:
-    """Validate ``w`` (shape (K,), floating, on G's device); return it contiguous, as float64 when it is (the
-    backends round it to float32 as they read it, unless G is float64: the solvers' float64 weights need no
-    conversion op, a launch on a GPU) and float32 otherwise."""
+    """Validate ``w`` (shape (K,), floating, on G's device, not requiring grad); return it contiguous, as float64
+    when it is (the backends round it to float32 as they read it, unless G is float64: the solvers' float64 weights
+    need no conversion op, a launch on a GPU) and float32 otherwise."""
     K = G.shape[0]
     if not isinstance(w, Tensor):
         raise TypeError(f"combine: w must be a torch.Tensor of shape ({K},), got {type(w).__name__}")
@@ -78,7 +78,9 @@ def check_weights(w: object, G: Tensor) -> Tensor:
         raise TypeError(f"combine: w must be a floating tensor, got dtype {w.dtype}")
     if w.device != G.device:
         raise ValueError(f"combine: w is on {w.device} but G is on {G.device}; they must be on the same device")
-    return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
+    if w.requires_grad:  # as G: a gradient through w would silently be zero
+        raise ValueError("combine: w requires grad, but combine is not differentiable; pass w.detach()")
+    return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32).contiguous()
 
 
 def check_vector(x: object, name: str, op: str, N: int, like: Tensor, like_name: str, meaning: str) -> Tensor:
@@ -99,6 +101,12 @@ def check_vector(x: object, name: str, op: str, N: int, like: Tensor, like_name:
 
 
 def _check_writable(out: Tensor, op: str, name: str = "out") -> None:
+    # Torch refuses in-place writes there too. (Not seen while torch.compile traces: the op checks at run time.)
+    if not torch.compiler.is_compiling() and out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{op}: {name} is an inference tensor (made under torch.inference_mode), which may only be written "
+            "inside inference mode"
+        )
     if out.requires_grad:
         raise ValueError(
             f"{op}: {name} requires grad; writing into it in place would bypass autograd (pass a buffer "

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..backends import require
+from . import checks
 from .native import CppPrimitives, CudaPrimitives
 from .reference import ReferencePrimitives
 
@@ -42,16 +44,58 @@ def row_stride(G: Tensor) -> int:
 _FUNCTIONS: dict[object, tuple[Callable[..., object], tuple[int, ...]]] = {}
 
 
-def _custom_op(name: str, *mutated: str) -> Callable[[Callable[..., object]], object]:
-    """torch.library.custom_op(name, mutates_args=mutated), remembering the function for :func:`call`."""
+def _custom_op(name: str, *mutated: str, check: Callable[..., object]) -> Callable[[Callable[..., object]], object]:
+    """torch.library.custom_op(name, mutates_args=mutated), remembering the function for :func:`call`.
+
+    The op itself runs ``check`` on its arguments first: a call that reaches it through the dispatcher (a graph
+    compiled or exported with fake tensors, whose layout and addresses the wrappers could not see; a direct
+    ``torch.ops.flatmtl`` call) is refused as the wrappers refuse it, and so is a backend baked into the graph that
+    cannot run these tensors. The plain eager path has been checked by the wrapper and runs ``fn`` alone."""
 
     def register(fn: Callable[..., object]) -> object:
-        op = torch.library.custom_op(name, mutates_args=mutated)(fn)
+        @functools.wraps(fn)
+        def checked(*args: object) -> object:
+            check(*args)
+            return fn(*args)
+
+        op = torch.library.custom_op(name, mutates_args=mutated)(checked)
         names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
         _FUNCTIONS[op] = (fn, tuple(names.index(m) for m in mutated))
         return op
 
     return register
+
+
+def _backend(name: str, op: str, device: torch.device, *dtypes: torch.dtype) -> None:
+    require(name, op, implementations(), device, *dtypes)
+
+
+def _check_gram(G: Tensor, out_dtype: torch.dtype, backend: str) -> None:
+    checks.check_G(G, "gram")
+    _backend(backend, "gram", G.device, G.dtype)
+
+
+def _check_combine(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
+    checks.check_G(G, "combine")
+    checks.check_out(out, G, checks.check_weights(w, G))
+    _backend(backend, "combine", G.device, G.dtype, out.dtype)
+
+
+def _check_row_norms(G: Tensor, weight: Tensor | None, backend: str) -> None:
+    checks.check_G(G, "row_norms")
+    checks.check_row_weight(weight, G)
+    _backend(backend, "row_norms", G.device, G.dtype, *(() if weight is None else (weight.dtype,)))
+
+
+def _check_ema(buffer: Tensor, G: Tensor, decay: Tensor, gain: Tensor, backend: str) -> None:
+    checks.check_G(G, "ema_row_norms")
+    checks.check_ema(buffer, G, decay, gain)
+    _backend(backend, "ema_row_norms", G.device, G.dtype, buffer.dtype)
+
+
+def _check_perturb(base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool, backend: str) -> None:
+    checks.check_perturb(base, direction, scale, out)
+    _backend(backend, "perturb", base.device, base.dtype, direction.dtype)
 
 
 def _plain_eager(args: tuple) -> bool:
@@ -83,7 +127,7 @@ def call(op: object, *args: object) -> object:
     return result
 
 
-@_custom_op("flatmtl::gram")
+@_custom_op("flatmtl::gram", check=_check_gram)
 def gram_op(G: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
     """M = G Gᵀ with backend ``backend`` (arguments already validated by flatmtl_fast.gram)."""
     out = torch.empty(G.shape[0], G.shape[0], dtype=out_dtype, device=G.device)
@@ -96,7 +140,7 @@ def _gram_fake(G: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
     return G.new_empty((G.shape[0], G.shape[0]), dtype=out_dtype)
 
 
-@_custom_op("flatmtl::combine_", "out")
+@_custom_op("flatmtl::combine_", "out", check=_check_combine)
 def combine_op(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: float, backend: str) -> None:
     """out (+)= alpha · wᵀG with backend ``backend`` (w float32 or float64, which the backend rounds to float32
     unless G is float64; validated by flatmtl_fast.combine)."""
@@ -108,7 +152,7 @@ def _combine_fake(w: Tensor, G: Tensor, out: Tensor, accumulate: bool, alpha: fl
     return None
 
 
-@_custom_op("flatmtl::row_norms")
+@_custom_op("flatmtl::row_norms", check=_check_row_norms)
 def row_norms_op(G: Tensor, weight: Tensor | None, backend: str) -> Tensor:
     """(K,) float64 ‖weight ⊙ g_i‖ with backend ``backend`` (validated by flatmtl_fast.row_norms)."""
     out = torch.empty(G.shape[0], dtype=torch.float64, device=G.device)
@@ -121,7 +165,7 @@ def _row_norms_fake(G: Tensor, weight: Tensor | None, backend: str) -> Tensor:
     return G.new_empty((G.shape[0],), dtype=torch.float64)
 
 
-@_custom_op("flatmtl::ema_row_norms_", "buffer")
+@_custom_op("flatmtl::ema_row_norms_", "buffer", check=_check_ema)
 def ema_row_norms_op(buffer: Tensor, G: Tensor, decay: Tensor, gain: Tensor, backend: str) -> Tensor:
     """buffer = decay · buffer + gain ⊙ G in place (decay of shape (1,) float32), then its (K,) float64 row
     norms, with backend ``backend`` (validated by flatmtl_fast.ema_row_norms)."""
@@ -135,7 +179,7 @@ def _ema_row_norms_fake(buffer: Tensor, G: Tensor, decay: Tensor, gain: Tensor, 
     return G.new_empty((G.shape[0],), dtype=torch.float64)
 
 
-@_custom_op("flatmtl::perturb_", "out")
+@_custom_op("flatmtl::perturb_", "out", check=_check_perturb)
 def perturb_op(base: Tensor, direction: Tensor, scale: Tensor, out: Tensor, adaptive: bool, backend: str) -> None:
     """out = base + scale · (base² ⊙ direction if adaptive else direction) with backend ``backend``
     (scale of shape (1,); validated by flatmtl_fast.perturb; out may be base itself)."""

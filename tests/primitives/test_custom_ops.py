@@ -131,3 +131,34 @@ def test_calls_that_something_else_must_see_go_through_the_op(monkeypatch):
     assert direct == []
     flatmtl_fast.gram(G)
     assert direct == [1]
+
+
+def test_the_ops_check_the_real_tensors_a_compiled_graph_runs_on():
+    """Tracing sees fake tensors, without addresses: an out that overlaps G is refused when the graph runs."""
+    torch._dynamo.reset()
+    memory = torch.randn(4 * 500 + 1)
+    G, out = memory[:2000].view(4, 500), memory[1:501]
+    compiled = torch.compile(lambda w, G, out: flatmtl_fast.combine(w, G, out=out), backend="eager", fullgraph=True)
+    with pytest.raises(ValueError, match="combine: out overlaps G in memory"):
+        compiled(torch.ones(4), G, out)
+    base = torch.randn(300)
+    with pytest.raises(ValueError, match="perturb: out partly overlaps base"):
+        torch.compile(lambda b, d, s, o: flatmtl_fast.perturb(b, d, s, out=o), backend="eager")(
+            base[:200], torch.randn(200), torch.ones(1), base[1:201]
+        )
+
+
+def test_an_exported_graph_or_a_direct_op_call_is_checked():
+    class Gram(torch.nn.Module):
+        def forward(self, G: torch.Tensor) -> torch.Tensor:
+            return flatmtl_fast.gram(G, dtype=torch.float64)
+
+    program = torch.export.export(Gram(), (torch.randn(3, 10),)).module()
+    torch.testing.assert_close(program(torch.randn(3, 10)).shape, torch.Size([3, 3]))
+    for strided in (torch.randn(3, 20)[:, ::2], torch.randn(10, 3).t()):  # same shape, rows not contiguous
+        with pytest.raises(ValueError, match="gram: the rows of G must be contiguous"):
+            program(strided)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run gram here"):
+        torch.ops.flatmtl.gram(torch.randn(3, 4), torch.float64, "cuda")
+    with pytest.raises(ValueError, match="combine: w must have shape"):
+        torch.ops.flatmtl.combine_(torch.ones(2), torch.randn(3, 4), torch.empty(4), False, 1.0, "reference")
