@@ -152,8 +152,10 @@ def backward(
         shared: the shared parameters, flattened with :class:`~flatmtl_fast.FlatParameters`.
         aggregator: any aggregator of this library (fused or ``flatmtl_fast.reference``).
         task_params: task-specific parameters (heads); they get their ordinary gradient Σ_i ∂L_i/∂θ. An error
-            (e.g. a loss that does not reach the shared parameters, a failed solve) leaves the shared and task
-            ``.grad`` None and drops any accumulated micro-batches.
+            once the backward passes have begun (e.g. a loss that does not reach the shared parameters, a failed
+            solve) leaves the shared and task ``.grad`` None and drops any accumulated micro-batches; an argument
+            refused before them (a loss that does not require grad, K changing, a shared parameter among
+            ``task_params``) changes nothing, like a ``loss.backward()`` that raises.
         grad_dtype: storage of the K × N task-gradient buffer (default: the parameters' dtype;
             ``torch.bfloat16`` halves its memory and traffic).
         representation: the shared features z (MGDA-UB): the weights are computed from the task
