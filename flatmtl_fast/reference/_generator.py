@@ -16,6 +16,15 @@ import torch
 from torch import Tensor
 
 
+def check_generator_state(state: object, device: torch.device, what: str) -> None:
+    """Raise ``ValueError`` (naming ``what``) unless ``state`` is a state of a ``device`` generator; tried on a
+    scratch generator, so a rejected state changes nothing."""
+    try:
+        torch.Generator(device=device).set_state(state)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{what} is not a state of a {device} generator ({error})") from None
+
+
 class GeneratorMixin:
     """Holds ``self.generator`` and exposes its state as the state attribute ``_generator_state``."""
 
@@ -39,13 +48,7 @@ class GeneratorMixin:
                 f"{owner}.load_state_dict: _generator_state is a generator's state, but this aggregator was built "
                 "without a generator (pass generator=)"
             )
-        try:  # on a scratch generator: a rejected state changes nothing
-            torch.Generator(device=self.generator.device).set_state(value)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"{owner}.load_state_dict: _generator_state is not a state of a {self.generator.device} generator "
-                f"({error})"
-            ) from None
+        check_generator_state(value, self.generator.device, f"{owner}.load_state_dict: _generator_state")
 
     @property
     def _generator_state(self) -> Tensor | None:

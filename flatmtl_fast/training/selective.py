@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators.checks import check_real
+from ..reference._generator import check_generator_state
 from ..solvers.affinity_propagation import affinity_propagation, check_affinity_propagation_parameters
 
 CREDIT_MODES = ("paper", "official")
@@ -338,10 +339,9 @@ class SelectiveGroupUpdate:
                 "SelectiveGroupUpdate.load_state_dict: labels must number the groups 0 … M − 1 with no group empty, "
                 f"got {numbers}"
             )
-        try:  # a scratch generator: a bad state must leave this object untouched
-            torch.Generator().set_state(state["generator"])
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"SelectiveGroupUpdate.load_state_dict: bad generator state ({error})") from None
+        check_generator_state(
+            state["generator"], torch.device("cpu"), "SelectiveGroupUpdate.load_state_dict: generator"
+        )
         self.affinity = affinity.clone().to(torch.float64)
         self._set_labels(labels.clone().to(device=self.affinity.device, dtype=torch.int64))
         self._prev = None if prev is None else prev.clone().to(torch.float64)

@@ -298,7 +298,11 @@ def test_bad_inputs_raise_clearly():
     bad = {
         "labels must number the groups": {**state, "labels": torch.tensor([-1, -1, -1])},
         "no group empty": {**state, "labels": torch.tensor([0, 5, 5])},
-        "bad generator state": {**state, "affinity": torch.ones(3, 3), "generator": torch.zeros(3, dtype=torch.uint8)},
+        "generator is not a state of a cpu generator": {
+            **state,
+            "affinity": torch.ones(3, 3),
+            "generator": torch.zeros(3, dtype=torch.uint8),
+        },
         "prev_losses must be None or 3 floating losses": {**state, "prev_losses": torch.ones(2)},
         r"pending must be a non-empty list of distinct task indices in \[0, 3\), got \[4\]": {**state, "pending": [4]},
         "batches must be an int ≥ 0": {**state, "batches": -1},
