@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import check_state_keys
+
 
 class Aggregator(ABC):
     """Base class of every aggregator: ``agg(G, losses=None) -> d``.
@@ -53,13 +55,7 @@ class Aggregator(ABC):
     def _check_state(self, state: dict[str, Any]) -> None:
         """Raise (naming the entry) if ``state`` cannot be this aggregator's: its keys here, the values' kinds in
         the stateful methods' overrides (which call this first)."""
-        missing = set(self._state_attributes) - set(state)
-        unexpected = set(state) - set(self._state_attributes)
-        if missing or unexpected:
-            raise KeyError(
-                f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}, "
-                f"unexpected keys {sorted(unexpected)}"
-            )
+        check_state_keys(state, self._state_attributes, f"{type(self).__name__}.load_state_dict")
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters().items())

@@ -8,6 +8,7 @@ where the caller asks for them, so fused paths stay free of syncs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 
 import torch
@@ -121,3 +122,13 @@ def check_count(value: object, owner: str, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or not minimum <= value <= MAX_COUNT:
         raise ValueError(f"{owner}: {name} must be an integer in [{minimum}, {MAX_COUNT}], got {value!r}")
     return int(value)
+
+
+def check_state_keys(state: object, expected: Iterable[str], owner: str) -> None:
+    """A state to load: a mapping with exactly the ``expected`` keys (checked before anything is set)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{owner}: state must be a dict (as state_dict() returns), got {type(state).__name__}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected), key=repr)
+    if missing or unexpected:
+        raise KeyError(f"{owner}: missing keys {missing}, unexpected keys {unexpected}")

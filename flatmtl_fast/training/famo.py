@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..aggregators.checks import check_count, check_real
+from ..aggregators.checks import check_count, check_real, check_state_keys
 
 
 class FAMO:
@@ -144,8 +144,7 @@ class FAMO:
 
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         expected = {"logits", "exp_avg", "exp_avg_sq", "step", "min_losses", "prev_losses"}
-        if set(state) != expected:
-            raise KeyError(f"FAMO.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}")
+        check_state_keys(state, expected, "FAMO.load_state_dict")
         # Checked before anything is set: a rejected state leaves this FAMO as it was.
         shapes = {"logits": (self.num_tasks,), "exp_avg": (self.num_tasks,), "exp_avg_sq": (self.num_tasks,)}
         shapes |= {"step": (), "min_losses": (self.num_tasks,), "prev_losses": (self.num_tasks,)}

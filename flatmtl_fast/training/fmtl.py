@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from ..aggregators._fused import FusedGramian
 from ..aggregators.base import Aggregator, GramianAggregator
+from ..aggregators.checks import check_real, check_state_keys
 from ..distributed import DistributedStep, Traffic
 from ..distributed.aggregate import check_agreement
 from ..distributed.traffic import run_collective
@@ -136,10 +136,12 @@ class FMTL:
             raise TypeError(f"FMTL: shared must be a FlatParameters, got {type(shared).__name__}")
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"FMTL: aggregator must be a flatmtl_fast aggregator, got {type(aggregator).__name__}")
-        self.rho = _positive(rho, "rho")
-        self.rho_task = self.rho if rho_task is None else _positive(rho_task, "rho_task")
+        self.rho = check_real(rho, "FMTL", "rho", above=0.0)
         if normalize not in ("separate", "joint"):
             raise ValueError(f"FMTL: normalize must be 'separate' or 'joint', got {normalize!r}")
+        if rho_task is not None and normalize == "joint":
+            raise ValueError("FMTL: rho_task is the heads' radius under normalize='separate'; 'joint' uses rho alone")
+        self.rho_task = self.rho if rho_task is None else check_real(rho_task, "FMTL", "rho_task", above=0.0)
         if variant not in ("flat", "a"):
             raise ValueError(f"FMTL: variant must be 'flat' or 'a', got {variant!r}")
         if nonfinite not in ("raise", "skip", "propagate"):
@@ -166,7 +168,7 @@ class FMTL:
         check_sharded_use(head_ranks, process_group, layout, "FMTL", "task_params")
         self.model = model
         self.nonfinite: NonFinitePolicy = nonfinite
-        self.eps = _positive(eps, "eps")
+        self.eps = check_real(eps, "FMTL", "eps", above=0.0)
         if layout not in ("replicated", "sharded"):
             raise ValueError(f"FMTL: layout must be 'replicated' or 'sharded', got {layout!r}")
         check_process_group(process_group, "FMTL")
@@ -199,6 +201,12 @@ class FMTL:
             got = type(closure).__name__
             raise TypeError(f"FMTL.step: closure must be a callable returning the K losses, got {got}")
         self.shared.refresh()
+        for i, head in enumerate(self.task_params or []):
+            if not all(p.requires_grad for p in head):
+                raise ValueError(
+                    f"FMTL.step: a parameter of task_params[{i}] no longer requires grad (frozen after this FMTL was "
+                    "built): build a new FMTL without it"
+                )
         try:
             return self._step(closure)
         except BaseException:
@@ -269,6 +277,8 @@ class FMTL:
                 if perturbed is not shared.data:
                     shared.write_values(perturbed)
                 head_backup = _perturb_head(heads[i], head_grads[i], head_scale[i], self.adaptive)
+                # Inside the caller's autocast region, its cast copies of the parameters would keep the old values.
+                torch.clear_autocast_cache()
                 try:
                     _clear_grads(heads[i])
                     # The statistics are restored after the backward pass, which reads the saved ones.
@@ -286,6 +296,7 @@ class FMTL:
             shared.write_values(theta)  # bit-exact restore
             if shared.data is not None:
                 torch.autograd.graph.increment_version(shared.data)
+            torch.clear_autocast_cache()
 
         # The non-finite policy, once for the whole step (one host sync), before any state moves: the clean losses
         # and norms, and the perturbed passes, whose h rows the aggregation hands over (their Gram diagonal or norms).
@@ -422,22 +433,30 @@ class FMTL:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the states saved by :meth:`state_dict`."""
-        self.aggregator.load_state_dict(state["aggregator"])
+        """Restore the states saved by :meth:`state_dict` (of an FMTL of the same ``variant``)."""
+        expected = ["aggregator"] if self.flat_aggregator is None else ["aggregator", "flat_aggregator"]
+        check_state_keys(state, expected, "FMTL.load_state_dict")
+        pairs = [(self.aggregator, state["aggregator"])]
         if self.flat_aggregator is not None:
-            self.flat_aggregator.load_state_dict(state["flat_aggregator"])
+            pairs.append((self.flat_aggregator, state["flat_aggregator"]))
+        for aggregator, entry in pairs:  # both checked before either is set: a refused state changes nothing
+            aggregator._check_state(entry)
+        for aggregator, entry in pairs:
+            aggregator.load_state_dict(entry)
+
+    def reset(self) -> None:
+        """Forget the aggregators' states (Nash-MTL warm starts, GradVac targets, ...) and the number of tasks
+        (unless fixed by ``task_params``): the next step is a first one, with any K."""
+        self._rows = None
+        self.aggregator.reset()
+        if self.flat_aggregator is not None:
+            self.flat_aggregator.reset()
 
     def __repr__(self) -> str:
         return (
             f"FMTL({self.aggregator!r}, rho={self.rho}, adaptive={self.adaptive}, normalize={self.normalize!r}, "
             f"variant={self.variant!r})"
         )
-
-
-def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"FMTL: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _task_parameters(task_params: Sequence[Iterable[Tensor]], shared: FlatParameters) -> list[list[Tensor]]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..aggregators.checks import check_real
+from ..aggregators.checks import check_real, check_state_keys
 from ..reference._generator import check_generator_state
 from ..solvers.affinity_propagation import affinity_propagation, check_affinity_propagation_parameters
 
@@ -258,6 +258,11 @@ class SelectiveGroupUpdate:
                 )
             items, vector = losses, losses
         else:
+            if not isinstance(losses, Sequence):
+                raise TypeError(
+                    f"SelectiveGroupUpdate.{what}: losses must be a ({K},) tensor or a sequence of {K} scalar tensors, "
+                    f"got {type(losses).__name__}"
+                )
             if len(losses) != K:
                 raise ValueError(f"SelectiveGroupUpdate.{what}: expected {K} losses, got {len(losses)}")
             for t, loss in enumerate(losses):
@@ -274,7 +279,7 @@ class SelectiveGroupUpdate:
 
     def _as_group(self, group: Sequence[int], what: str = "loss: group") -> tuple[int, ...]:
         try:
-            members = tuple(operator.index(t) for t in group)
+            members = tuple(_task_index(t) for t in group)
         except TypeError:
             members = ()  # not a sequence of integers: reported below
         if not members or len(set(members)) != len(members) or not all(0 <= t < self.num_tasks for t in members):
@@ -307,18 +312,17 @@ class SelectiveGroupUpdate:
         """Restore :meth:`state_dict`'s output, taken between batches: the run then continues exactly as the
         saved one would (the groups of a batch under way are not part of the state)."""
         expected = {"affinity", "labels", "prev_losses", "pending", "batches", "generator", "credit"}
-        if set(state) != expected:
-            raise KeyError(
-                f"SelectiveGroupUpdate.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}"
-            )
+        check_state_keys(state, expected, "SelectiveGroupUpdate.load_state_dict")
         K, affinity, labels, prev = self.num_tasks, state["affinity"], state["labels"], state["prev_losses"]
         if not (isinstance(affinity, Tensor) and affinity.shape == (K, K) and affinity.is_floating_point()) or not (
-            isinstance(labels, Tensor) and labels.shape == (K,) and not labels.is_floating_point()
+            isinstance(labels, Tensor) and labels.shape == (K,) and _is_integer(labels)
         ):
             raise ValueError(
                 f"SelectiveGroupUpdate.load_state_dict: expected an affinity of shape ({K}, {K}) (floating) and "
                 f"labels of shape ({K},) (integers), got {_describe(affinity)} and {_describe(labels)}"
             )
+        if not bool(torch.isfinite(affinity).all()):  # NaN would make every later grouping arbitrary
+            raise ValueError("SelectiveGroupUpdate.load_state_dict: the affinity has non-finite entries")
         if prev is not None and not (isinstance(prev, Tensor) and prev.shape == (K,) and prev.is_floating_point()):
             raise ValueError(
                 f"SelectiveGroupUpdate.load_state_dict: prev_losses must be None or {K} floating losses (shape "
@@ -349,6 +353,16 @@ class SelectiveGroupUpdate:
         self.batches = batches
         self.generator.set_state(state["generator"])
         self._to(self.affinity.device)
+
+
+def _task_index(t: object) -> int:
+    if isinstance(t, bool):  # operator.index(True) is 1
+        raise TypeError("a bool is not a task index")
+    return operator.index(t)
+
+
+def _is_integer(labels: Tensor) -> bool:
+    return not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
 
 
 def _describe(value: object) -> str:

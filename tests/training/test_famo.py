@@ -125,5 +125,9 @@ def test_a_state_of_another_shape_is_refused_and_min_losses_take_a_list():
         famo.load_state_dict(flatmtl_fast.FAMO(1).state_dict())
     with pytest.raises(ValueError, match="prev_losses must be a tensor of shape"):
         famo.load_state_dict(saved | {"prev_losses": torch.ones(5)})
+    with pytest.raises(TypeError, match=r"FAMO\.load_state_dict: state must be a dict"):
+        famo.load_state_dict(None)
+    with pytest.raises(KeyError, match=r"FAMO.load_state_dict: missing keys \['step'\], unexpected keys \['steps'\]"):
+        famo.load_state_dict({("steps" if k == "step" else k): v for k, v in saved.items()})
     assert all(torch.equal(v, saved[k]) for k, v in famo.state_dict().items() if v is not None)  # untouched
     assert torch.equal(flatmtl_fast.FAMO(3, min_losses=[0, 0.5, 1]).min_losses, torch.tensor([0.0, 0.5, 1.0]))

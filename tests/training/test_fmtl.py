@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
+import numpy as np
 import pytest
 import torch
 from support.host_sync import forbid_host_sync
@@ -452,3 +454,82 @@ def test_bad_step_arguments() -> None:
         flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad()).step(None)
     with pytest.raises(ValueError, match="task_params is empty"):
         flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), task_params=[])
+
+
+def test_a_refused_state_changes_neither_aggregator() -> None:
+    x, y = _data()
+    model = Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), task_params=list(model.heads), model=model)
+    fmtl.step(lambda: model.losses(x, y))
+    saved = copy.deepcopy(fmtl.state_dict())
+    fresh = flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL()).state_dict()
+    variant_a = flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), variant="a").state_dict()
+    refused = {
+        r"state must be a dict": None,
+        r"FMTL.load_state_dict: missing keys \['flat_aggregator'\]": variant_a,  # a valid "aggregator" entry
+        r"NashMTL.load_state_dict: missing keys \['_alpha', '_step'\]": fresh | {"flat_aggregator": {"junk": 1}},
+        r"NashMTL.load_state_dict: state must be a dict": fresh | {"flat_aggregator": None},
+    }
+    for message, state in refused.items():
+        with pytest.raises((KeyError, TypeError), match=message):
+            fmtl.load_state_dict(state)
+        after = fmtl.state_dict()
+        for key in saved:
+            for name, value in saved[key].items():
+                same = torch.equal(after[key][name], value) if torch.is_tensor(value) else after[key][name] == value
+                assert same, (message, key, name)
+    with pytest.raises(KeyError, match=r"unexpected keys \['flat_aggregator'\]"):  # not silently dropped
+        flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), variant="a").load_state_dict(saved)
+
+
+def test_a_step_inside_an_autocast_region_perturbs_the_weights_its_forwards_see() -> None:
+    # Autocast caches its casts of the parameters until its region ends: without clearing that cache, every
+    # perturbed forward would run the unperturbed weights, so s_i = g_i and d = Agg(g) with no error.
+    x, y = _data()
+    directions = []
+    for outer in (False, True):
+        model = Net()
+        shared = flatmtl_fast.FlatParameters(model.trunk)
+        fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho=0.5, task_params=list(model.heads), model=model)
+
+        def closure(model=model):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return [loss.float() for loss in model.losses(x, y)]
+
+        # (Not enabled=False for the plain run: a disabled autocast region still nests, and keeps the cache.)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+            fmtl.step(closure)
+        directions.append(shared.grad.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext():
+            assert torch.equal(model.trunk(x), Net().trunk(x)), "the forward after the step sees the restored weights"
+    assert torch.equal(directions[0], directions[1])
+
+
+def test_hyperparameters_and_reset() -> None:
+    x, y = _data()
+    model = Net()
+    shared = flatmtl_fast.FlatParameters(model.trunk)
+    assert flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho=np.float32(0.25)).rho == 0.25
+    with pytest.raises(ValueError, match="FMTL: rho must be a finite real number, got 'a'"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho="a")
+    with pytest.raises(ValueError, match="FMTL: rho_task must be > 0"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho_task=0)
+    with pytest.raises(ValueError, match="rho_task is the heads' radius under normalize='separate'"):
+        flatmtl_fast.FMTL(shared, flatmtl_fast.UPGrad(), rho_task=0.1, normalize="joint")
+
+    fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), task_params=list(model.heads), model=model)
+    model.heads[1][1].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"a parameter of task_params\[1\] no longer requires grad"):
+        fmtl.step(lambda: model.losses(x, y))
+    model.heads[1][1].bias.requires_grad_(True)
+
+    fmtl = flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), model=model)
+    fmtl.step(lambda: model.losses(x, y))
+    with pytest.raises(ValueError, match="expected 3"):
+        fmtl.step(lambda: model.losses(x, y)[:2])
+    fmtl.reset()  # a new K: a first step again, as a fresh FMTL's
+    fmtl.step(lambda: model.losses(x, y)[:2])
+    first = shared.grad.clone()
+    flatmtl_fast.FMTL(shared, flatmtl_fast.NashMTL(), model=model).step(lambda: model.losses(x, y)[:2])
+    assert torch.equal(shared.grad, first)

@@ -281,12 +281,16 @@ def test_bad_inputs_raise_clearly():
         sgu.loss([torch.tensor(1.0), torch.ones(2), torch.tensor(1.0)], [0])
     with pytest.raises(TypeError, match="floating point"):
         sgu.loss(torch.ones(3, dtype=torch.int64), [0])
-    for group in ([3], [-1], [], [0, 0], ["a"], [0.5]):
+    for group in ([3], [-1], [], [0, 0], ["a"], [0.5], [True], [0, True]):
         with pytest.raises(ValueError, match=r"group must be a non-empty list of distinct task indices in \[0, 3\)"):
             sgu.loss(torch.ones(3), group)
     state = sgu.state_dict()
-    with pytest.raises(KeyError, match="expected keys"):
+    with pytest.raises(KeyError, match=r"missing keys \['generator'\], unexpected keys \[\]"):
         sgu.load_state_dict({k: v for k, v in state.items() if k != "generator"})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        sgu.load_state_dict(None)
+    with pytest.raises(TypeError, match=r"losses must be a \(3,\) tensor or a sequence of 3 scalar tensors"):
+        sgu.loss(None, [0])
     with pytest.raises(ValueError, match="credit="):
         flatmtl_fast.SelectiveGroupUpdate(3, credit="official").load_state_dict(state)
     with pytest.raises(ValueError, match="expected an affinity of shape"):
@@ -307,6 +311,8 @@ def test_bad_inputs_raise_clearly():
         r"pending must be a non-empty list of distinct task indices in \[0, 3\), got \[4\]": {**state, "pending": [4]},
         "batches must be an int ≥ 0": {**state, "batches": -1},
         r"expected an affinity of shape \(3, 3\) \(floating\)": {**state, "affinity": [[0.0] * 3] * 3},
+        r"\(integers\), got .* and torch.bool of shape": {**state, "labels": torch.zeros(3, dtype=torch.bool)},
+        "the affinity has non-finite entries": {**state, "affinity": torch.full((3, 3), float("nan"))},
     }
     for message, broken in bad.items():
         with pytest.raises(ValueError, match=message):
