@@ -21,8 +21,12 @@ forms the partial Gram of its own columns, and the ranks exchange K × K numbers
 Bytes (:class:`Traffic`, G's itemsize b): reduce-scatter K · P S · b, all-gather P S · b, all-reduce 8 K² (+ 8 K
 for the losses, + the task parameters); a naive all-reduce of the K × N gradients instead moves K N b — and a
 ring all-reduce sends twice what a ring reduce-scatter sends, so per rank the wire traffic drops from
-2 (P−1)/P · K N b to (P−1)/P · (K + 1) N b (:meth:`Traffic.wire_bytes`). With P = 1 the O(N) collectives
-are skipped (they would be copies).
+2 (P−1)/P · K N b to (P−1)/P · (K + 1) N b (:meth:`Traffic.wire_bytes`) — with a true reduce-scatter (NCCL's).
+gloo has none: torch runs an all-reduce for it, so on gloo the step moves about (2K + 1) rows' worth, slightly
+more than the naive all-reduce. float16 rows are divided by P before the sum, as DDP divides (P times a float16
+gradient may overflow where the mean does not). With P = 1 the O(N) collectives are skipped (they would be
+copies). A rank whose columns are all on other ranks (FSDP2 shards of a small model) takes part with an empty
+shard: a zero partial Gram, an empty slice of d.
 
 **Sharded layout** (FSDP-style — each rank owns a slice of the flat shared parameters, e.g. FSDP's reduce-scatter
 has left it the mean gradients of its slice, or tensor parallelism computes the full gradient of its slice):
@@ -47,8 +51,10 @@ all-reduced (8 K bytes) and the shard is recombined, so DB-MTL equals the single
 **With DistributedDataParallel**: run the forward and ``flatmtl_fast.backward(..., process_group=...)`` inside
 ``ddp.no_sync()`` (or train the plain module, not the DDP wrapper): DDP's own all-reduce of ``.grad`` then does
 not run, the per-task gradients stay per-rank, and the step's reduce-scatter does the averaging. Outside
-``no_sync`` DDP's reducer would all-reduce during the K task backward passes (it expects one backward per
-forward) — the gradients would be averaged twice, at K times the traffic.
+``no_sync`` DDP's reducer runs too (it expects one backward pass per forward): in our test it all-reduced the
+parameters' gradients once per step, during one of the task passes, on top of the step's own collectives. The
+step then averages those already averaged rows again, so ``.grad`` came out the same, but nothing detects the
+waste of N values of traffic per step: use ``no_sync``.
 
 **F-MTL** (``FMTL(..., process_group=...)``, replicated): every rank must perturb by the ε_i of the whole batch,
 so the clean g_i are all-reduced (K N b) before the perturbed passes; the step then takes the 2K rows [g; h] with

@@ -16,7 +16,7 @@ from ..aggregators.checks import check_losses
 from ..primitives import checks as primitive_checks
 from ..reference.dbmtl import DBMTL
 from ..reference.graddrop import GradDrop
-from .traffic import DistributedStepError, Traffic, run_collective
+from .traffic import DistributedStepError, Traffic, all_reduce_mean, run_collective
 
 Layout = Literal["replicated", "sharded"]
 LAYOUTS: tuple[Layout, ...] = ("replicated", "sharded")
@@ -90,7 +90,8 @@ class DistributedStep:
             )
         if layout not in LAYOUTS:
             raise ValueError(f"distributed: layout must be 'replicated' or 'sharded', got {layout!r}")
-        K, N, _ = primitive_checks.check_G(G, "distributed")
+        # A sharded rank may own no columns (FSDP2's shards of a small model): it still joins every collective.
+        K, N, _ = primitive_checks.check_G(G, "distributed", no_columns=layout == "sharded")
         if isinstance(averaged_rows, bool) or not isinstance(averaged_rows, int) or not 0 <= averaged_rows <= K:
             raise ValueError(f"distributed: averaged_rows must be an integer in [0, K = {K}], got {averaged_rows!r}")
         name = type(aggregator).__name__
@@ -162,8 +163,13 @@ class DistributedStep:
             raise TypeError(f"distributed: {type(self.aggregator).__name__} is Gramian: use weights() and combine()")
 
         def local(buffer: Tensor) -> Tensor:
+            dbmtl = isinstance(self.aggregator, DBMTL) and self.world_size > 1  # one rank: α already is global
+            if self.shard.shape[1] == 0:  # no columns here; the norms' all-reduce still needs this rank
+                if dbmtl:
+                    self._rebalance(torch.empty(self.shard.shape, dtype=torch.float32, device=buffer.device))
+                return buffer
             d = self.aggregator(self.shard, self.losses)
-            if isinstance(self.aggregator, DBMTL) and self.world_size > 1:  # one rank: α already is global
+            if dbmtl:
                 d = self._rebalance(self.aggregator.buffer)
             return buffer.copy_(d)
 
@@ -188,9 +194,7 @@ class DistributedStep:
         )
 
     def _mean(self, values: Tensor, what: str) -> Tensor:
-        total = values.contiguous().clone()
-        self._collective("all_reduce", f"mean of {what}", total, op=dist.ReduceOp.SUM)
-        return total.div_(self.world_size)
+        return all_reduce_mean(values.contiguous().clone(), what, self.traffic, self.group)
 
     def _average_gradients(self, params: list[Tensor], device: torch.device) -> None:
         if not params:
@@ -211,7 +215,8 @@ class DistributedStep:
         are reduce-scattered, one collective per row. A row of G is contiguous, so it is reduce-scattered in
         place when P divides N; otherwise it goes through one zero-padded staging row (the padding contributes
         nothing to the Gram or to d). Row by row rather than one (P, K, S) collective: that layout would need
-        a copy of all of G.
+        a copy of all of G. A float16 row is divided by P before the sum, through the staging row (P times a
+        float16 gradient may overflow where the mean does not; DDP divides first too).
         """
         K, N = G.shape
         P = self.world_size
@@ -221,15 +226,18 @@ class DistributedStep:
         width = max(0, min(S, N - start))  # the last ranks' columns may run past N (or start past it)
         shard[:averaged_rows, :width].copy_(G[:averaged_rows, start : start + width])
         shard[:averaged_rows, width:].zero_()
-        padded = None if S * P == N else torch.zeros(S * P, dtype=G.dtype, device=G.device)
+        predivide = G.dtype == torch.float16
+        staged = predivide or S * P != N
+        padded = torch.zeros(S * P, dtype=G.dtype, device=G.device) if staged else None
         for k in range(averaged_rows, K):
             row = G[k]
             if padded is not None:
                 # Reused for every row: the collectives are synchronous, so the previous one has read it.
-                padded[:N].copy_(row)
+                torch.div(row, P, out=padded[:N]) if predivide else padded[:N].copy_(row)
                 row = padded
             self._collective("reduce_scatter", f"reduce-scatter of task gradient {k}", shard[k], row)
-        shard[averaged_rows:].div_(P)
+        if not predivide:
+            shard[averaged_rows:].div_(P)
         return shard
 
     def _rebalance(self, buffer: Tensor) -> Tensor:
@@ -285,10 +293,12 @@ def check_agreement(
     collectives all raise :class:`DistributedStepError` here instead of hanging or failing in one of them. Run by
     :class:`DistributedStep` (unless ``check=False``), and by callers that communicate before building it (F-MTL)."""
     K, N = G.shape
-    # The class decides the sequence of collectives. Not the repr: tensors in it name each rank's device,
-    # and differing hyperparameters cannot hang a step (every rank uses rank 0's weights).
+    # The class decides the sequence of collectives; the hyperparameters, GradDrop's and DB-MTL's shard-local
+    # directions (a Gramian step takes rank 0's weights, but differing settings are a bug there too). Not the
+    # repr: tensors in it name each rank's device.
     cls = type(aggregator)
-    fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode())
+    settings = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in aggregator._hyperparameters().items()}
+    fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}{sorted(settings.items())!r}".encode())
     values = [K, N, _DTYPES.index(G.dtype), LAYOUTS.index(layout), fingerprint, int(has_losses), task_numel]
     mine = torch.tensor([*values, averaged_rows], dtype=torch.int64, device=G.device)
     world_size = dist.get_world_size(group)
@@ -302,14 +312,15 @@ def check_agreement(
         if len({row[i] for row in rows}) > 1 and not (field == "N" and layout == "sharded")
     ]
     if differ:
-        shown = {2: lambda v: str(_DTYPES[v]), 3: lambda v: LAYOUTS[v], 4: lambda v: f"class hash {v:08x}"}
+        shown = {2: lambda v: str(_DTYPES[v]), 3: lambda v: LAYOUTS[v], 4: lambda v: f"hash {v:08x}"}
         per_rank = "; ".join(
             f"rank {r}: " + ", ".join(f"{_AGREEMENT_FIELDS[i]}={shown.get(i, str)(row[i])}" for i in differ)
             for r, row in enumerate(rows)
         )
         raise DistributedStepError(
             f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
-            "same K, dtype, layout, aggregator class, losses or none, task parameters, averaged rows and, "
+            "same K, dtype, layout, aggregator (class and hyperparameters), losses or none, task parameters, "
+            "averaged rows and, "
             f"in the replicated layout, N (this rank's aggregator: {aggregator!r}). Nothing was "
             "communicated beyond this check"
         )

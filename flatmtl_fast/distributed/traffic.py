@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -50,7 +51,8 @@ class Traffic:
         return sum(getattr(self, f.name) for f in fields(self))
 
     def wire_bytes(self, world_size: int) -> float:
-        """Bytes one rank sends per step under ring algorithms (averaged over ranks).
+        """Bytes one rank sends per step under ring algorithms (averaged over ranks). gloo runs its reduce-scatter
+        as an all-reduce, which sends twice the figure counted here.
 
         A ring reduce-scatter or all-gather of b bytes sends (P − 1)/P · b per rank, a ring all-reduce
         (a reduce-scatter then an all-gather) twice that; a pipelined broadcast forwards the message once
@@ -80,6 +82,19 @@ def run_collective(
             "step, or the ranks ran different steps; the wait is bounded by the process group's timeout "
             "(init_process_group(timeout=...) / new_group(timeout=...))"
         ) from err
+
+
+def all_reduce_mean(tensor: Tensor, what: str, traffic: Traffic, group: dist.ProcessGroup) -> Tensor:
+    """Average ``tensor`` over the ranks of ``group`` in place (an all-reduce, counted into ``traffic``); returns it.
+    A float16 tensor is divided before the sum, as DDP does: P times a float16 gradient may overflow where the mean
+    does not. Other dtypes are divided after it (their range holds the sum)."""
+    world_size = dist.get_world_size(group)
+    predivide = tensor.dtype == torch.float16
+    if predivide:
+        tensor.div_(world_size)
+    nbytes = tensor.numel() * tensor.element_size()
+    run_collective("all_reduce", f"mean of {what}", traffic, nbytes, group, tensor, op=dist.ReduceOp.SUM)
+    return tensor if predivide else tensor.div_(world_size)
 
 
 def _function(kind: str) -> Callable[..., object]:

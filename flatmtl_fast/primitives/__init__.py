@@ -43,9 +43,11 @@ def gram(G: Tensor, *, dtype: torch.dtype = torch.float32, check_finite: bool = 
     NaN/Inf in row i of G makes M[i, i] non-finite. ``check_finite=True`` raises
     ``FloatingPointError`` naming those rows instead (one host synchronisation).
     """
-    checks.check_G(G, "gram")
+    K, N, _ = checks.check_G(G, "gram", no_columns=True)
     dtype = checks.check_gram_dtype(dtype)
     check_finite = checks.check_flag(check_finite, "gram", "check_finite")
+    if N == 0:
+        return torch.zeros(K, K, dtype=dtype, device=G.device)
     out = call(gram_op, G, dtype, _backend_for("gram", G.device, G.dtype))
     if check_finite:
         bad = (~torch.isfinite(out.diagonal())).nonzero().flatten().tolist()
@@ -65,7 +67,7 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
     in float32 (float64 for a float64 G) with one rounding to that dtype. NaN/Inf in w or G propagate into the affected
     entries, as in ``w @ G``.
     """
-    _, N, _ = checks.check_G(G, "combine")
+    _, N, _ = checks.check_G(G, "combine", no_columns=True)
     w = checks.check_weights(w, G)
     alpha = checks.check_alpha(alpha)
     accumulate = checks.check_flag(accumulate, "combine", "accumulate")
@@ -75,6 +77,8 @@ def combine(w: Tensor, G: Tensor, *, out: Tensor | None = None, accumulate: bool
         out = torch.empty(N, dtype=G.dtype, device=G.device)
     else:
         out = checks.check_out(out, G, w)
+    if N == 0:
+        return out
     call(combine_op, w, G, out, accumulate, alpha, _backend_for("combine", G.device, G.dtype, out.dtype))
     return out
 
@@ -90,8 +94,10 @@ def row_norms(G: Tensor, *, weight: Tensor | None = None) -> Tensor:
     deterministic and independent of the thread count. A NaN/Inf in row i (or in ``weight``) makes
     entry i (or every entry) non-finite, as does a weighted value whose square overflows float32.
     """
-    checks.check_G(G, "row_norms")
+    K, N, _ = checks.check_G(G, "row_norms", no_columns=True)
     weight = checks.check_row_weight(weight, G)
+    if N == 0:
+        return torch.zeros(K, dtype=torch.float64, device=G.device)
     dtypes = (G.dtype,) if weight is None else (G.dtype, weight.dtype)
     return call(row_norms_op, G, weight, _backend_for("row_norms", G.device, *dtypes))
 
@@ -110,8 +116,10 @@ def ema_row_norms(buffer: Tensor, G: Tensor, *, decay: float | Tensor, gain: Ten
     gain propagate into the affected entries and norms; a NaN/Inf entry of the buffer restarts from 0 (buffer ←
     gain ⊙ G there), so one overflowed step (skipped by a GradScaler) does not poison the EMA for good.
     """
-    checks.check_G(G, "ema_row_norms")
+    K, N, _ = checks.check_G(G, "ema_row_norms", no_columns=True)
     decay, gain = checks.check_ema(buffer, G, decay, gain)
+    if N == 0:
+        return torch.zeros(K, dtype=torch.float64, device=G.device)
     backend = _backend_for("ema_row_norms", G.device, G.dtype, buffer.dtype)
     return call(ema_row_norms_op, buffer, G, decay, gain, backend)
 
@@ -129,8 +137,10 @@ def perturb(base: Tensor, direction: Tensor, scale: Tensor, *, out: Tensor, adap
     1-element float32/float64 tensor on base's device, read by the kernel (no host synchronisation,
     so a step can be captured in a CUDA graph). Arithmetic in float32, one rounding to out's dtype.
     """
-    base, direction, scale = checks.check_perturb(base, direction, scale, out)
+    base, direction, scale = checks.check_perturb(base, direction, scale, out, no_columns=True)
     adaptive = checks.check_flag(adaptive, "perturb", "adaptive")
+    if base.numel() == 0:
+        return out
     backend = _backend_for("perturb", base.device, base.dtype, direction.dtype)
     call(perturb_op, base, direction, scale, out, adaptive, backend)
     return out

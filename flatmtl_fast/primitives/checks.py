@@ -25,18 +25,19 @@ def _names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_G(G: object, op: str) -> tuple[int, int, int]:
+def check_G(G: object, op: str, *, no_columns: bool = False) -> tuple[int, int, int]:
     """Validate the gradient matrix; return (K, N, row_stride).
 
     Rows must be contiguous (stride 1 along N) but may be spaced apart (row stride ≥ N), so a
-    column slice ``G[:, a:b]`` of a larger buffer is accepted without a copy.
+    column slice ``G[:, a:b]`` of a larger buffer is accepted without a copy. ``no_columns``: N = 0 is
+    accepted (the public functions answer it without a kernel: a rank's empty shard of the parameters).
     """
     if not isinstance(G, Tensor):
         raise TypeError(f"{op}: G must be a torch.Tensor of shape (K, N), got {type(G).__name__}")
     if G.dim() != 2:
         raise ValueError(f"{op}: G must have shape (K, N) (one row per task), got shape {tuple(G.shape)}")
     K, N = G.shape
-    if K == 0 or N == 0:
+    if K == 0 or (N == 0 and not no_columns):
         raise ValueError(f"{op}: G is empty (shape {tuple(G.shape)}); it needs K ≥ 1 rows and N ≥ 1 columns")
     if G.dtype not in G_DTYPES:
         raise TypeError(f"{op}: G must have dtype {_names(G_DTYPES)}, got {G.dtype}")
@@ -136,14 +137,18 @@ def check_row_weight(weight: object, G: Tensor) -> Tensor | None:
     return check_vector(weight, "weight", "row_norms", N, G, "G", "one entry per column of G").detach()
 
 
-def check_perturb(base: object, direction: object, scale: object, out: object) -> tuple[Tensor, Tensor, Tensor]:
+def check_perturb(
+    base: object, direction: object, scale: object, out: object, *, no_columns: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Validate perturb's arguments; return (base, direction, scale) detached, scale with shape (1,).
 
     ``out`` may be ``base`` itself (the update is element-wise) but must not partly overlap it, nor
-    overlap ``direction`` or ``scale``."""
-    if not isinstance(base, Tensor) or base.dim() != 1 or base.numel() == 0:
+    overlap ``direction`` or ``scale``. ``no_columns``: N = 0 is accepted, as in :func:`check_G`."""
+    if not isinstance(base, Tensor) or base.dim() != 1:
         got = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
-        raise ValueError(f"perturb: base must be a non-empty torch.Tensor of shape (N,) (the parameters), got {got}")
+        raise ValueError(f"perturb: base must be a torch.Tensor of shape (N,) (the parameters), got {got}")
+    if base.numel() == 0 and not no_columns:
+        raise ValueError("perturb: base is empty; the kernels need N ≥ 1 parameters")
     N = base.shape[0]
     meaning = "one entry per parameter, like base"
     base = check_vector(base, "base", "perturb", N, base, "base", meaning)

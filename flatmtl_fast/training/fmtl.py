@@ -29,7 +29,7 @@ from ..aggregators.base import Aggregator, GramianAggregator
 from ..aggregators.checks import check_real, check_state_keys
 from ..distributed import DistributedStep, Traffic
 from ..distributed.aggregate import check_agreement
-from ..distributed.traffic import run_collective
+from ..distributed.traffic import all_reduce_mean, run_collective
 from ..flat import FlatParameters, TaskGradients
 from ..flat.parameters import DTensor, check_not_gathered, local_tensor, shard_ranks
 from ..primitives import combine, gram, perturb, row_norms
@@ -321,12 +321,14 @@ class FMTL:
 
     def _all_reduce(self, tensor: Tensor, what: str, *, mean: bool = False) -> Tensor:
         """Sum (or average) ``tensor`` over the group in place, counted into :attr:`traffic`."""
+        if mean:
+            return all_reduce_mean(tensor, f"F-MTL {what}", self.traffic, self.process_group)
         nbytes = tensor.numel() * tensor.element_size()
         sum_op = torch.distributed.ReduceOp.SUM
         run_collective(
             "all_reduce", f"F-MTL sum of {what}", self.traffic, nbytes, self.process_group, tensor, op=sum_op
         )
-        return tensor.div_(torch.distributed.get_world_size(self.process_group)) if mean else tensor
+        return tensor
 
     def _aggregate_distributed(
         self, rows: Tensor, loss_values: Tensor, heads: list[Tensor], finite: Callable[[Callable[[], Tensor]], bool]
@@ -346,18 +348,20 @@ class FMTL:
             averaged_rows=K,
             check=False,  # checked before the step's first collective
         )
-        M = step.gram()
-        if not finite(lambda: M.diagonal()[K:]):
-            return False
-        if self.variant == "a":  # d = Agg(s): the g rows take weight 0
-            b = self.aggregator.weights(M[K:, K:], loss_values)
-            a = torch.zeros_like(b)
-        else:
-            a, b = self.aggregator.weights(M[:K, :K], loss_values), self.flat_aggregator.weights(M[K:, K:], loss_values)
-        w = torch.cat([a, b])
-        step.combine(step.broadcast(w), out=self.shared.bind_grad())
-        self.traffic += step.traffic
-        return True
+        try:
+            M = step.gram()
+            if not finite(lambda: M.diagonal()[K:]):
+                return False
+            if self.variant == "a":  # d = Agg(s): the g rows take weight 0
+                b = self.aggregator.weights(M[K:, K:], loss_values)
+                a = torch.zeros_like(b)
+            else:
+                a = self.aggregator.weights(M[:K, :K], loss_values)
+                b = self.flat_aggregator.weights(M[K:, K:], loss_values)
+            step.combine(step.broadcast(torch.cat([a, b])), out=self.shared.bind_grad())
+            return True
+        finally:  # a skipped step's bytes too
+            self.traffic += step.traffic
 
     def _aggregate(self, rows: Tensor, loss_values: Tensor, finite: Callable[[Callable[[], Tensor]], bool]) -> bool:
         """d into the flat ``.grad``; False (nothing written) where ``finite`` (given how to read the h rows' values:

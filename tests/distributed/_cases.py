@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +12,8 @@ import flatmtl_fast
 K = 3
 #: 1002 = 2 · 3 · 167 is divisible by both world sizes tested (2, 3); 1001 = 7 · 11 · 13 by neither.
 N_VALUES = (1002, 1001)
+#: Columns of the sharded cases in which rank 2 of 3 owns none (its shard is empty, yet it joins every collective).
+EMPTY_SHARD_N = 2
 STEPS = 2  # two steps: stateful aggregators (PCGrad's generator, Nash-MTL's warm start, DB-MTL's EMA) carry on
 SEED = 7
 #: Aggregators whose distributed result must equal the single-process result on the averaged gradients.
@@ -52,7 +56,8 @@ def mean_inputs(world: int, N: int, step: int) -> tuple[Tensor, Tensor]:
 
 def column_slices(N: int, world: int) -> list[slice]:
     """The uneven column ranges owned by each rank in the sharded-layout cases (as ``tensor_split``)."""
-    return [slice(int(chunk[0]), int(chunk[-1]) + 1) for chunk in torch.arange(N).tensor_split(world)]
+    ends = [0, *itertools.accumulate(len(chunk) for chunk in torch.arange(N).tensor_split(world))]
+    return [slice(start, end) for start, end in itertools.pairwise(ends)]
 
 
 class Net(nn.Module):
@@ -66,6 +71,16 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return task_losses(self.heads, self.trunk(x), y)
+
+
+class TinyNet(Net):
+    """Net with a trunk of one 6 → 2 layer: FSDP2 leaves rank 2 of 3 no shard of it (both tensors have 2 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(SEED)
+        self.trunk = nn.Sequential(nn.Linear(6, 2), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(2, width) for width in HEAD_WIDTHS)
 
 
 class WideNet(nn.Module):

@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 from distributed._cases import (
     AVERAGED,
+    EMPTY_SHARD_N,
     EXACT,
     HIDDEN,
     N_VALUES,
     STEPS,
     K,
     Net,
+    TinyNet,
     WideNet,
     batch,
     column_slices,
@@ -126,32 +128,38 @@ def _main_scenarios(rank: int, store: dist.Store) -> dict[str, Callable[[], Any]
         "fmtl": lambda: _fmtl(rank, groups),
         "fmtl_tensor_parallel": lambda: _fmtl_tensor_parallel(rank, groups),
         "nonfinite": lambda: _nonfinite(rank),
+        "float16": lambda: _float16(rank, groups),
+        "fsdp2_empty_shard": lambda: _fsdp2_empty_shard(rank, groups),
+        "fmtl_skipped_traffic": lambda: _fmtl_skipped_traffic(rank, groups),
         "raises_mid_step": lambda: _raises_mid_step(rank, store),  # last: it leaves its subgroup broken
     }
 
 
+#: (N, layout) of the ``aggregate`` cases: both layouts for each N, and a sharded N that leaves rank 2 of 3 no columns.
+AGGREGATE_CASES = (*((N, layout) for N in N_VALUES for layout in LAYOUTS), (EMPTY_SHARD_N, "sharded"))
+
+
 def _aggregate_cases(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, dict[str, Any]]:
-    """Every method × world size × N × layout × step through ``aggregate``."""
+    """Every method × world size × (N, layout) × step through ``aggregate``."""
     out = {}
     for P, group in groups.items():
         if rank >= P:
             continue
-        for N in N_VALUES:
+        for N, layout in AGGREGATE_CASES:
             for name in (*EXACT, "GradDrop"):
-                for layout in LAYOUTS:
-                    aggregator = make(name)
-                    for step in range(STEPS):
-                        G, losses = rank_inputs(P, rank, N, step)
-                        if layout == "sharded":  # this rank's columns of the already averaged gradients
-                            G = mean_inputs(P, N, step)[0][:, column_slices(N, P)[rank]].contiguous()
-                        with counting() as calls:
-                            result = aggregate(G, aggregator, losses=losses, group=group, layout=layout)
-                        out[P, N, name, layout, step] = {
-                            "direction": result.direction,
-                            "weights": result.weights,
-                            "traffic": asdict(result.traffic),
-                            "calls": calls,
-                        }
+                aggregator = make(name)
+                for step in range(STEPS):
+                    G, losses = rank_inputs(P, rank, N, step)
+                    if layout == "sharded":  # this rank's columns of the already averaged gradients
+                        G = mean_inputs(P, N, step)[0][:, column_slices(N, P)[rank]].contiguous()
+                    with counting() as calls:
+                        result = aggregate(G, aggregator, losses=losses, group=group, layout=layout)
+                    out[P, N, name, layout, step] = {
+                        "direction": result.direction,
+                        "weights": result.weights,
+                        "traffic": asdict(result.traffic),
+                        "calls": calls,
+                    }
     return out
 
 
@@ -175,30 +183,31 @@ def _mismatch(rank: int) -> dict[tuple[str, str], tuple[str, str, float] | None]
     """Ranks that disagree on K, N or the aggregator, in ``aggregate`` and in an F-MTL step (which communicates
     before its aggregation): every rank must raise, quickly (no timeout)."""
     cases = {
-        "K": (3 if rank == 0 else 4, 10, "UPGrad"),
-        "N": (K, 10 + rank, "UPGrad"),
-        "aggregator": (K, 10, "MGDA" if rank == 1 else "UPGrad"),
+        "K": (3 if rank == 0 else 4, 10, flatmtl_fast.UPGrad),
+        "N": (K, 10 + rank, flatmtl_fast.UPGrad),
+        "aggregator": (K, 10, flatmtl_fast.MGDA if rank == 1 else flatmtl_fast.UPGrad),
+        "hyperparameters": (K, 10, lambda: flatmtl_fast.CAGrad(c=0.4 if rank == 1 else 0.5)),
     }
     out = {}
-    for what, (rows, columns, name) in cases.items():
+    for what, (rows, columns, make_aggregator) in cases.items():
         for path, run in (("aggregate", _aggregate_ones), ("FMTL", _fmtl_step_on_a_vector)):
             start = time.monotonic()
             try:
-                run(rows, columns, name)
+                run(rows, columns, make_aggregator())
                 out[path, what] = None
             except DistributedStepError as err:
                 out[path, what] = (type(err).__name__, str(err), time.monotonic() - start)
     return out
 
 
-def _aggregate_ones(rows: int, columns: int, name: str) -> None:
-    aggregate(torch.ones(rows, columns), make(name))
+def _aggregate_ones(rows: int, columns: int, aggregator: flatmtl_fast.aggregators.Aggregator) -> None:
+    aggregate(torch.ones(rows, columns), aggregator)
 
 
-def _fmtl_step_on_a_vector(rows: int, columns: int, name: str) -> None:
+def _fmtl_step_on_a_vector(rows: int, columns: int, aggregator: flatmtl_fast.aggregators.Aggregator) -> None:
     """One F-MTL step over the global group on a shared vector of ``columns`` scalars with ``rows`` losses."""
     theta = nn.Parameter(torch.linspace(0.5, 1.5, columns))
-    fmtl = flatmtl_fast.FMTL(flatmtl_fast.FlatParameters([theta]), make(name), process_group=dist.group.WORLD)
+    fmtl = flatmtl_fast.FMTL(flatmtl_fast.FlatParameters([theta]), aggregator, process_group=dist.group.WORLD)
     fmtl.step(lambda: [(theta * (i + 1)).square().sum() for i in range(rows)])
 
 
@@ -668,6 +677,88 @@ def _nonfinite(rank: int) -> tuple[str, str, bool] | None:
     except FloatingPointError as err:
         return type(err).__name__, str(err), all(p.grad is None for p in net.parameters())
     return None
+
+
+#: float16 gradients of each rank: 40000 plus rank_inputs' multiples of 1/16, so that the sum over 2 or 3 ranks
+#: overflows float16 (max 65504) while their mean does not.
+FLOAT16_OFFSET = 40_000.0
+
+
+def float16_inputs(P: int, rank: int, N: int) -> Tensor:
+    return (FLOAT16_OFFSET + rank_inputs(P, rank, N, 0)[0]).half()
+
+
+def _float16(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, Tensor]:
+    """``aggregate`` and ``backward``'s head averaging on float16 values whose sum over the ranks overflows."""
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        for N in N_VALUES:
+            for name in ("Mean", "UPGrad"):
+                out[P, N, name] = aggregate(float16_inputs(P, rank, N), make(name), group=group).direction
+        head = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+        head.grad = torch.full((3,), FLOAT16_OFFSET + rank, dtype=torch.float16)
+        G = float16_inputs(P, rank, N_VALUES[0])
+        flatmtl_fast.distributed.DistributedStep(G, make("Mean"), group=group, task_params=[head])
+        out[P, "head"] = head.grad
+    return out
+
+
+def _fsdp2_empty_shard(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, list[Tensor]]:
+    """``backward`` and F-MTL on FSDP2 shards of :class:`TinyNet`, whose trunk rank 2 of 3 holds no part of."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = batch()
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        xs, ys = x.chunk(P)[rank], y.chunk(P)[rank]
+        for case in ("backward", "F-MTL"):
+            net = TinyNet()
+            mesh = DeviceMesh.from_group(group, "cpu")
+            fully_shard(net.trunk, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            shared = flatmtl_fast.FlatParameters(net.trunk)
+            if case == "backward":
+                flatmtl_fast.backward(
+                    net(xs, ys),
+                    shared,
+                    make("UPGrad"),
+                    task_params=net.heads.parameters(),
+                    process_group=group,
+                    layout="sharded",
+                )
+            else:
+                _fmtl_on(net, group).step(lambda net=net, xs=xs, ys=ys: net(xs, ys))
+            with uncounted():
+                out[P, case] = [p.grad.full_tensor().clone() for p in net.parameters()], shared.numel
+    return out
+
+
+def _fmtl_skipped_traffic(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[int, tuple[Any, dict[str, int]]]:
+    """An F-MTL step skipped (``nonfinite="skip"``) for a NaN perturbed loss: what it returned, and its traffic."""
+    out = {}
+    for P, group in groups.items():
+        if rank >= P:
+            continue
+        theta = nn.Parameter(torch.linspace(0.5, 1.5, 10))
+        fmtl = flatmtl_fast.FMTL(
+            flatmtl_fast.FlatParameters([theta]), make("UPGrad"), nonfinite="skip", process_group=group
+        )
+        calls = []
+
+        def closure(theta: Tensor = theta, calls: list = calls) -> list[Tensor]:
+            calls.append(1)
+            losses = [(theta * (i + 1)).square().sum() for i in range(K)]
+            return losses if len(calls) == 1 else [losses[0] * float("nan"), *losses[1:]]
+
+        with counting() as log:
+            result = fmtl.step(closure)
+        out[P] = result, asdict(fmtl.traffic), log
+    return out
 
 
 class Exploding(flatmtl_fast.UPGrad):

@@ -25,7 +25,6 @@ def _G(case, K=3, N=10, dtype=torch.float32):
         (lambda d: torch.randn(10, device=d), ValueError, r"G must have shape \(K, N\)"),
         (lambda d: torch.randn(2, 3, 4, device=d), ValueError, r"G must have shape \(K, N\)"),
         (lambda d: torch.randn(0, 10, device=d), ValueError, "G is empty"),
-        (lambda d: torch.randn(3, 0, device=d), ValueError, "G is empty"),
         (lambda d: torch.ones(3, 10, dtype=torch.int32, device=d), TypeError, "G must have dtype"),
         (lambda d: torch.randn(10, 3, device=d).T, ValueError, "rows of G must be contiguous"),
         (lambda d: torch.randn(1, 10, device=d).expand(3, 10), ValueError, "rows of G overlap"),
@@ -44,6 +43,27 @@ def test_bad_G(case, make, error, match):
         flatmtl_fast.row_norms(G)
     with pytest.raises(error, match=match):
         flatmtl_fast.ema_row_norms(torch.zeros(3, 10, device=case.device), G, decay=0.5, gain=torch.ones(3))
+
+
+def test_no_columns_are_answered_without_a_kernel(case):
+    """A rank's empty shard of the parameters (FSDP2, a small model): G is K × 0."""
+    d = case.device
+    G = torch.randn(3, 0, device=d)
+    for dtype in (torch.float32, torch.float64):
+        M = flatmtl_fast.gram(G, dtype=dtype, check_finite=True)
+        assert M.dtype == dtype and torch.equal(M, torch.zeros(3, 3, dtype=dtype, device=d))
+    assert flatmtl_fast.combine(torch.ones(3, device=d), G).shape == (0,)
+    out = torch.empty(0, device=d)
+    assert flatmtl_fast.combine(torch.ones(3, device=d), G, out=out, accumulate=True) is out
+    zeros = torch.zeros(3, dtype=torch.float64, device=d)
+    assert torch.equal(flatmtl_fast.row_norms(G, weight=torch.empty(0, device=d)), zeros)
+    assert torch.equal(flatmtl_fast.ema_row_norms(torch.empty(3, 0, device=d), G, decay=0.5, gain=torch.ones(3)), zeros)
+    base = torch.empty(0, device=d)
+    assert flatmtl_fast.perturb(base, G[0], torch.ones(1, device=d), out=base) is base
+    with pytest.raises(ValueError, match="G is empty"):  # the ops themselves still need a column
+        torch.ops.flatmtl.gram(G, torch.float32, "reference")
+    with pytest.raises(ValueError, match="base is empty"):
+        torch.ops.flatmtl.perturb_(base, G[0], torch.ones(1, device=d), base, False, "reference")
 
 
 def test_bad_gram_dtype(case):
@@ -112,11 +132,11 @@ def _perturb_args(case, N=10, dtype=torch.float32):
 def test_bad_perturb_vectors(case):
     base, direction, scale, out = _perturb_args(case)
     d = case.device
-    with pytest.raises(ValueError, match=r"perturb: base must be a non-empty torch\.Tensor of shape \(N,\)"):
+    with pytest.raises(ValueError, match=r"perturb: base must be a torch\.Tensor of shape \(N,\)"):
         flatmtl_fast.perturb(torch.randn(2, 5, device=d), direction, scale, out=out)
-    with pytest.raises(ValueError, match="base must be a non-empty"):
+    with pytest.raises(ValueError, match=r"perturb: direction must have shape \(0,\)"):
         flatmtl_fast.perturb(torch.randn(0, device=d), direction, scale, out=out)
-    with pytest.raises(ValueError, match="base must be a non-empty"):
+    with pytest.raises(ValueError, match=r"base must be a torch\.Tensor of shape \(N,\)"):
         flatmtl_fast.perturb([1.0] * 10, direction, scale, out=out)
     with pytest.raises(TypeError, match="perturb: base must have dtype"):
         flatmtl_fast.perturb(base.int(), direction, scale, out=out)
