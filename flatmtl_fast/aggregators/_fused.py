@@ -57,13 +57,15 @@ class FusedGramian(GramianAggregator):
         return w.to(M.dtype) if self._weights_in_input_dtype else w
 
     def _guarded_weights(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
-        # A native solver applies the non-finite policy (class docstring) inside its own call.
+        losses = None if losses is None else losses.detach()  # the weights are constants, as the native solvers'
+        # A native solver applies the non-finite policy (class docstring) to M inside its own call.
         w = solve_natively(self, M, losses, input_dtype)
-        if w is not None:
-            return w
-        finite = torch.isfinite(M).all()
-        w = self._solve(torch.where(finite, M, 0.0), losses, input_dtype)
-        return torch.where(finite, w, torch.nan)
+        if w is None:
+            finite = torch.isfinite(M).all()
+            w = torch.where(finite, self._solve(torch.where(finite, M, 0.0), losses, input_dtype), torch.nan)
+        if self.needs_losses:  # a NaN/Inf loss the weights depend on: NaN weights too, not a silent divisor of 1
+            w = torch.where(torch.isfinite(losses).all(), w, torch.nan)
+        return w
 
     #: Methods with a compiled solver (csrc/include/flatmtl/solvers) define
     #: ``_native_solver(M, losses, input_dtype) -> (solver name, parameters) | None``; see solvers/native.py.

@@ -19,8 +19,9 @@ class MGDA(FusedGramian, reference.MGDA):
     step (:func:`~flatmtl_fast.solvers.min_norm_weights`), so the result equals the reference's at the same
     ``max_iter`` / ``stop_crit`` — including the inexactness of the official budget (raise ``max_iter`` for
     the exact min-norm point). Every call runs all ``max_iter`` steps (frozen once the stop rule fires).
-    Deviation: the losses are not checked for positivity here (that would synchronise); a loss ≤ 0 with
-    ``normalize="loss"``/``"loss+"`` is used as D_i = 1 where it is 0, and gives negative weights below 0.
+    Deviation: the losses are not checked here (that would synchronise); with ``normalize="loss"``/``"loss+"``
+    a loss ≤ 0 is used as D_i = 1, and a NaN or Inf loss gives NaN weights (the non-finite policy), where the
+    reference raises.
     """
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):

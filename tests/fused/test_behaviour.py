@@ -228,6 +228,25 @@ def test_a_nonfinite_gram_is_solved_as_zero(name: str, K: int, backend: str) -> 
             assert torch.equal(hit.weights(M), clean.weights(M))
 
 
+@SOLVE_PATHS
+@pytest.mark.parametrize("normalize", ["loss", "loss+"])
+def test_mgda_losses_nonfinite_or_tracked_by_autograd(normalize: str, backend: str) -> None:
+    """A NaN/Inf loss the divisors use gives NaN weights (the non-finite policy; it used to become D_i = 1, or
+    all-zero weights for Inf), and losses that require grad give constant weights on every solve path."""
+    G = random_G(3, 50, seed=1)
+    aggregator = flatmtl_fast.MGDA(normalize=normalize)
+    with flatmtl_fast.use_backend(backend):
+        M = flatmtl_fast.gram(G, dtype=torch.float64)  # as the aggregator forms it on this backend
+        for bad in (torch.nan, torch.inf):
+            losses = torch.tensor([1.0, bad, 2.0])
+            assert bool(aggregator.weights(M, losses).isnan().all())
+            assert bool(aggregator(G, losses).isnan().all())
+        losses = torch.tensor([1.0, 0.5, 2.0], requires_grad=True)
+        w = aggregator.weights(M, losses)
+        assert not w.requires_grad
+        torch.testing.assert_close(aggregator(G, losses), flatmtl_fast.combine(w, G), rtol=0, atol=0)
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
