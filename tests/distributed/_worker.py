@@ -388,12 +388,14 @@ def _sharded_net(
     evaluated: bool = False,
     bfloat16: bool = False,
     trunk_reshards: bool = True,
+    model: type[Net] = Net,
 ) -> Net:
     """A Net sharded by ``fully_shard`` over ``group`` (or a DeviceMesh): the trunk on its own unless
     ``shard_trunk`` is False, then the root. ``evaluated``: after a forward pass under ``no_grad``, which leaves
     the root's parameters (the heads, and the trunk's when it is not sharded on its own) FSDP's gathered copies.
     ``bfloat16``: FSDP's mixed precision, bfloat16 parameters and inputs in the passes, gradients averaged in
-    float32. ``trunk_reshards=False``: the trunk stays gathered from its forward pass to its backward pass."""
+    float32. ``trunk_reshards=False``: the trunk stays gathered from its forward pass to its backward pass.
+    ``model``: the net's class (:class:`TinyNet` leaves rank 2 of 3 no shard of the trunk)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -401,7 +403,7 @@ def _sharded_net(
     options: dict[str, Any] = {"mesh": mesh}
     if bfloat16:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    net = Net()
+    net = model()
     if shard_trunk:
         fully_shard(net.trunk, reshard_after_forward=trunk_reshards, **options)
     fully_shard(net, **options)
@@ -431,20 +433,25 @@ def _fsdp2_bfloat16(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tup
         xs, ys = x.chunk(P)[rank], y.chunk(P)[rank]
         for case, trunk_reshards in FSDP2_BFLOAT16_CASES.items():
             net = _sharded_net(group, bfloat16=True, trunk_reshards=trunk_reshards)
-            if case == "backward":
-                flatmtl_fast.backward(
-                    net(xs, ys),
-                    flatmtl_fast.FlatParameters(net.trunk),
-                    make("UPGrad"),
-                    task_params=net.heads.parameters(),
-                    process_group=group,
-                    layout="sharded",
-                )
-            else:
-                _fmtl_on(net, group).step(lambda net=net, xs=xs, ys=ys: net(xs, ys))
+            _sharded_upgrad_step(net, group, case, xs, ys)
             with uncounted():
                 out[P, case] = [p.grad.full_tensor().clone() for p in net.parameters()]
     return out
+
+
+def _sharded_upgrad_step(net: Net, group: dist.ProcessGroup, case: str, xs: Tensor, ys: Tensor) -> None:
+    """One UPGrad step on FSDP2 shards of ``net``: ``backward``'s (``case`` "backward") or F-MTL's."""
+    if case == "backward":
+        flatmtl_fast.backward(
+            net(xs, ys),
+            flatmtl_fast.FlatParameters(net.trunk),
+            make("UPGrad"),
+            task_params=net.heads.parameters(),
+            process_group=group,
+            layout="sharded",
+        )
+    else:
+        _fmtl_on(net, group).step(lambda: net(xs, ys))
 
 
 #: The F-MTL cases on FSDP2 shards: aggregator, then options of FMTL.
@@ -707,34 +714,17 @@ def _float16(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, Ten
 
 def _fsdp2_empty_shard(rank: int, groups: dict[int, dist.ProcessGroup]) -> dict[tuple, list[Tensor]]:
     """``backward`` and F-MTL on FSDP2 shards of :class:`TinyNet`, whose trunk rank 2 of 3 holds no part of."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
-
     x, y = batch()
     out = {}
     for P, group in groups.items():
         if rank >= P:
             continue
-        xs, ys = x.chunk(P)[rank], y.chunk(P)[rank]
         for case in ("backward", "F-MTL"):
-            net = TinyNet()
-            mesh = DeviceMesh.from_group(group, "cpu")
-            fully_shard(net.trunk, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-            shared = flatmtl_fast.FlatParameters(net.trunk)
-            if case == "backward":
-                flatmtl_fast.backward(
-                    net(xs, ys),
-                    shared,
-                    make("UPGrad"),
-                    task_params=net.heads.parameters(),
-                    process_group=group,
-                    layout="sharded",
-                )
-            else:
-                _fmtl_on(net, group).step(lambda net=net, xs=xs, ys=ys: net(xs, ys))
+            net = _sharded_net(group, model=TinyNet)
+            _sharded_upgrad_step(net, group, case, x.chunk(P)[rank], y.chunk(P)[rank])
+            numel = sum(p.to_local().numel() for p in net.trunk.parameters())
             with uncounted():
-                out[P, case] = [p.grad.full_tensor().clone() for p in net.parameters()], shared.numel
+                out[P, case] = [p.grad.full_tensor().clone() for p in net.parameters()], numel
     return out
 
 
