@@ -233,7 +233,10 @@ class DistributedStep:
             row = G[k]
             if padded is not None:
                 # Reused for every row: the collectives are synchronous, so the previous one has read it.
-                torch.div(row, P, out=padded[:N]) if predivide else padded[:N].copy_(row)
+                if predivide:
+                    torch.div(row, P, out=padded[:N])
+                else:
+                    padded[:N].copy_(row)
                 row = padded
             self._collective("reduce_scatter", f"reduce-scatter of task gradient {k}", shard[k], row)
         if not predivide:
@@ -320,9 +323,8 @@ def check_agreement(
         raise DistributedStepError(
             f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
             "same K, dtype, layout, aggregator (class and hyperparameters), losses or none, task parameters, "
-            "averaged rows and, "
-            f"in the replicated layout, N (this rank's aggregator: {aggregator!r}). Nothing was "
-            "communicated beyond this check"
+            f"averaged rows and, in the replicated layout, N (this rank's aggregator: {aggregator!r}). Nothing "
+            "was communicated beyond this check"
         )
 
 
