@@ -156,16 +156,18 @@ Problem make_dual_cone(int64_t, uintptr_t pref, double norm_eps, double reg_eps)
   return problem;
 }
 
-sv::NashMtl make_nash(int64_t, uintptr_t alpha, int max_iter, double max_norm, bool update) {
+sv::NashMtl make_nash(int64_t, uintptr_t alpha, int max_iter, double max_norm, bool update, double gram_eps) {
   require(alpha != 0, "alpha is a null pointer");
   require(max_iter >= 1, "max_iter must be >= 1");
   require(max_norm >= 0, "max_norm must be >= 0");
-  return {{}, ptr<double>(alpha), max_iter, max_norm, update ? 1 : 0};
+  require(gram_eps >= 0 && gram_eps < 1, "gram_eps must be in [0, 1)");
+  return {{}, ptr<double>(alpha), max_iter, max_norm, update ? 1 : 0, gram_eps};
 }
 
-sv::FairGrad make_fairgrad(int64_t, double alpha) {
+sv::FairGrad make_fairgrad(int64_t, double alpha, double gram_eps) {
   require(alpha > 0, "alpha must be > 0");
-  return {{}, alpha};
+  require(gram_eps >= 0 && gram_eps < 1, "gram_eps must be in [0, 1)");
+  return {{}, alpha, gram_eps};
 }
 
 sv::CAGrad make_cagrad(int64_t, double c, int rescale, bool sum_scale) {
@@ -211,10 +213,12 @@ void bind_solvers(py::module_& m) {
              py::arg("norm_eps"), py::arg("reg_eps"));
   def_solver(m, "dualproj", &make_dual_cone<sv::DualProj>, "DualProj weights (pref 0: 1/K).", py::arg("pref"),
              py::arg("norm_eps"), py::arg("reg_eps"));
-  def_solver(m, "nash_mtl", &make_nash, "Nash-MTL weights; alpha (K) is the warm start, updated in place.",
-             py::arg("alpha"), py::arg("max_iter"), py::arg("max_norm"), py::arg("update"));
-  def_solver(m, "fairgrad", &make_fairgrad, "FairGrad weights: w > 0 with M w = w^(-1/alpha), else 1/K.",
-             py::arg("alpha"));
+  def_solver(m, "nash_mtl", &make_nash,
+             "Nash-MTL weights; alpha (K) is the warm start, updated in place; gram_eps: M's unit roundoff.",
+             py::arg("alpha"), py::arg("max_iter"), py::arg("max_norm"), py::arg("update"), py::arg("gram_eps"));
+  def_solver(m, "fairgrad", &make_fairgrad,
+             "FairGrad weights: w > 0 with M w = w^(-1/alpha), else 1/K; gram_eps: M's unit roundoff.",
+             py::arg("alpha"), py::arg("gram_eps"));
   def_solver(m, "cagrad", &make_cagrad, "CAGrad weights (1/K + lambda w*) s / r.", py::arg("c"), py::arg("rescale"),
              py::arg("sum_scale"));
   def_solver(m, "imgrad", &make_imgrad, "IMGrad weights; paper selects Eq. 11 over the official variant.",

@@ -16,7 +16,7 @@ class FairGrad(FusedGramian, reference.FairGrad):
     converged; the on-device torch solver runs the full budget (frozen once converged, no host sync)."""
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
-        return "fairgrad", [self.alpha]
+        return "fairgrad", [self.alpha, reference.gram_eps(input_dtype)]
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
-        return fair_weights(M, self.alpha)
+        return fair_weights(M, self.alpha, reference.gram_eps(input_dtype))

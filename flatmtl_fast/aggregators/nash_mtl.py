@@ -19,7 +19,7 @@ class NashMTL(FusedGramian, reference.NashMTL):
 
     def _solve(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype) -> Tensor:
         previous, update = self._advance(M)
-        alpha = nash_weights(M, previous, self.optim_niter) if update else previous
+        alpha = nash_weights(M, previous, self.optim_niter, reference.gram_eps(input_dtype)) if update else previous
         previous.copy_(alpha)
         norm = (alpha @ M @ alpha).clamp_min(0.0).sqrt()
         clip = (self.max_norm > 0) & (norm > self.max_norm)
@@ -27,7 +27,7 @@ class NashMTL(FusedGramian, reference.NashMTL):
 
     def _native_solver(self, M: Tensor, losses: Tensor | None, input_dtype: torch.dtype):
         alpha, update = self._advance(M)
-        return "nash_mtl", [alpha, self.optim_niter, float(self.max_norm), update]
+        return "nash_mtl", [alpha, self.optim_niter, float(self.max_norm), update, reference.gram_eps(input_dtype)]
 
     def _advance(self, M: Tensor) -> tuple[Tensor, bool]:
         """(the warm start α, created at 𝟏 and then updated in place — so a CUDA graph replay carries it to

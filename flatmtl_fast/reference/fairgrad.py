@@ -6,15 +6,17 @@ code GitHub ``OptMN-Lab/fairgrad`` (``methods/weight_methods.py``: ``FairGrad``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..aggregators.base import GramianAggregator
 from ..aggregators.checks import check_gramian, check_losses, check_matrix, check_real
+from .nash_mtl import above_rounding, gram_eps, newton_converged
 
-#: Converged when max_i |w_i^{1/α} (Mw)_i − 1| is below this (scale-free form of Mw = w^{-1/α}).
-FAIR_TOL = 1e-10
 MAX_NEWTON_ITER = 100
+EPS64 = torch.finfo(torch.float64).eps
 
 
 def _utility(w: Tensor, alpha: float) -> Tensor:
@@ -25,13 +27,23 @@ def _utility(w: Tensor, alpha: float) -> Tensor:
     return (w**power).sum() / power
 
 
-def fair_weights(M: Tensor, alpha: float) -> Tensor | None:
+def armijo_floor(root_weighted_sum: float | Tensor, K: float | Tensor) -> float | Tensor:
+    """The Newton decrement² below which Armijo's test is skipped: 1e-10, or the rounding of f's quadratic term,
+    K·eps·|w|ᵀ|M||w| ≤ K·eps·(Σ_i w_i √M_ii)² (``root_weighted_sum``; Cauchy–Schwarz), when larger. That term
+    grows with w: on nearly opposite gradients (w ~ 1e3) f cannot see the decrease of a converging step.
+    Floats (here) or device scalars (the torch solver)."""
+    rounding = K * EPS64 * root_weighted_sum**2
+    return rounding.clamp_min(1e-10) if isinstance(rounding, Tensor) else max(1e-10, rounding)
+
+
+def fair_weights(M: Tensor, alpha: float, eps: float) -> Tensor | None:
     """The w > 0 with M w = w^{-1/α} for a float64 PSD M with a positive diagonal, or None if none is found.
 
     It minimises the strictly convex f(w) = ½ wᵀMw − Σ u(w_i) (u concave for every α > 0): Newton's method
     with a backtracking (Armijo) line search that keeps w > 0, which converges globally when the minimiser
     exists. Solved on M/‖M‖_F; if M = s M̃ and M̃ w̃ = w̃^{-1/α} then w = s^{-α/(α+1)} w̃ (exact rescaling).
-    No solution exists when a nonnegative combination of the gradients vanishes (e.g. opposite rows).
+    No solution exists when a nonnegative combination of the gradients vanishes (e.g. opposite rows); None too
+    when the solution's ‖d‖² is not above its rounding from M (unit roundoff ``eps``; see ``above_rounding``).
     """
     K = M.shape[0]
     scale = float(torch.linalg.matrix_norm(M))
@@ -49,21 +61,26 @@ def fair_weights(M: Tensor, alpha: float) -> Tensor | None:
             w = w * (float((w ** (1 - 1 / alpha)).sum()) / quadratic) ** (alpha / (alpha + 1))
         candidates.append(w)
     w = min(candidates, key=objective)
+    last_residual = math.inf
     for _ in range(MAX_NEWTON_ITER + 1):
         Mw = M @ w
-        if float((w ** (1 / alpha) * Mw - 1.0).abs().max()) <= FAIR_TOL:
-            return w * scale ** (-alpha / (alpha + 1))
+        residual = float((w ** (1 / alpha) * Mw - 1.0).abs().max())  # scale-free form of Mw = w^{-1/α}
+        if newton_converged(residual, last_residual):
+            reliable = above_rounding(float(w @ Mw), float(w @ M.diagonal().sqrt()), eps)
+            return w * scale ** (-alpha / (alpha + 1)) if reliable else None
+        last_residual = residual
         gradient = Mw - w ** (-1 / alpha)
         try:
             step = -torch.linalg.solve(M + torch.diag(w ** (-1 / alpha - 1) / alpha), gradient)
         except torch.linalg.LinAlgError:  # w has run off to infinity along a null direction of M
             return None
         # Backtracking: stay in w > 0, and ask for Armijo's decrease only while the Newton decrement²
-        # (−slope) is not tiny (near the root f's change is below its rounding; full steps converge there).
+        # (−slope) is measurable: near the root f's change is below its rounding and full steps converge there.
         t, f0, slope = 1.0, objective(w), float(gradient @ step)
+        unmeasurable = armijo_floor(float(w @ M.diagonal().sqrt()), K)
         while t > 1e-12:
             trial = w + t * step
-            if bool((trial > 0).all()) and (-slope <= 1e-10 or objective(trial) <= f0 + 1e-4 * t * slope):
+            if bool((trial > 0).all()) and (-slope <= unmeasurable or objective(trial) <= f0 + 1e-4 * t * slope):
                 break
             t /= 2
         w = w + t * step
@@ -83,11 +100,13 @@ class FairGrad(GramianAggregator):
     multiply by K and clip the same way; for α = 1 and K ≥ 2 (‖d‖ = √K > 1) the clip alone gives the same unit
     vector.
 
-    Deviations: Newton's method in float64 to max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10 (see :func:`fair_weights`)
-    instead of SciPy ``least_squares`` from 𝟏/K (whose default tolerances and scale dependence leave it far
-    from the root at small/large gradient scales). α must be > 0 (the official code divides by α). Rows
-    with g_i = 0 leave the solve with weight 0 (their weight does not change d; the official solver pushes
-    it towards +∞). When no positive solution exists, the official starting point w = 𝟏/K is returned.
+    Deviations: Newton's method in float64 to max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10, or to where it stalls below
+    1e-6 on an ill-conditioned M (see :func:`fair_weights`), instead of SciPy ``least_squares`` from 𝟏/K (whose
+    default tolerances and scale dependence leave it far from the root at small/large gradient scales). α must
+    be > 0 (the official code divides by α). Rows with g_i = 0 leave the solve with weight 0 (their weight does
+    not change d; the official solver pushes it towards +∞). When no positive solution exists, the official
+    starting point w = 𝟏/K is returned; as for Nash-MTL, a solution whose ‖d‖² is within the rounding of M
+    counts as none.
     """
 
     def __init__(self, alpha: float = 1.0) -> None:
@@ -96,12 +115,13 @@ class FairGrad(GramianAggregator):
     def _hyperparameters(self) -> dict[str, object]:
         return {"alpha": self.alpha}
 
-    def _weights(self, M: Tensor) -> Tensor:
+    def _weights(self, M: Tensor, eps: float) -> Tensor:
+        """w for the float64 Gram M, accurate to unit roundoff ``eps``."""
         K = M.shape[0]
         active = M.diagonal() > 0
         w = torch.zeros(K, dtype=torch.float64, device=M.device)
         if bool(active.any()):
-            solution = fair_weights(M[active][:, active], self.alpha)
+            solution = fair_weights(M[active][:, active], self.alpha, eps)
             if solution is None:
                 return torch.full((K,), 1.0 / K, dtype=torch.float64, device=M.device)
             w[active] = solution
@@ -111,10 +131,10 @@ class FairGrad(GramianAggregator):
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="FairGrad")
         G64 = G.double()
-        return (self._weights(G64 @ G64.T) @ G64).to(G.dtype)
+        return (self._weights(G64 @ G64.T, gram_eps(G.dtype)) @ G64).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 w."""
         K = check_gramian(M)
         check_losses(losses, K, M.device, required=False, owner="FairGrad")
-        return self._weights(M.double())
+        return self._weights(M.double(), gram_eps(M.dtype))

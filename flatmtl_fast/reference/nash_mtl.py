@@ -6,6 +6,8 @@ Source: Navon et al., "Multi-Task Learning as a Bargaining Game" (ICML 2022), of
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,9 +16,33 @@ from ..aggregators.checks import check_count, check_gramian, check_losses, check
 
 #: Converged when max_i |α_i (Mα)_i − 1| is below this (the official test is ‖Mα − 1/α‖ < 1e-3).
 NASH_TOL = 1e-10
+#: Or when Newton no longer lowers a residual already below this: on an ill-conditioned M (nearly opposite
+#: gradients) α_i (Mα)_i cannot be evaluated better than about cond(M)·eps, so the residual stalls above
+#: NASH_TOL (~1e-8 at cond 5e8) at a solution as good as rounding allows. Shared with FairGrad.
+STALL_TOL = 1e-6
 
 
-def nash_weights(M: Tensor, start: Tensor, max_iter: int) -> Tensor | None:
+def newton_converged(residual: float, last_residual: float) -> bool:
+    """Whether a Newton iteration with this residual (``last_residual`` before its last step, ∞ before the
+    first) has converged: below NASH_TOL, or stalled on its rounding floor below STALL_TOL."""
+    return residual <= NASH_TOL or last_residual <= residual <= STALL_TOL
+
+
+def gram_eps(dtype: torch.dtype) -> float:
+    """The unit roundoff of a Gram computed from (or given in) ``dtype``: float64's for float64, else float32's
+    (the fused kernels accumulate 16- and 32-bit gradients in float32)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def above_rounding(squared_norm: float, root_weighted_sum: float, eps: float) -> bool:
+    """Whether ‖d‖² = wᵀMw of a solution w > 0 exceeds its rounding from M, eps·|w|ᵀ|M||w| ≤ eps·(Σ_i w_i √M_ii)²
+    (``root_weighted_sum``; Cauchy–Schwarz). If not, M cannot tell d from 0: a nonnegative combination of the
+    gradients may vanish, and then there is no solution — what Newton found lives in M's rounding (e.g. exactly
+    opposite float32 gradients, whose float32 Gram is positive definite only by its rounding)."""
+    return squared_norm > eps * root_weighted_sum**2
+
+
+def nash_weights(M: Tensor, start: Tensor, max_iter: int, eps: float) -> Tensor | None:
     """The α > 0 with M α = 1/α (elementwise) for a float64 PSD M with a positive diagonal, or None.
 
     Mα = 1/α is the optimality condition of the strictly convex, self-concordant
@@ -24,7 +50,8 @@ def nash_weights(M: Tensor, start: Tensor, max_iter: int) -> Tensor | None:
     decrement λ > 1/4, full steps after): every step stays in α > 0 and the method converges globally and
     then quadratically. Solved on M/‖M‖_F (α scales as ‖M‖_F^{-1/2}) for conditioning.
     None when there is no solution within ``max_iter`` steps: when some nonnegative combination of the
-    gradients vanishes (e.g. opposite rows) f is unbounded below and α_i(Mα)_i ≥ 1 is infeasible.
+    gradients vanishes (e.g. opposite rows) f is unbounded below and α_i(Mα)_i ≥ 1 is infeasible. None too
+    when the solution's ‖d‖² is not above its rounding from M (unit roundoff ``eps``; see ``above_rounding``).
     """
     K = M.shape[0]
     scale = float(torch.linalg.matrix_norm(M))
@@ -34,11 +61,14 @@ def nash_weights(M: Tensor, start: Tensor, max_iter: int) -> Tensor | None:
     candidates = [start * scale**0.5, M.diagonal().rsqrt()]
     candidates = [a * (K / float(a @ M @ a)) ** 0.5 if float(a @ M @ a) > 0 else a for a in candidates]
     alpha = min(candidates, key=lambda a: float(0.5 * a @ M @ a - a.log().sum()))
+    last_residual = math.inf
     for _ in range(max_iter + 1):
         Ma = M @ alpha
         residual = float((alpha * Ma - 1.0).abs().max())
-        if residual <= NASH_TOL:
-            return alpha / scale**0.5
+        if newton_converged(residual, last_residual):
+            reliable = above_rounding(float(alpha @ Ma), float(alpha @ M.diagonal().sqrt()), eps)
+            return alpha / scale**0.5 if reliable else None
+        last_residual = residual
         gradient = Ma - 1.0 / alpha
         try:
             step = -torch.linalg.solve(M + torch.diag(alpha**-2), gradient)
@@ -62,12 +92,14 @@ class NashMTL(GramianAggregator):
     ``update_weights_every = n`` solves on steps 0, n, 2n, ... and reuses the previous α in between.
     ``weights()`` advances the same state as ``__call__``.
 
-    Deviations: the solver is damped Newton in float64 to max_i|α_i(Mα)_i − 1| ≤ 1e-10 (see
-    :func:`nash_weights`) instead of up to 20 convex–concave rounds of cvxpy/ECOS stopped at
-    ‖Mα − 1/α‖ < 1e-3; ``optim_niter`` caps Newton steps, hence a larger default (100; typical use takes
-    < 15). Rows with g_i = 0 (no bargaining power: g_i·d = 0 ≠ 1/α_i) leave the solve and keep their
-    previous α_i. When no solution exists (the official ECOS call fails and keeps the previous α) we also
-    keep the previous α. The clip is exact (torch's ``clip_grad_norm_`` divides by ‖d‖ + 1e-6).
+    Deviations: the solver is damped Newton in float64 to max_i|α_i(Mα)_i − 1| ≤ 1e-10, or to where it
+    stalls below 1e-6 on an ill-conditioned M (see :func:`nash_weights`), instead of up to 20 convex–concave
+    rounds of cvxpy/ECOS stopped at ‖Mα − 1/α‖ < 1e-3; ``optim_niter`` caps Newton steps, hence a larger
+    default (100; typical use takes < 15). Rows with g_i = 0 (no bargaining power: g_i·d = 0 ≠ 1/α_i) leave
+    the solve and keep their previous α_i. When no solution exists (the official ECOS call fails and keeps the
+    previous α) we also keep the previous α; a solution whose ‖d‖² is within the rounding of M (float32's for
+    16- and 32-bit gradients or M, float64's for float64) counts as none: M cannot exclude a vanishing
+    combination of the gradients there. The clip is exact (torch's ``clip_grad_norm_`` divides by ‖d‖ + 1e-6).
     """
 
     _state_attributes = ("_alpha", "_step")
@@ -91,8 +123,8 @@ class NashMTL(GramianAggregator):
             "optim_niter": self.optim_niter,
         }
 
-    def _next_alpha(self, M: Tensor) -> Tensor:
-        """α for the float64 Gram M (before the clip), advancing the state."""
+    def _next_alpha(self, M: Tensor, eps: float) -> Tensor:
+        """α for the float64 Gram M, accurate to unit roundoff ``eps`` (before the clip), advancing the state."""
         K = M.shape[0]
         # A loaded state follows M (as the fused class does): float32 from a cast checkpoint, another device.
         previous = torch.ones(K, dtype=torch.float64, device=M.device) if self._alpha is None else self._alpha
@@ -103,7 +135,7 @@ class NashMTL(GramianAggregator):
         alpha = previous.clone()
         active = M.diagonal() > 0
         if step % self.update_weights_every == 0 and bool(active.any()):
-            sub = nash_weights(M[active][:, active], previous[active], self.optim_niter)
+            sub = nash_weights(M[active][:, active], previous[active], self.optim_niter, eps)
             if sub is not None:
                 alpha[active] = sub
         self._alpha, self._step = alpha, step + 1
@@ -117,7 +149,7 @@ class NashMTL(GramianAggregator):
         K, _ = check_matrix(G)
         check_losses(losses, K, G.device, required=False, owner="NashMTL")
         G64 = G.double()
-        d = self._next_alpha(G64 @ G64.T) @ G64
+        d = self._next_alpha(G64 @ G64.T, gram_eps(G.dtype)) @ G64
         return (d * self._clip_factor(float(d @ d))).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
@@ -125,5 +157,5 @@ class NashMTL(GramianAggregator):
         K = check_gramian(M)
         check_losses(losses, K, M.device, required=False, owner="NashMTL")
         M64 = M.double()
-        alpha = self._next_alpha(M64)
+        alpha = self._next_alpha(M64, gram_eps(M.dtype))
         return alpha * self._clip_factor(float(alpha @ M64 @ alpha))

@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .nash import _decoupled
-
-#: Converged when max_i |w_i^{1/α} (Mw)_i − 1| is below this (the reference's tolerance).
-FAIR_TOL = 1e-10
-MAX_NEWTON_ITER = 100
+from ..reference.fairgrad import MAX_NEWTON_ITER, armijo_floor
+from .nash import _decoupled, above_rounding, newton_converged
 
 
 #: The reference halves t from 1 while t > 1e-12: it tries 2^0 … 2^-39 and otherwise takes 2^-40.
-def fair_weights(M: Tensor, alpha: float) -> Tensor:
-    """w on the active rows (M_ii > 0), 0 on the others; 𝟏/K if no solution is found (as the reference).
+def fair_weights(M: Tensor, alpha: float, eps: float) -> Tensor:
+    """w on the active rows (M_ii > 0), 0 on the others; 𝟏/K if no solution is found or it is within the
+    rounding of M (unit roundoff ``eps``), as the reference.
 
     Step for step the reference's ``fair_weights``: the better of two ray-rescaled starts, convergence
     checked before each step, Newton with Armijo backtracking — all 40 trial step sizes are evaluated at
@@ -46,15 +44,19 @@ def fair_weights(M: Tensor, alpha: float) -> Tensor:
     w = torch.where(objective(diagonal) < objective(uniform), diagonal, uniform)
     done = torch.zeros((), dtype=torch.bool, device=M.device)
     failed = torch.zeros((), dtype=torch.bool, device=M.device)
+    last_residual = torch.full((), torch.inf, dtype=M.dtype, device=M.device)
     for _ in range(MAX_NEWTON_ITER + 1):
         Mw = Mn @ w
-        done = done | ((w ** (1 / alpha) * Mw - 1.0).abs().max() <= FAIR_TOL)
+        residual = (w ** (1 / alpha) * Mw - 1.0).abs().max()
+        done = done | newton_converged(residual, last_residual)
+        last_residual = residual
         gradient = Mw - w ** (-1 / alpha)
         step, info = torch.linalg.solve_ex(Mn + torch.diag(w ** (-1 / alpha - 1) / alpha), -gradient)
         f0, slope = objective(w), gradient @ step
+        unmeasurable = armijo_floor(torch.where(active, w, 0.0) @ Mn.diagonal().sqrt(), n_active)
         trials = w + step_sizes[:40, None] * step
         acceptable = (trials > 0).all(dim=1) & (
-            (-slope <= 1e-10) | (objective(trials) <= f0 + 1e-4 * step_sizes[:40] * slope)
+            (-slope <= unmeasurable) | (objective(trials) <= f0 + 1e-4 * step_sizes[:40] * slope)
         )
         # First acceptable trial, else the last halving 2^-40 (appended as an always-true sentinel).
         first = torch.argmax(torch.cat([acceptable, acceptable.new_ones(1)]).to(torch.float32))
@@ -62,4 +64,5 @@ def fair_weights(M: Tensor, alpha: float) -> Tensor:
         failed = failed | (~done & ((info != 0) | ~torch.isfinite(new).all()))
         w = torch.where(done | failed, w, new)
     solution = torch.where(active, w * scale ** (-alpha / (alpha + 1)), 0.0)
-    return torch.where(done & ~failed, solution, torch.full((K,), 1.0 / K, dtype=M.dtype, device=M.device))
+    found = done & ~failed & above_rounding(w, Mn, active, eps)
+    return torch.where(found, solution, torch.full((K,), 1.0 / K, dtype=M.dtype, device=M.device))

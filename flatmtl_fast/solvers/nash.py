@@ -5,8 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Converged when max_i |α_i (Mα)_i − 1| is below this (the reference's tolerance).
-NASH_TOL = 1e-10
+from ..reference.nash_mtl import NASH_TOL, STALL_TOL
+
+
+def newton_converged(residual: Tensor, last_residual: Tensor) -> Tensor:
+    """The reference's ``newton_converged`` on device scalars: below NASH_TOL, or stalled below STALL_TOL."""
+    return (residual <= NASH_TOL) | ((last_residual <= residual) & (residual <= STALL_TOL))
+
+
+def above_rounding(w: Tensor, Mn: Tensor, active: Tensor, eps: float) -> Tensor:
+    """The reference's ``above_rounding`` for w on the active rows of the decoupled ``Mn``, on the device
+    (true without active rows: nothing was solved)."""
+    w_active = torch.where(active, w, 0.0)
+    return (w_active @ Mn @ w_active > eps * (w_active @ Mn.diagonal().sqrt()) ** 2) | ~active.any()
 
 
 def _decoupled(M: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
@@ -22,11 +33,11 @@ def _decoupled(M: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     return M_active / safe + torch.diag((~active).to(M.dtype)), safe
 
 
-def nash_weights(M: Tensor, previous: Tensor, max_iter: int) -> Tensor:
-    """The new α: the solution on the rows with M_ii > 0 where found within ``max_iter`` Newton steps,
-    else (and on inactive rows) ``previous``. Step for step the reference's ``nash_weights``: the better of
-    two ray-rescaled starts, convergence checked before each step, step 1/(1 + λ) while the Newton
-    decrement λ > 1/4; "return" and "give up" become masks that freeze α.
+def nash_weights(M: Tensor, previous: Tensor, max_iter: int, eps: float) -> Tensor:
+    """The new α: the solution on the rows with M_ii > 0 where found within ``max_iter`` Newton steps and above
+    M's rounding (unit roundoff ``eps``), else (and on inactive rows) ``previous``. Step for step the
+    reference's ``nash_weights``: the better of two ray-rescaled starts, convergence checked before each step,
+    step 1/(1 + λ) while the Newton decrement λ > 1/4; "return" and "give up" become masks that freeze α.
     """
     active = M.diagonal() > 0
     Mn, scale = _decoupled(M, active)
@@ -48,13 +59,17 @@ def nash_weights(M: Tensor, previous: Tensor, max_iter: int) -> Tensor:
     alpha = torch.where(objective(diagonal) < objective(warm), diagonal, warm)
     done = torch.zeros((), dtype=torch.bool, device=M.device)
     failed = torch.zeros((), dtype=torch.bool, device=M.device)
+    last_residual = torch.full((), torch.inf, dtype=M.dtype, device=M.device)
     for _ in range(max_iter + 1):
         Ma = Mn @ alpha
-        done = done | ((alpha * Ma - 1.0).abs().max() <= NASH_TOL)
+        residual = (alpha * Ma - 1.0).abs().max()
+        done = done | newton_converged(residual, last_residual)
+        last_residual = residual
         gradient = Ma - 1.0 / alpha
         step, info = torch.linalg.solve_ex(Mn + torch.diag(alpha**-2), -gradient)
         decrement = (-(gradient @ step)).clamp_min(0.0).sqrt()
         new = alpha + torch.where(decrement > 0.25, step / (1.0 + decrement), step)
         failed = failed | (~done & ((info != 0) | ~torch.isfinite(new).all()))
         alpha = torch.where(done | failed, alpha, new)
-    return torch.where(active & done & ~failed, alpha / scale.sqrt(), previous)
+    found = done & ~failed & above_rounding(alpha, Mn, active, eps)
+    return torch.where(active & found, alpha / scale.sqrt(), previous)

@@ -400,8 +400,8 @@ def _all_solvers(M: torch.Tensor) -> dict[str, torch.Tensor]:
         "dual_cone": solvers.project_weights(M, torch.eye(K, dtype=torch.float64), norm_eps=0.0, reg_eps=1e-4),
         "imtlg": solvers.imtlg_weights(M, torch.float64),
         "aligned": solvers.aligned_weights(M),
-        "nash": solvers.nash_weights(M, torch.ones(K, dtype=torch.float64), 100),
-        "fair": solvers.fair_weights(M, 1.0),
+        "nash": solvers.nash_weights(M, torch.ones(K, dtype=torch.float64), 100, torch.finfo(torch.float64).eps),
+        "fair": solvers.fair_weights(M, 1.0, torch.finfo(torch.float64).eps),
     }
 
 

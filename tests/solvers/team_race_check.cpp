@@ -94,8 +94,9 @@ int main() {
       const std::vector<double> M = random_gram(K, rank, rng);
       mismatches += check<sv::Mgda>("mgda", [](State&) { return sv::Mgda{{}, 1, nullptr, 250, 1e-5}; }, M, K);
       mismatches += check<sv::NashMtl>(
-          "nash_mtl", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1}; }, M, K);
-      mismatches += check<sv::FairGrad>("fairgrad", [](State&) { return sv::FairGrad{{}, 0.5}; }, M, K);
+          "nash_mtl", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1, sv::kDoubleEps}; }, M, K);
+      mismatches +=
+          check<sv::FairGrad>("fairgrad", [](State&) { return sv::FairGrad{{}, 0.5, sv::kDoubleEps}; }, M, K);
       mismatches += check<sv::Imtlg>("imtlg", [](State&) { return sv::Imtlg{{}, 1.2e-7}; }, M, K);
       mismatches += check<sv::AlignedMtl>("aligned_mtl", [](State&) { return sv::AlignedMtl{{}, 1.2e-7}; }, M, K);
       mismatches += check<sv::UPGrad>("upgrad", [](State&) {
@@ -134,7 +135,7 @@ int main() {
         "gradvac_nan", [](State& s) { return sv::GradVac{{}, s.keys.data(), s.targets.data(), 0.5, 1e-8}; }, corrupted,
         K);
     mismatches += check<sv::NashMtl>(
-        "nash_mtl_nan", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1}; }, corrupted, K);
+        "nash_mtl_nan", [](State& s) { return sv::NashMtl{{}, s.alpha.data(), 20, 1.0, 1, 2.220446049250313e-16}; }, corrupted, K);
   }
   std::printf("%d mismatches\n", mismatches);
   return mismatches != 0;

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import flatmtl_fast
-from flatmtl_fast import _native
+from flatmtl_fast import _native, solvers
 from flatmtl_fast import reference as R
 from flatmtl_fast.reference._simplex import FW_MAX_ITER, FW_STOP_CRIT
 from flatmtl_fast.solvers import fair_weights, imtlg_weights, native
@@ -350,7 +350,7 @@ def test_nash_mtl(K, kind, scale):
     reference = R.NashMTL(update_weights_every=2)
     alpha = torch.ones(K, dtype=torch.float64)
     for step in range(3):  # solve, reuse (update_weights_every = 2), solve again from the warm start
-        w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 1.0, step % 2 == 0)
+        w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 1.0, step % 2 == 0, EPS64)
         w_ref = reference.weights(M)
         # Newton to max_i|α_i(Mα)_i − 1| ≤ 1e-10 in both; from there one more (quadratic) step would
         # move α by less than that, so α agrees to ~1e-10 relative up to the conditioning of M + diag(α⁻²).
@@ -363,7 +363,7 @@ def test_nash_mtl(K, kind, scale):
 def test_nash_mtl_no_solution_keeps_alpha():
     G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # opposite rows: Mα = 1/α is infeasible
     alpha = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    w, iterations, converged = solve("nash_mtl", G @ G.T, alpha.data_ptr(), 100, 0.0, True)
+    w, iterations, converged = solve("nash_mtl", G @ G.T, alpha.data_ptr(), 100, 0.0, True, EPS64)
     assert not converged and iterations >= 1
     assert torch.equal(alpha, torch.tensor([0.3, 0.7], dtype=torch.float64)) and torch.equal(w, alpha)
 
@@ -385,14 +385,14 @@ def fairgrad_cases():
 def test_fairgrad(K, kind, scale, alpha):
     G = make_G(K, kind, scale, seed_of(K, kind, scale, alpha, "fair"))
     M = G @ G.T
-    w, iterations, converged = solve("fairgrad", M, alpha)
+    w, iterations, converged = solve("fairgrad", M, alpha, EPS64)
     # The reference's Newton iteration (same starts, line search, stop rule max_i|w_i^{1/α}(Mw)_i − 1| ≤ 1e-10)
     # up to summation order and Cholesky here vs LU there: the iterates agree to rounding times the
     # conditioning of M + diag(w^{−1/α−1}/α), and a stop one step apart moves w by less than the residual
     # 1e-10 (quadratic convergence), hence 1e-8 relative as for Nash-MTL (measured ≤ 1e-12). No solution
     # (opposite or collinear conflicting rows): 1/K in all three. The torch solver runs its full budget
     # of 101 Newton steps with 40 trial points each: compared up to K = 40 only (seconds beyond).
-    others = [R.FairGrad(alpha).weights(M)] + ([fair_weights(M, alpha)] if K <= 40 else [])
+    others = [R.FairGrad(alpha).weights(M)] + ([fair_weights(M, alpha, EPS64)] if K <= 40 else [])
     for w_other in others:
         assert torch.allclose(w, w_other, rtol=1e-8, atol=0), (w, w_other)
     assert 0 <= iterations <= 101
@@ -402,12 +402,76 @@ def test_fairgrad(K, kind, scale, alpha):
 
 def test_fairgrad_no_solution_gives_uniform_and_zero_rows_weight_zero():
     G = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # 0 = g_1 + g_2
-    w, _, converged = solve("fairgrad", G @ G.T, 1.0)
+    w, _, converged = solve("fairgrad", G @ G.T, 1.0, EPS64)
     assert not converged and torch.equal(w, torch.full((3,), 1 / 3, dtype=torch.float64))
     G[1] = torch.tensor([0.0, 2.0])
-    w, _, converged = solve("fairgrad", G @ G.T, 1.0)
+    w, _, converged = solve("fairgrad", G @ G.T, 1.0, EPS64)
     # Orthogonal rows: w_i ‖g_i‖² = 1/w_i, w_i = 1/‖g_i‖; the zero row keeps weight 0.
     assert converged and torch.allclose(w, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("K", [3, 7])
+@pytest.mark.parametrize("gap", [1e-3, 1e-4])
+def test_nash_mtl_and_fairgrad_on_nearly_opposite_gradients(K, gap):
+    """g_2 = −g_1 + gap·e (cond(M) ≈ 5e6 at gap 1e-3, 5e8 at 1e-4): α_i (Mα)_i cannot be evaluated better than
+    about cond(M)·eps, so the residual stalls above 1e-10 (at ~1e-8 for gap 1e-4) and a stop test of 1e-10 alone
+    discarded the solution ("no solution": Nash-MTL kept its previous α, FairGrad returned 1/K). All three paths
+    stop where Newton stalls below 1e-6 and agree on d to rounding times cond(M) (measured ≤ 1e-12)."""
+    gen = torch.Generator().manual_seed(seed_of(K, gap, "opposite"))
+    G = torch.randn(K, 50, generator=gen, dtype=torch.float64)
+    G[1] = -G[0] + gap * torch.randn(50, generator=gen, dtype=torch.float64)
+    M = G @ G.T
+    ones, alpha = torch.ones(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64)  # α: updated in place
+    w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 0.0, True, EPS64)
+    w_fair, _, converged_fair = solve("fairgrad", M, 1.0, EPS64)
+    assert converged and converged_fair
+    for solution in (w, w_fair):
+        assert float((solution * (M @ solution) - 1.0).abs().max()) <= 1e-6
+    others = {
+        "reference nash": (R.nash_mtl.nash_weights(M, ones, 100, EPS64), w),
+        "torch nash": (solvers.nash_weights(M, ones, 100, EPS64), w),
+        "reference fairgrad": (R.fairgrad.fair_weights(M, 1.0, EPS64), w_fair),
+        "torch fairgrad": (fair_weights(M, 1.0, EPS64), w_fair),
+    }
+    for name, (other, native_w) in others.items():
+        assert other is not None, name
+        assert_same_direction(other, native_w, G, 1e-10)
+
+
+@pytest.mark.parametrize("K", [2, 3, 7])
+def test_a_solution_within_the_rounding_of_the_gram_counts_as_none(K):
+    """g_2 = −g_1: no solution (g_1 + g_2 = 0). M + 1e-8·diag(M), what rounding a float32 accumulation leaves
+    (unit roundoff 6e-8), is positive definite, and Newton converges on it with α ~ 1e4: every path accepts that
+    solution when M's unit roundoff is float64's; with float32's, ‖d‖² = αᵀMα is below its rounding
+    eps·(Σ α_i √M_ii)² (measured ~10×) and every path reports none: Nash-MTL keeps the previous α, FairGrad
+    gives 1/K. (Exactly opposite float32 gradients through the fused float32 Gram gave such α ~ 5e3.)"""
+    gen = torch.Generator().manual_seed(seed_of(K, "rounding"))
+    G = torch.randn(K, 50, generator=gen, dtype=torch.float64)
+    G[1] = -G[0]
+    M = G @ G.T
+    M += 1e-8 * torch.diag(M.diagonal())
+    start = torch.full((K,), 0.5, dtype=torch.float64)
+    for eps, found in ((EPS64, True), (torch.finfo(torch.float32).eps, False)):
+        alpha = start.clone()  # the warm start, updated in place
+        w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 0.0, True, eps)
+        w_fair, _, converged_fair = solve("fairgrad", M, 1.0, eps)
+        assert converged == found and converged_fair == found, eps
+        others = {
+            "reference nash": (R.nash_mtl.nash_weights(M, start, 100, eps), w),
+            "torch nash": (solvers.nash_weights(M, start, 100, eps), w),
+            "reference fairgrad": (R.fairgrad.fair_weights(M, 1.0, eps), w_fair),
+            "torch fairgrad": (fair_weights(M, 1.0, eps), w_fair),
+        }
+        if found:
+            assert float(w.max()) > 1e3  # α along g_1 + g_2 = 0 grows as the ridge shrinks
+            for name, (other, native_w) in others.items():
+                assert other is not None, name
+                assert_same_direction(other, native_w, G, 1e-10)  # measured ≤ 2e-16
+        else:
+            uniform = torch.full((K,), 1.0 / K, dtype=torch.float64)
+            assert torch.equal(w, start) and torch.equal(w_fair, uniform)
+            assert others["reference nash"][0] is None and others["reference fairgrad"][0] is None
+            assert torch.equal(others["torch nash"][0], start) and torch.equal(others["torch fairgrad"][0], uniform)
 
 
 @pytest.mark.parametrize("scale", [1e-100, 1e100])
@@ -418,7 +482,7 @@ def test_fairgrad_and_nash_at_extreme_scales(scale):
     G = make_G(5, "full", scale, 3)
     M = G @ G.T
     alpha = torch.ones(5, dtype=torch.float64)
-    for name, params in (("fairgrad", (1.0,)), ("nash_mtl", (alpha.data_ptr(), 20, 0.0, True))):
+    for name, params in (("fairgrad", (1.0, EPS64)), ("nash_mtl", (alpha.data_ptr(), 20, 0.0, True, EPS64))):
         w, _, converged = solve(name, M, *params)
         assert converged, name
         assert float((w * (M @ w) - 1.0).abs().max()) <= 1e-9, (name, w)
@@ -543,7 +607,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="beta"):
         C.solve_gradvac(p, 3, keys, keys, 1.5, 1e-8, q, r)
     with pytest.raises(ValueError, match="alpha is a null pointer"):
-        C.solve_nash_mtl(p, 3, 0, 100, 1.0, True, q, r)
+        C.solve_nash_mtl(p, 3, 0, 100, 1.0, True, EPS64, q, r)
+    with pytest.raises(ValueError, match="gram_eps"):
+        C.solve_nash_mtl(p, 3, keys, 100, 1.0, True, -1.0, q, r)
     with pytest.raises(ValueError, match="rescale"):
         C.solve_cagrad(p, 3, 0.4, 3, False, q, r)
     with pytest.raises(ValueError, match="dtype_eps"):
@@ -551,7 +617,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank_eps"):
         C.solve_aligned_mtl(p, 3, 0.0, q, r)
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        C.solve_fairgrad(p, 3, 0.0, q, r)
+        C.solve_fairgrad(p, 3, 0.0, EPS64, q, r)
+    with pytest.raises(ValueError, match="gram_eps"):
+        C.solve_fairgrad(p, 3, 1.0, float("nan"), q, r)
     with pytest.raises(ValueError, match="lanes must be in"):
         C.solve_pcgrad_threaded(p, 3, keys, q, r, 2, 3)
     with pytest.raises(ValueError, match="threads must be in"):
@@ -580,9 +648,9 @@ def _team_problems(K: int, seed: int) -> dict[str, tuple]:
         "gradvac": (keys, phi_hat, 0.5, 1e-8),
         "mgda": (0, 0, 250, 1e-5),
         "mgda_loss+": (3, losses, 250, 1e-5),
-        "nash_mtl": (alpha, 20, 1.0, True),
-        "fairgrad": (1.0,),
-        "fairgrad_half": (0.5,),
+        "nash_mtl": (alpha, 20, 1.0, True, EPS64),
+        "fairgrad": (1.0, EPS64),
+        "fairgrad_half": (0.5, EPS64),
         "imtlg": (EPS64,),
         "imtlg_float32": (torch.finfo(torch.float32).eps,),
         "aligned_mtl": (torch.finfo(torch.float32).eps,),
@@ -724,8 +792,8 @@ def test_cuda_matches_cpu(K):
         "aligned_mtl": (torch.finfo(torch.float32).eps,),
         "upgrad": (0, 0.0, 1e-4),
         "dualproj": (0, 0.0, 1e-4),
-        "nash_mtl": (ones, 100, 1.0, True),
-        "fairgrad": (1.0,),
+        "nash_mtl": (ones, 100, 1.0, True, EPS64),
+        "fairgrad": (1.0, EPS64),
         "cagrad": (0.4, 1, False),
         "imgrad": (0.8, False),
     }

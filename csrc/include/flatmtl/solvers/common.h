@@ -287,6 +287,27 @@ FLATMTL_HD inline void cholesky_solve(const double* L, int n, int lda, double* b
   }
 }
 
+// Whether a Newton iteration (Nash-MTL, FairGrad) whose scale-free residual was last_residual before its last step
+// (kDoubleMax before the first) has converged, as reference/nash_mtl.py's newton_converged: below 1e-10 (NASH_TOL), or
+// stalled on its rounding floor below 1e-6 (STALL_TOL; ill-conditioned M).
+FLATMTL_HD inline bool newton_converged(double residual, double last_residual) {
+  return residual <= 1e-10 || (last_residual <= residual && residual <= 1e-6);
+}
+
+// Σ_i w_i √M_ii of the n x n M: (that)² bounds |w|ᵀ|M||w| (Cauchy–Schwarz), the size of wᵀMw's rounding.
+FLATMTL_HD inline double root_weighted_sum(const double* M, int n, const double* w) {
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) sum += w[i] * sqrt(M[i * n + i]);
+  return sum;
+}
+
+// Whether a solution w > 0 (Nash-MTL, FairGrad) with ‖d‖² = wᵀMw = squared_norm is above its rounding from M
+// (unit roundoff eps), as reference/nash_mtl.py's above_rounding: otherwise M cannot tell d from 0.
+FLATMTL_HD inline bool above_rounding(const double* M, int n, const double* w, double squared_norm, double eps) {
+  const double bound = root_weighted_sum(M, n, w);
+  return squared_norm > eps * bound * bound;
+}
+
 // Of two starts x and y of a descent (Nash-MTL, FairGrad), each first moved by to_ray(v) onto its ray, x keeps
 // the one with the lower objective(v).
 template <class Team, class ToRay, class Objective>

@@ -8,12 +8,12 @@
 
 namespace flatmtl::solvers {
 
-constexpr double kFairTol = 1e-10;   // max_i |w_i^{1/α} (Mw)_i − 1|, as FAIR_TOL
 constexpr int kFairMaxNewton = 100;  // MAX_NEWTON_ITER
 constexpr int kFairHalvings = 40;    // the reference halves t from 1 while t > 1e-12: 2^0 … 2^-39, else 2^-40
 
 struct FairGrad : TeamSolver {
   double alpha;
+  double gram_eps;  // M's unit roundoff: a solution within M's rounding counts as none
 
   // Scratch: the active rows, the sub-Gram and the Newton matrix (n² each, n ≤ K), w, Mw, gradient,
   // step and a trial point (n each).
@@ -41,7 +41,8 @@ struct FairGrad : TeamSolver {
     team.sync();
   }
 
-  // Solves on the n x n M (normalised in place); returns whether a solution was found (then in w).
+  // Solves on the n x n M (normalised in place); returns whether a solution above M's rounding was found (then
+  // in w).
   template <class Team>
   FLATMTL_HD Status solve(double* M, int n, double* w, double* work, const Team& team) const {
     double* H = work;
@@ -59,17 +60,20 @@ struct FairGrad : TeamSolver {
     keep_lower_start(
         w, trial, n, [&](double* v) { to_ray(M, n, v, Mw, team); },
         [&](const double* v) { return objective(M, n, v, Mw, team); }, team);
+    double last_residual = kDoubleMax;  // above any residual: no stall before the first step
     for (int it = 0; it <= kFairMaxNewton; ++it) {
       matvec(M, n, w, Mw, team);
-      double residual = 0.0;
+      double residual = 0.0;  // max_i |w_i^{1/α} (Mw)_i − 1|
       for (int i = 0; i < n; ++i) residual = max2(residual, fabs(pow(w[i], 1.0 / alpha) * Mw[i] - 1.0));
-      if (residual <= kFairTol) {
+      if (newton_converged(residual, last_residual)) {
+        if (!above_rounding(M, n, w, dot(w, Mw, n), gram_eps)) return {it, 0};
         const double rescale = pow(scale, -alpha / (alpha + 1.0));
         team.sync();
         for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] *= rescale;
         team.sync();
         return {it, 1};
       }
+      last_residual = residual;
       // Newton step on f: (M + diag(w^{−1/α−1}/α)) step = −(Mw − w^{−1/α}).
       for (int i = first_owned(team, 0); i < n; i += team.size()) {
         grad[i] = Mw[i] - pow(w[i], -1.0 / alpha);
@@ -82,16 +86,19 @@ struct FairGrad : TeamSolver {
       if (!cholesky(H, n, n, team)) return {it, 0};
       cholesky_solve(H, n, n, step, team);
       // Backtracking: stay in w > 0 and ask for Armijo's decrease only while the Newton decrement²
-      // (−slope) is not tiny (near the root f's change is below its rounding; full steps converge there).
+      // (−slope) is measurable: above 1e-10 and the rounding n·eps·(Σ w_i √M_ii)² of f's quadratic term, as
+      // the reference's armijo_floor (near the root f's change is below its rounding; full steps converge).
       const double f0 = objective(M, n, w, Mw, team);
       const double slope = dot(grad, step, n);
+      const double root_sum = root_weighted_sum(M, n, w);
+      const double unmeasurable = max2(1e-10, n * kDoubleEps * root_sum * root_sum);
       double t = 1.0;
       for (int h = 0; h < kFairHalvings; ++h, t *= 0.5) {
         for (int i = first_owned(team, 0); i < n; i += team.size()) trial[i] = w[i] + t * step[i];
         team.sync();
         bool positive = true;
         for (int i = 0; i < n; ++i) positive = positive && trial[i] > 0.0;
-        if (positive && (-slope <= 1e-10 || objective(M, n, trial, Mw, team) <= f0 + 1e-4 * t * slope)) break;
+        if (positive && (-slope <= unmeasurable || objective(M, n, trial, Mw, team) <= f0 + 1e-4 * t * slope)) break;
         team.sync();  // every worker has read trial
       }
       for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] += t * step[i];

@@ -7,8 +7,6 @@
 
 namespace flatmtl::solvers {
 
-constexpr double kNashTol = 1e-10;  // max_i |α_i (Mα)_i − 1|, as NASH_TOL
-
 // ½αᵀMα − Σ log α_i; y (n) is scratch. A team returns once every worker has read a.
 template <class Team = SoloTeam>
 FLATMTL_HD inline double nash_objective(const double* M, int n, const double* a, double* y, const Team& team = Team{}) {
@@ -30,11 +28,12 @@ FLATMTL_HD inline void nash_rescale(const double* M, int n, double* a, double* y
 }
 
 // Solves on the n x n M (overwritten by M/‖M‖_F), from start (n, overwritten); α in alpha (n).
-// converged = 0 when no solution was found within max_iter + 1 residual checks (alpha then undefined).
+// converged = 0 when no solution was found within max_iter + 1 residual checks, or the one found is within the
+// rounding of M (unit roundoff gram_eps; alpha then undefined).
 // work: n² + 4n.
 template <class Team = SoloTeam>
-FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_iter, double* alpha, double* work,
-                                      const Team& team = Team{}) {
+FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_iter, double gram_eps, double* alpha,
+                                      double* work, const Team& team = Team{}) {
   double* factor = work;
   double* Ma = work + int64_t(n) * n;
   double* grad = Ma + n;
@@ -50,16 +49,19 @@ FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_i
   keep_lower_start(
       alpha, other, n, [&](double* v) { nash_rescale(M, n, v, Ma, team); },
       [&](const double* v) { return nash_objective(M, n, v, Ma, team); }, team);
+  double last_residual = kDoubleMax;  // above any residual: no stall before the first step
   for (int it = 0; it <= max_iter; ++it) {
     matvec(M, n, alpha, Ma, team);
     double residual = 0.0;
     for (int i = 0; i < n; ++i) residual = max2(residual, fabs(alpha[i] * Ma[i] - 1.0));
-    if (residual <= kNashTol) {
+    if (newton_converged(residual, last_residual)) {
+      if (!above_rounding(M, n, alpha, dot(alpha, Ma, n), gram_eps)) return {it, 0};
       team.sync();
       for (int i = first_owned(team, 0); i < n; i += team.size()) alpha[i] /= sqrt(scale);
       team.sync();
       return {it, 1};
     }
+    last_residual = residual;
     for (int i = first_owned(team, 0); i < n; i += team.size()) {
       grad[i] = Ma[i] - 1.0 / alpha[i];
       step[i] = -grad[i];
@@ -85,6 +87,7 @@ struct NashMtl : TeamSolver {
   int max_iter;     // optim_niter
   double max_norm;  // 0 disables the clip
   int update;       // 0 on the steps between two solves (update_weights_every): reuse α
+  double gram_eps;  // M's unit roundoff: a solution within M's rounding counts as none
 
   // Scratch: the active sub-Gram and its start / solution (n ≤ K) plus nash_weights' n² + 4n.
   FLATMTL_HD static int64_t work_size(int K) { return 2 * int64_t(K) * K + 7 * int64_t(K); }
@@ -104,7 +107,7 @@ struct NashMtl : TeamSolver {
         for (int b = 0; b < n; ++b) sub[a * n + b] = M[int(index[a]) * K + int(index[b])];
       }
       team.sync();
-      status = nash_weights(sub, n, start, max_iter, solution, solution + n, team);
+      status = nash_weights(sub, n, start, max_iter, gram_eps, solution, solution + n, team);
       if (status.converged) {
         for (int a = first_owned(team, 0); a < n; a += team.size()) alpha[int(index[a])] = solution[a];
       }
