@@ -19,8 +19,9 @@ from ..primitives import checks as primitive_checks
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_matrix(G: Tensor, name: str = "G") -> tuple[int, int]:
-    """Check that ``G`` is a floating (K, N) tensor with K ≥ 1 and N ≥ 1; return (K, N)."""
+def check_matrix(G: Tensor, name: str = "G", *, finite: bool = False) -> tuple[int, int]:
+    """Check that ``G`` is a floating (K, N) tensor with K ≥ 1 and N ≥ 1 (and, with ``finite``, free of NaN/Inf:
+    a host synchronisation, for the reference classes only); return (K, N)."""
     if not isinstance(G, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (K, N), got {type(G).__name__}")
     if G.dim() != 2:
@@ -31,7 +32,15 @@ def check_matrix(G: Tensor, name: str = "G") -> tuple[int, int]:
     if K == 0 or N == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(G.shape)}")
     _check_not_differentiated(G, name)
+    _check_finite(G, name, finite)
     return K, N
+
+
+def _check_finite(x: Tensor, name: str, finite: bool) -> None:
+    # The reference classes refuse NaN/Inf (the fused ones give NaN weights instead): each method's solver would
+    # otherwise fail in its own way — an eigh or CVXPY error, or a finite result made of the NaN.
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite (the gradients contain NaN or Inf, or overflow)")
 
 
 def _check_not_differentiated(x: Tensor, name: str) -> None:
@@ -50,8 +59,9 @@ def check_streaming(G: Tensor, out: Tensor | None, owner: str) -> Tensor | None:
     return None if out is None else primitive_checks.check_out(out, G, op=owner)
 
 
-def check_gramian(M: Tensor, name: str = "M") -> int:
-    """Check that ``M`` is a floating square (K, K) tensor with K ≥ 1; return K."""
+def check_gramian(M: Tensor, name: str = "M", *, finite: bool = False) -> int:
+    """Check that ``M`` is a floating square (K, K) tensor with K ≥ 1 (and, with ``finite``, free of NaN/Inf);
+    return K."""
     if not isinstance(M, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (K, K), got {type(M).__name__}")
     if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
@@ -59,6 +69,7 @@ def check_gramian(M: Tensor, name: str = "M") -> int:
     if M.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got dtype {M.dtype}")
     _check_not_differentiated(M, name)
+    _check_finite(M, name, finite)
     return M.shape[0]
 
 

@@ -41,7 +41,7 @@ class AlignedMTL(GramianAggregator):
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="AlignedMTL")
         G64 = G.double()
         aligned = balance_transformation(G64 @ G64.T) @ G64
@@ -49,6 +49,6 @@ class AlignedMTL(GramianAggregator):
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 w = B𝟏."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="AlignedMTL")
         return balance_transformation(M.double()).sum(dim=1)

@@ -63,7 +63,7 @@ class CAGrad(GramianAggregator):
         return w, (radius / gw_norm if gw_norm > ZERO_GW_RTOL * largest else 0.0)
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="CAGrad")
         G64 = G.double()
         w, lam = self._solve(G64 @ G64.T)
@@ -73,7 +73,7 @@ class CAGrad(GramianAggregator):
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 weights (1/K + λ w*_i) · s / r."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="CAGrad")
         w, lam = self._solve(M.double())
         return (1.0 / K + lam * w) * self._output_factor(K)

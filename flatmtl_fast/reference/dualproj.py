@@ -27,13 +27,13 @@ class DualProj(DualConeAggregator):
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="DualProj")
         G64 = G.to(torch.float64)
         return (self._weights(G64 @ G64.T) @ G64).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="DualProj")
         return self._weights(M).to(M.dtype)
 

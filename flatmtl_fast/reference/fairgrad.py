@@ -128,13 +128,13 @@ class FairGrad(GramianAggregator):
         return w
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="FairGrad")
         G64 = G.double()
         return (self._weights(G64 @ G64.T, gram_eps(G.dtype)) @ G64).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 w."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="FairGrad")
         return self._weights(M.double(), gram_eps(M.dtype))

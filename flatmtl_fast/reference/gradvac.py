@@ -58,13 +58,13 @@ class GradVac(GeneratorMixin, GramianAggregator):
             raise ValueError(f"GradVac.load_state_dict: phi_hat must be K × K, got shape {tuple(phi_hat.shape)}")
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="GradVac")
         orders = draw_orders(K, self.generator, self._draw_device(G))
         return corrected_direction(G.to(torch.float64), orders, self._correction(K, G.device)).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="GradVac")
         orders = draw_orders(K, self.generator, self._draw_device(M))
         return corrected_weights(M.to(torch.float64), orders, self._correction(K, M.device)).to(M.dtype)

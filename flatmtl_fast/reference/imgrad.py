@@ -69,7 +69,7 @@ class IMGrad(GramianAggregator):
         return factor * (1.0 / K + lam * w)
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="IMGrad")
         G64 = G.double()
         g0, gm = G64.mean(dim=0), self._mgda(G64)
@@ -77,7 +77,7 @@ class IMGrad(GramianAggregator):
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 weights: factor · (1/K + λ w*), λ = α‖g₀‖/‖g_w‖ (factor K/(1+α²) official, 1 paper)."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="IMGrad")
         M64 = M.double()
         wm = self._mgda.weights(M64)

@@ -61,7 +61,7 @@ class IMTLG(GramianAggregator):
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="IMTLG")
         G64 = G.double()
         norms = G64.norm(dim=1)
@@ -78,7 +78,7 @@ class IMTLG(GramianAggregator):
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 α from M: with s_j = 1/‖g_j‖, g_i·u_j = M_ij s_j, so
         (g_1 Uᵀ)_j = M_11 s_1 − M_1j s_j and (D Uᵀ)_ij = (M_11 − M_i1) s_1 − (M_1j − M_ij) s_j."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="IMTLG")
         M64 = M.double()
         norms = M64.diagonal().clamp(min=0).sqrt()

@@ -74,7 +74,7 @@ class MGDA(GramianAggregator):
             check_positive_finite_losses(losses, owner=f"MGDA(normalize={self.normalize!r})")
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         self._check_losses(losses, K, G.device)
         G64 = G.double()
         normalized = G64 / self._divisors(G64.norm(dim=1), losses)[:, None]
@@ -83,7 +83,7 @@ class MGDA(GramianAggregator):
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Weights on the raw rows, float64: w_i / D_i (see the class docstring)."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         self._check_losses(losses, K, M.device)
         M64 = M.double()
         D = self._divisors(M64.diagonal().clamp(min=0).sqrt(), losses)

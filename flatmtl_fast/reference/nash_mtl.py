@@ -146,7 +146,7 @@ class NashMTL(GramianAggregator):
         return self.max_norm / norm if 0 < self.max_norm < norm else 1.0
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="NashMTL")
         G64 = G.double()
         d = self._next_alpha(G64 @ G64.T, gram_eps(G.dtype)) @ G64
@@ -154,7 +154,7 @@ class NashMTL(GramianAggregator):
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
         """Float64 α, clip included (advances the state like a call)."""
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="NashMTL")
         M64 = M.double()
         alpha = self._next_alpha(M64, gram_eps(M.dtype))

@@ -47,13 +47,13 @@ class PCGrad(GeneratorMixin, GramianAggregator):
         self._init_generator(generator)
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="PCGrad")
         orders = draw_orders(K, self.generator, self._draw_device(G))
         return corrected_direction(G.to(torch.float64), orders, _pcgrad_correction).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="PCGrad")
         orders = draw_orders(K, self.generator, self._draw_device(M))
         return corrected_weights(M.to(torch.float64), orders, _pcgrad_correction).to(M.dtype)

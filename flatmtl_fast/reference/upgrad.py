@@ -34,14 +34,14 @@ class UPGrad(DualConeAggregator):
     """
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
-        K, _ = check_matrix(G)
+        K, _ = check_matrix(G, finite=True)
         check_losses(losses, K, G.device, required=False, owner="UPGrad")
         G64 = G.to(torch.float64)
         projected = self._projection_weights(G64 @ G64.T) @ G64  # row i: p_i π(g_i)
         return projected.sum(dim=0).to(G.dtype)
 
     def weights(self, M: Tensor, losses: Tensor | None = None) -> Tensor:
-        K = check_gramian(M)
+        K = check_gramian(M, finite=True)
         check_losses(losses, K, M.device, required=False, owner="UPGrad")
         return self._projection_weights(M).sum(dim=0).to(M.dtype)
 
