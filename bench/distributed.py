@@ -4,7 +4,7 @@ Issue 7's GPU target: the sharded code path with world size 1 adds < 5 % over th
 whose only rank is this process (NCCL on CUDA, gloo on the CPU) runs, per case, the plain path and the same work
 through ``flatmtl_fast.distributed`` in both layouts; each distributed row's ``extra["overhead_pct"]`` is its
 time over the plain row's, minus 1, in per cent. With one rank the O(N) collectives are skipped, so what remains
-is the consistency check (an all-gather of 8 integers and one host synchronisation), the all-reduces of the
+is the consistency check (an all-gather of 9 integers and one host synchronisation), the all-reduces of the
 losses and of the K × K Gram, the broadcast of the weights, and Python.
 
 - ``step:<method>``: a whole training step of the MLP of ``bench/training.py`` (forward, K backward passes,

@@ -5,7 +5,7 @@ forms the partial Gram of its own columns, and the ranks exchange K × K numbers
 
 **Replicated layout** (DDP-style: every rank holds all N shared parameters and its own batch), per step:
 
-1. consistency check: one all-gather of 8 integers per rank (K, N, dtype, layout, aggregator, …); ranks that
+1. consistency check: one all-gather of 9 integers per rank (K, N, dtype, layout, aggregator, …); ranks that
    disagree all raise :class:`DistributedStepError` instead of running mismatched collectives (which hang);
 2. all-reduce of the K losses (their mean: loss-based methods see the global losses), and of the
    task-specific parameters' gradients (their mean);
@@ -45,7 +45,8 @@ Each coordinate's draw is still U[0, 1) (the method's distribution per coordinat
 only correlated across shards, and the result differs from a single process's draw; seeding each rank's
 generator differently makes them independent (in the replicated layout the gathered d is still identical on
 every rank). DB-MTL's EMA is per coordinate (its K × N buffer is sharded too: each rank's ``state_dict``
-holds its own columns), but its α_i = max_j ‖B_j‖ / ‖B_i‖ needs the global norms: their squares are
+holds its own columns and says whose, so save and load it per rank: a rank holding another's raises at the
+consistency check), but its α_i = max_j ‖B_j‖ / ‖B_i‖ needs the global norms: their squares are
 all-reduced (8 K bytes) and the shard is recombined, so DB-MTL equals the single-process result.
 
 **With DistributedDataParallel**: run the forward and ``flatmtl_fast.backward(..., process_group=...)`` inside

@@ -22,7 +22,8 @@ Layout = Literal["replicated", "sharded"]
 LAYOUTS: tuple[Layout, ...] = ("replicated", "sharded")
 #: What every rank must agree on before the heavy collectives run (N only in the replicated layout).
 _AGREEMENT_FIELDS = (
-    "K", "N", "dtype", "layout", "aggregator", "losses given", "task-parameter scalars", "averaged rows"
+    "K", "N", "dtype", "layout", "aggregator", "losses given", "task-parameter scalars", "averaged rows",
+    "DB-MTL state's rank − rank",
 )  # fmt: skip
 _DTYPES = primitive_checks.G_DTYPES
 
@@ -171,6 +172,7 @@ class DistributedStep:
             d = self.aggregator(self.shard, self.losses)
             if dbmtl:
                 d = self._rebalance(self.aggregator.buffer)
+                self.aggregator.rank = dist.get_rank(self.group)  # whose columns the buffer now holds
             return buffer.copy_(d)
 
         return self._finish(out, local)
@@ -303,8 +305,12 @@ def check_agreement(
     settings = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in aggregator._hyperparameters().items()}
     fingerprint = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}{sorted(settings.items())!r}".encode())
     values = [K, N, _DTYPES.index(G.dtype), LAYOUTS.index(layout), fingerprint, int(has_losses), task_numel]
-    mine = torch.tensor([*values, averaged_rows], dtype=torch.int64, device=G.device)
     world_size = dist.get_world_size(group)
+    # DB-MTL's buffer holds its rank's columns (tagged by DistributedStep.apply): 0 on every rank unless some rank
+    # loaded another's state, e.g. rank 0's checkpoint everywhere — which would mix the columns silently.
+    held = aggregator.rank if isinstance(aggregator, DBMTL) and world_size > 1 else None
+    state_offset = 0 if held is None else held - dist.get_rank(group)
+    mine = torch.tensor([*values, averaged_rows, state_offset], dtype=torch.int64, device=G.device)
     everyone = torch.empty(world_size * mine.numel(), dtype=torch.int64, device=G.device)
     nbytes = everyone.numel() * everyone.element_size()
     run_collective("check", "consistency check", traffic, nbytes, group, everyone, mine)
@@ -323,8 +329,9 @@ def check_agreement(
         raise DistributedStepError(
             f"flatmtl_fast.distributed: the ranks disagree on the step ({per_rank}). Every rank must pass the "
             "same K, dtype, layout, aggregator (class and hyperparameters), losses or none, task parameters, "
-            f"averaged rows and, in the replicated layout, N (this rank's aggregator: {aggregator!r}). Nothing "
-            "was communicated beyond this check"
+            f"averaged rows and, in the replicated layout, N, and a DB-MTL aggregator must hold its own rank's state "
+            f"(load each rank's own state_dict) (this rank's aggregator: {aggregator!r}). Nothing was communicated "
+            "beyond this check"
         )
 
 

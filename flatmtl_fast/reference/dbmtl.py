@@ -28,11 +28,13 @@ class DBMTL(Aggregator):
     every later step: LibMTL's buffer would stay NaN for good.
 
     State (``state_dict`` / ``load_state_dict`` continue identically; ``reset`` starts over): ``buffer``
-    (K × N float64 on G's device, None before the first call) and ``step`` (t of the last call, None before).
+    (K × N float64 on G's device, None before the first call), ``step`` (t of the last call, None before) and
+    ``rank``: in a distributed step the buffer holds one rank's columns only, and ``rank`` says whose (None
+    outside them); a step whose ranks hold other ranks' states (rank 0's checkpoint loaded everywhere) raises.
     """
 
     needs_losses = True
-    _state_attributes = ("buffer", "step")
+    _state_attributes = ("buffer", "step", "rank")
     keeps_gradients = True
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5) -> None:
@@ -40,6 +42,7 @@ class DBMTL(Aggregator):
         self.beta_sigma = check_real(beta_sigma, "DBMTL", "beta_sigma", minimum=0.0)
         self.buffer: Tensor | None = None
         self.step: int | None = None
+        self.rank: int | None = None
 
     def _check_state(self, state: dict[str, object]) -> None:
         super()._check_state(state)
@@ -52,6 +55,9 @@ class DBMTL(Aggregator):
         check_state_step(state["step"], "DBMTL")
         if (buffer is None) != (state["step"] is None):
             raise ValueError("DBMTL.load_state_dict: buffer and step must both be None (before the first step) or not")
+        rank = state["rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"DBMTL.load_state_dict: rank must be None or an integer >= 0, got {rank!r}")
 
     def __call__(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
         K, N = check_matrix(G)

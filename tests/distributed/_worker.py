@@ -118,6 +118,7 @@ def _main_scenarios(rank: int, store: dist.Store) -> dict[str, Callable[[], Any]
         "aggregate": lambda: _aggregate_cases(rank, groups),
         "averaged_rows": lambda: _averaged_rows(rank, groups),
         "mismatch": lambda: _mismatch(rank),
+        "dbmtl_state": lambda: _dbmtl_state(rank),
         "backward_ddp": lambda: _backward_ddp(rank, groups),
         "backward_tensor_parallel": lambda: _backward_tensor_parallel(rank, groups),
         "backward_fsdp2": lambda: _backward_fsdp2(rank, groups),
@@ -197,6 +198,29 @@ def _mismatch(rank: int) -> dict[tuple[str, str], tuple[str, str, float] | None]
                 out[path, what] = None
             except DistributedStepError as err:
                 out[path, what] = (type(err).__name__, str(err), time.monotonic() - start)
+    return out
+
+
+def _dbmtl_state(rank: int) -> dict[str, Any]:
+    """DB-MTL's buffer holds this rank's columns: one step, then rank 0's state loaded on every rank (a checkpoint
+    saved by rank 0 only), then each rank's own."""
+    aggregator, world = make("DBMTL"), dist.get_world_size()
+    G, losses = rank_inputs(world, rank, N_VALUES[1], 0)
+    aggregate(G, aggregator, losses=losses)
+    own = aggregator.state_dict()
+    shared = [own if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    out: dict[str, Any] = {"rank in state": own["rank"]}
+    G, losses = rank_inputs(world, rank, N_VALUES[1], 1)
+    aggregator.load_state_dict(shared[0])
+    start = time.monotonic()
+    try:
+        aggregate(G, aggregator, losses=losses)
+        out["rank 0's state"] = None
+    except DistributedStepError as err:
+        out["rank 0's state"] = (str(err), time.monotonic() - start)
+    aggregator.load_state_dict(own)
+    out["own state"] = aggregate(G, aggregator, losses=losses).direction
     return out
 
 

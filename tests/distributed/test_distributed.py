@@ -39,7 +39,7 @@ from flatmtl_fast.distributed import LAYOUTS, Traffic, aggregate
 WORLD = 3
 #: Bound on the whole launch: the scenarios take ~40 s on two busy cores; a hang is killed here.
 LAUNCH_TIMEOUT = 240
-CHECK_FIELDS = 8  # integers per rank in the consistency all-gather
+CHECK_FIELDS = 9  # integers per rank in the consistency all-gather
 
 
 @pytest.fixture(scope="module")
@@ -515,6 +515,25 @@ def test_ranks_that_disagree_all_raise_without_waiting(ranks, field, path):
         shown = "aggregator" if field == "hyperparameters" else field  # CAGrad(c=0.4) vs CAGrad(c=0.5)
         assert "disagree" in message and f"{shown}=" in message
         assert seconds < 0.5 * _worker.GROUP_TIMEOUT.total_seconds()  # the check caught it, not a timeout
+
+
+def test_ranks_holding_another_ranks_dbmtl_state_all_raise_and_their_own_states_continue(ranks):
+    """DB-MTL's buffer is sharded like G: rank 0's state loaded on every rank (its checkpoint alone) would mix other
+    columns' EMAs into each rank's, silently; every rank raises in the consistency check instead."""
+    outcomes = scenario(ranks, "dbmtl_state")
+    single = make("DBMTL")
+    for step in range(2):
+        G, losses = mean_inputs(WORLD, N_VALUES[1], step)
+        expected = single(G, losses)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["rank in state"] == rank
+        assert outcome["rank 0's state"] is not None, f"rank {rank} took a step with rank 0's DB-MTL state"
+        message, seconds = outcome["rank 0's state"]
+        assert "DB-MTL state's rank − rank=" in message and "own state_dict" in message
+        assert seconds < 0.5 * _worker.GROUP_TIMEOUT.total_seconds()  # the check caught it, not a timeout
+        # Its own state loaded back: the second step of one process on the averaged gradients (tolerance as in
+        # test_aggregate_equals_single_process).
+        torch.testing.assert_close(outcome["own state"], expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_a_rank_raising_mid_step_gives_the_others_an_error_not_a_hang(ranks):

@@ -495,9 +495,15 @@ BAD_STATES = [
         "_generator_state is not a state of a cpu generator",
     ),
     ("PCGrad", {"_generator_state": "x"}, "_generator_state is not a state of a cpu generator"),
-    ("DBMTL", {"buffer": torch.ones(3, 4, dtype=torch.int32), "step": 1}, "buffer must be None or a K × N floating"),
-    ("DBMTL", {"buffer": torch.ones(3, 4), "step": None}, "buffer and step must both be None"),
-    ("DBMTL", {"buffer": torch.ones(3, 4), "step": -1}, "step must be None or a count"),
+    (
+        "DBMTL",
+        {"buffer": torch.ones(3, 4, dtype=torch.int32), "step": 1, "rank": None},
+        "buffer must be None or a K × N floating",
+    ),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": None, "rank": None}, "buffer and step must both be None"),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": -1, "rank": None}, "step must be None or a count"),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": 1, "rank": True}, "rank must be None or an integer >= 0"),
+    ("DBMTL", {"buffer": torch.ones(3, 4), "step": 1, "rank": -1}, "rank must be None or an integer >= 0"),
 ]
 
 
