@@ -43,7 +43,7 @@ def fair_weights(M: Tensor, alpha: float, eps: float) -> Tensor | None:
     with a backtracking (Armijo) line search that keeps w > 0, which converges globally when the minimiser
     exists. Solved on M/‖M‖_F; if M = s M̃ and M̃ w̃ = w̃^{-1/α} then w = s^{-α/(α+1)} w̃ (exact rescaling).
     No solution exists when a nonnegative combination of the gradients vanishes (e.g. opposite rows); None too
-    when the solution's ‖d‖² is not above its rounding from M (unit roundoff ``eps``; see ``above_rounding``).
+    when some g_i·d of the solution is not above its rounding from M (unit roundoff ``eps``; ``above_rounding``).
     """
     K = M.shape[0]
     scale = float(torch.linalg.matrix_norm(M))
@@ -66,8 +66,7 @@ def fair_weights(M: Tensor, alpha: float, eps: float) -> Tensor | None:
         Mw = M @ w
         residual = float((w ** (1 / alpha) * Mw - 1.0).abs().max())  # scale-free form of Mw = w^{-1/α}
         if newton_converged(residual, last_residual):
-            reliable = above_rounding(float(w @ Mw), float(w @ M.diagonal().sqrt()), eps)
-            return w * scale ** (-alpha / (alpha + 1)) if reliable else None
+            return w * scale ** (-alpha / (alpha + 1)) if bool(above_rounding(M, w, Mw, eps)) else None
         last_residual = residual
         gradient = Mw - w ** (-1 / alpha)
         try:
@@ -105,7 +104,7 @@ class FairGrad(GramianAggregator):
     default tolerances and scale dependence leave it far from the root at small/large gradient scales). α must
     be > 0 (the official code divides by α). Rows with g_i = 0 leave the solve with weight 0 (their weight does
     not change d; the official solver pushes it towards +∞). When no positive solution exists, the official
-    starting point w = 𝟏/K is returned; as for Nash-MTL, a solution whose ‖d‖² is within the rounding of M
+    starting point w = 𝟏/K is returned; as for Nash-MTL, a solution with some g_i·d within the rounding of M
     counts as none.
     """
 

@@ -34,12 +34,15 @@ def gram_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
-def above_rounding(squared_norm: float, root_weighted_sum: float, eps: float) -> bool:
-    """Whether ‖d‖² = wᵀMw of a solution w > 0 exceeds its rounding from M, eps·|w|ᵀ|M||w| ≤ eps·(Σ_i w_i √M_ii)²
-    (``root_weighted_sum``; Cauchy–Schwarz). If not, M cannot tell d from 0: a nonnegative combination of the
-    gradients may vanish, and then there is no solution — what Newton found lives in M's rounding (e.g. exactly
-    opposite float32 gradients, whose float32 Gram is positive definite only by its rounding)."""
-    return squared_norm > eps * root_weighted_sum**2
+def above_rounding(M: Tensor, w: Tensor, Mw: Tensor, eps: float) -> Tensor:
+    """Whether every g_i·d = (Mw)_i of a solution w > 0 (each positive at a solution) exceeds its rounding from
+    M, eps·Σ_j |M_ij| w_j ≤ eps·√M_ii·Σ_j w_j √M_jj (Cauchy–Schwarz), as a 0-dim bool tensor. If not, M does not
+    resolve that task's equation: a nonnegative combination of the gradients may vanish, and then there is no
+    solution — what Newton found lives in M's rounding (e.g. a pair of float32 gradients opposite up to their
+    rounding, whose float32 Gram is positive definite only by its rounding: α ~ 5e3 on the pair). Per task: a
+    test on ‖d‖² alone is diluted by the other tasks (such a pair passed it among 16 or more tasks)."""
+    root = M.diagonal().clamp_min(0.0).sqrt()
+    return (Mw > eps * root * (w @ root)).all()
 
 
 def nash_weights(M: Tensor, start: Tensor, max_iter: int, eps: float) -> Tensor | None:
@@ -51,7 +54,7 @@ def nash_weights(M: Tensor, start: Tensor, max_iter: int, eps: float) -> Tensor 
     then quadratically. Solved on M/‖M‖_F (α scales as ‖M‖_F^{-1/2}) for conditioning.
     None when there is no solution within ``max_iter`` steps: when some nonnegative combination of the
     gradients vanishes (e.g. opposite rows) f is unbounded below and α_i(Mα)_i ≥ 1 is infeasible. None too
-    when the solution's ‖d‖² is not above its rounding from M (unit roundoff ``eps``; see ``above_rounding``).
+    when some g_i·d of the solution is not above its rounding from M (unit roundoff ``eps``; ``above_rounding``).
     """
     K = M.shape[0]
     scale = float(torch.linalg.matrix_norm(M))
@@ -66,8 +69,7 @@ def nash_weights(M: Tensor, start: Tensor, max_iter: int, eps: float) -> Tensor 
         Ma = M @ alpha
         residual = float((alpha * Ma - 1.0).abs().max())
         if newton_converged(residual, last_residual):
-            reliable = above_rounding(float(alpha @ Ma), float(alpha @ M.diagonal().sqrt()), eps)
-            return alpha / scale**0.5 if reliable else None
+            return alpha / scale**0.5 if bool(above_rounding(M, alpha, Ma, eps)) else None
         last_residual = residual
         gradient = Ma - 1.0 / alpha
         try:
@@ -97,7 +99,7 @@ class NashMTL(GramianAggregator):
     rounds of cvxpy/ECOS stopped at ‖Mα − 1/α‖ < 1e-3; ``optim_niter`` caps Newton steps, hence a larger
     default (100; typical use takes < 15). Rows with g_i = 0 (no bargaining power: g_i·d = 0 ≠ 1/α_i) leave
     the solve and keep their previous α_i. When no solution exists (the official ECOS call fails and keeps the
-    previous α) we also keep the previous α; a solution whose ‖d‖² is within the rounding of M (float32's for
+    previous α) we also keep the previous α; a solution with some g_i·d within the rounding of M (float32's for
     16- and 32-bit gradients or M, float64's for float64) counts as none: M cannot exclude a vanishing
     combination of the gradients there. The clip is exact (torch's ``clip_grad_norm_`` divides by ‖d‖ + 1e-6).
     """

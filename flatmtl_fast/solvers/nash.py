@@ -14,10 +14,10 @@ def newton_converged(residual: Tensor, last_residual: Tensor) -> Tensor:
 
 
 def above_rounding(w: Tensor, Mn: Tensor, active: Tensor, eps: float) -> Tensor:
-    """The reference's ``above_rounding`` for w on the active rows of the decoupled ``Mn``, on the device
-    (true without active rows: nothing was solved)."""
+    """The reference's ``above_rounding`` for w on the active rows of the decoupled ``Mn`` (inactive rows pass)."""
     w_active = torch.where(active, w, 0.0)
-    return (w_active @ Mn @ w_active > eps * (w_active @ Mn.diagonal().sqrt()) ** 2) | ~active.any()
+    root = torch.where(active, Mn.diagonal(), 0.0).sqrt()
+    return ((Mn @ w_active > eps * root * (w_active @ root)) | ~active).all()
 
 
 def _decoupled(M: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:

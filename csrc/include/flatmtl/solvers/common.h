@@ -294,18 +294,22 @@ FLATMTL_HD inline bool newton_converged(double residual, double last_residual) {
   return residual <= 1e-10 || (last_residual <= residual && residual <= 1e-6);
 }
 
-// Σ_i w_i √M_ii of the n x n M: (that)² bounds |w|ᵀ|M||w| (Cauchy–Schwarz), the size of wᵀMw's rounding.
+// Σ_i w_i √M_ii of the n x n M: with √M_jj it bounds Σ_i |M_ji| w_i (Cauchy–Schwarz), the size of (Mw)_j's
+// rounding; squared, that of wᵀMw.
 FLATMTL_HD inline double root_weighted_sum(const double* M, int n, const double* w) {
   double sum = 0.0;
   for (int i = 0; i < n; ++i) sum += w[i] * sqrt(M[i * n + i]);
   return sum;
 }
 
-// Whether a solution w > 0 (Nash-MTL, FairGrad) with ‖d‖² = wᵀMw = squared_norm is above its rounding from M
-// (unit roundoff eps), as reference/nash_mtl.py's above_rounding: otherwise M cannot tell d from 0.
-FLATMTL_HD inline bool above_rounding(const double* M, int n, const double* w, double squared_norm, double eps) {
-  const double bound = root_weighted_sum(M, n, w);
-  return squared_norm > eps * bound * bound;
+// Whether every g_i·d = (Mw)_i of a solution w > 0 (Nash-MTL, FairGrad) is above its rounding from M (unit
+// roundoff eps), eps √M_ii Σ_j w_j √M_jj, as reference/nash_mtl.py's above_rounding: otherwise M does not
+// resolve that task's equation (a vanishing combination of the gradients is within M's rounding).
+FLATMTL_HD inline bool above_rounding(const double* M, int n, const double* w, const double* Mw, double eps) {
+  const double sum = root_weighted_sum(M, n, w);
+  bool above = true;
+  for (int i = 0; i < n; ++i) above = above && Mw[i] > eps * sqrt(M[i * n + i]) * sum;
+  return above;
 }
 
 // Of two starts x and y of a descent (Nash-MTL, FairGrad), each first moved by to_ray(v) onto its ray, x keeps

@@ -66,7 +66,7 @@ struct FairGrad : TeamSolver {
       double residual = 0.0;  // max_i |w_i^{1/α} (Mw)_i − 1|
       for (int i = 0; i < n; ++i) residual = max2(residual, fabs(pow(w[i], 1.0 / alpha) * Mw[i] - 1.0));
       if (newton_converged(residual, last_residual)) {
-        if (!above_rounding(M, n, w, dot(w, Mw, n), gram_eps)) return {it, 0};
+        if (!above_rounding(M, n, w, Mw, gram_eps)) return {it, 0};
         const double rescale = pow(scale, -alpha / (alpha + 1.0));
         team.sync();
         for (int i = first_owned(team, 0); i < n; i += team.size()) w[i] *= rescale;

@@ -55,7 +55,7 @@ FLATMTL_HD inline Status nash_weights(double* M, int n, double* start, int max_i
     double residual = 0.0;
     for (int i = 0; i < n; ++i) residual = max2(residual, fabs(alpha[i] * Ma[i] - 1.0));
     if (newton_converged(residual, last_residual)) {
-      if (!above_rounding(M, n, alpha, dot(alpha, Ma, n), gram_eps)) return {it, 0};
+      if (!above_rounding(M, n, alpha, Ma, gram_eps)) return {it, 0};
       team.sync();
       for (int i = first_owned(team, 0); i < n; i += team.size()) alpha[i] /= sqrt(scale);
       team.sync();
