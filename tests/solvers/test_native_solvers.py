@@ -410,6 +410,27 @@ def test_fairgrad_no_solution_gives_uniform_and_zero_rows_weight_zero():
     assert converged and torch.allclose(w, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), rtol=1e-12, atol=0)
 
 
+def _nash_and_fairgrad_on_every_path(M: torch.Tensor, start: torch.Tensor, eps: float):
+    """Nash-MTL (warm start ``start``) and FairGrad (α = 1) on M with unit roundoff ``eps``: the native
+    (w, converged) of each, and {other path: (its weights, or None for no solution; the native w to match)}."""
+    alpha = start.clone()  # the warm start, updated in place
+    w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 0.0, True, eps)
+    w_fair, _, converged_fair = solve("fairgrad", M, 1.0, eps)
+    others = {
+        "reference nash": (R.nash_mtl.nash_weights(M, start, 100, eps), w),
+        "torch nash": (solvers.nash_weights(M, start, 100, eps), w),
+        "reference fairgrad": (R.fairgrad.fair_weights(M, 1.0, eps), w_fair),
+        "torch fairgrad": (fair_weights(M, 1.0, eps), w_fair),
+    }
+    return (w, converged), (w_fair, converged_fair), others
+
+
+def _assert_every_path_agrees(others: dict, G: torch.Tensor) -> None:
+    for name, (other, native_w) in others.items():
+        assert other is not None, name
+        assert_same_direction(other, native_w, G, 1e-10)
+
+
 @pytest.mark.parametrize("K", [3, 7])
 @pytest.mark.parametrize("gap", [1e-3, 1e-4])
 def test_nash_mtl_and_fairgrad_on_nearly_opposite_gradients(K, gap):
@@ -421,31 +442,24 @@ def test_nash_mtl_and_fairgrad_on_nearly_opposite_gradients(K, gap):
     G = torch.randn(K, 50, generator=gen, dtype=torch.float64)
     G[1] = -G[0] + gap * torch.randn(50, generator=gen, dtype=torch.float64)
     M = G @ G.T
-    ones, alpha = torch.ones(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64)  # α: updated in place
-    w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 0.0, True, EPS64)
-    w_fair, _, converged_fair = solve("fairgrad", M, 1.0, EPS64)
+    (w, converged), (w_fair, converged_fair), others = _nash_and_fairgrad_on_every_path(
+        M, torch.ones(K, dtype=torch.float64), EPS64
+    )
     assert converged and converged_fair
     for solution in (w, w_fair):
         assert float((solution * (M @ solution) - 1.0).abs().max()) <= 1e-6
-    others = {
-        "reference nash": (R.nash_mtl.nash_weights(M, ones, 100, EPS64), w),
-        "torch nash": (solvers.nash_weights(M, ones, 100, EPS64), w),
-        "reference fairgrad": (R.fairgrad.fair_weights(M, 1.0, EPS64), w_fair),
-        "torch fairgrad": (fair_weights(M, 1.0, EPS64), w_fair),
-    }
-    for name, (other, native_w) in others.items():
-        assert other is not None, name
-        assert_same_direction(other, native_w, G, 1e-10)
+    _assert_every_path_agrees(others, G)
 
 
 @pytest.mark.parametrize("K", [2, 3, 7, 64])
 def test_a_solution_within_the_rounding_of_the_gram_counts_as_none(K):
     """g_2 = −0.7 g_1: no solution (0.7 g_1 + g_2 = 0). M + 1e-8·diag(M), what rounding a float32 accumulation
     leaves (unit roundoff 6e-8), is positive definite, and Newton converges on it with α ~ 600 on the pair:
-    every path accepts that solution when M's unit roundoff is float64's; with float32's, g_1·d and g_2·d are
-    below their rounding eps·√M_ii·Σ_j α_j √M_jj and every path reports none: Nash-MTL keeps the previous α,
-    FairGrad gives 1/K. (Such a pair of float32 gradients through the fused float32 Gram gave α ~ 5e3; with
-    K = 64 and a shared component the earlier test on ‖d‖² alone, diluted by the other tasks, accepted it.)"""
+    every path accepts that solution when M's unit roundoff is float64's (directions measured ≤ 2e-16 apart);
+    with float32's, g_1·d and g_2·d are below their rounding eps·√M_ii·Σ_j α_j √M_jj and every path reports
+    none: Nash-MTL keeps the previous α, FairGrad gives 1/K. (Such a pair of float32 gradients through the fused
+    float32 Gram gave α ~ 5e3; with K = 64 and a shared component the earlier test on ‖d‖² alone, diluted by
+    the other tasks, accepted it.)"""
     gen = torch.Generator().manual_seed(seed_of(K, "rounding"))
     G = torch.randn(K, 50, generator=gen, dtype=torch.float64) + 3 * torch.randn(
         1, 50, generator=gen, dtype=torch.float64
@@ -455,21 +469,11 @@ def test_a_solution_within_the_rounding_of_the_gram_counts_as_none(K):
     M += 1e-8 * torch.diag(M.diagonal())
     start = torch.full((K,), 0.5, dtype=torch.float64)
     for eps, found in ((EPS64, True), (torch.finfo(torch.float32).eps, False)):
-        alpha = start.clone()  # the warm start, updated in place
-        w, _, converged = solve("nash_mtl", M, alpha.data_ptr(), 100, 0.0, True, eps)
-        w_fair, _, converged_fair = solve("fairgrad", M, 1.0, eps)
+        (w, converged), (w_fair, converged_fair), others = _nash_and_fairgrad_on_every_path(M, start, eps)
         assert converged == found and converged_fair == found, eps
-        others = {
-            "reference nash": (R.nash_mtl.nash_weights(M, start, 100, eps), w),
-            "torch nash": (solvers.nash_weights(M, start, 100, eps), w),
-            "reference fairgrad": (R.fairgrad.fair_weights(M, 1.0, eps), w_fair),
-            "torch fairgrad": (fair_weights(M, 1.0, eps), w_fair),
-        }
         if found:
             assert float(w.max()) > 1e2  # α along 0.7 g_1 + g_2 = 0 grows as the ridge shrinks
-            for name, (other, native_w) in others.items():
-                assert other is not None, name
-                assert_same_direction(other, native_w, G, 1e-10)  # measured ≤ 2e-16
+            _assert_every_path_agrees(others, G)
         else:
             uniform = torch.full((K,), 1.0 / K, dtype=torch.float64)
             assert torch.equal(w, start) and torch.equal(w_fair, uniform)
